@@ -1,0 +1,120 @@
+"""The server configuration: the seed's 24 fields with their seed defaults, plus a few of our own.
+
+Every setting is defined, defaulted and checked here, once. A bad value raises `pydantic.ValidationError`
+whose message names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "bfloat16": "bfloat16",
+    "fp16": "float16",
+    "float16": "float16",
+}
+
+
+def _placeholders(fmt: str) -> set[str]:
+    return {name for _, name, _, _ in string.Formatter().parse(fmt) if name is not None}
+
+
+class JAXServerConfig(BaseModel):
+    """Settings of a `JAXServer`. Field names and defaults follow the seed, except `dtype` (see below)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # --- the seed's 24 fields -------------------------------------------------------------------------
+    host: str = "0.0.0.0"
+    port: int = Field(2059, ge=1, le=65535)
+    instruct_format: str = "### SYSTEM:\n{system}\n### INSTRUCT:\n{instruct}\n### ASSISTANT:\n"
+    chat_format: str = "<|prompter|>{prompt}</s><|assistant|>{assistant}</s>"
+    system_prefix: str = ""
+    system: str = ""
+    prompt_prefix_instruct: str = ""
+    prompt_postfix_instruct: str = ""
+    prompt_prefix_chat: str = "<|prompter|>"
+    prompt_postfix_chat: str = "</s><|assistant|>"
+    chat_prefix: str = ""
+    contains_auto_format: bool = True
+    max_length: int = Field(2048, ge=2, description="Context size: prompt plus generated tokens.")
+    max_new_tokens: int = Field(2048, ge=1)
+    max_compile_tokens: int = Field(32, ge=1, le=1024, description="Decode steps per device call.")
+    temperature: float = Field(0.1, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(50, ge=0, description="0 disables top-k filtering.")
+    logging: bool = False
+    mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "mp")
+    mesh_axes_shape: tuple[int, ...] = (1, -1, 1)
+    # The seed defaults to fp16, which suits GPUs and TPUs. On a CPU float16 matmuls are emulated and
+    # slow, so the default here is float32; "fp16"/"bf16" remain accepted.
+    dtype: str = "fp32"
+    seed: int = 556
+    use_prefix_tokenizer: bool = True
+
+    # --- ours -------------------------------------------------------------------------------------------
+    prompt_format: Literal["auto", "template", "seed"] = Field(
+        "auto",
+        description=(
+            "How /instruct and /chat build prompts. 'template': the model's chat template. 'seed': the "
+            "instruct_format/chat_format strings. 'auto': the template when the model has one and the "
+            "seed format strings were not set explicitly, else the seed strings."
+        ),
+    )
+    compilation_cache_dir: str | None = Field(
+        "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
+    )
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value.lower() not in DTYPE_ALIASES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPE_ALIASES)}, got {value!r}")
+        return value.lower()
+
+    @field_validator("instruct_format")
+    @classmethod
+    def _instruct_placeholders(cls, value: str) -> str:
+        unknown = _placeholders(value) - {"instruct", "system"}
+        if "instruct" not in _placeholders(value) or unknown:
+            raise ValueError("instruct_format must contain {instruct} and may contain only {instruct} and {system}")
+        return value
+
+    @field_validator("chat_format")
+    @classmethod
+    def _chat_placeholders(cls, value: str) -> str:
+        if _placeholders(value) != {"prompt", "assistant"}:
+            raise ValueError("chat_format must contain exactly the placeholders {prompt} and {assistant}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_mesh_and_lengths(self) -> JAXServerConfig:
+        if len(self.mesh_axes_names) != len(self.mesh_axes_shape):
+            raise ValueError(
+                f"mesh_axes_names {self.mesh_axes_names} and mesh_axes_shape {self.mesh_axes_shape} "
+                "must have the same length"
+            )
+        if len(set(self.mesh_axes_names)) != len(self.mesh_axes_names):
+            raise ValueError(f"mesh_axes_names must be distinct, got {self.mesh_axes_names}")
+        if any(s == 0 or s < -1 for s in self.mesh_axes_shape) or list(self.mesh_axes_shape).count(-1) > 1:
+            raise ValueError(
+                f"mesh_axes_shape entries must be positive, with at most one -1, got {self.mesh_axes_shape}"
+            )
+        return self
+
+    @property
+    def jax_dtype_name(self) -> str:
+        return DTYPE_ALIASES[self.dtype]
+
+    def uses_seed_formats(self, model_has_template: bool) -> bool:
+        """True when prompts are built from the seed's format strings rather than the chat template."""
+        if self.prompt_format != "auto":
+            return self.prompt_format == "seed"
+        set_by_user = self.model_fields_set & {"instruct_format", "chat_format"}
+        return not model_has_template or bool(set_by_user)

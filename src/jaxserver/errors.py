@@ -1,0 +1,37 @@
+"""Error types shared by the loaders, the engine and the server; the server maps each to a status code."""
+
+from __future__ import annotations
+
+
+class JAXServerError(Exception):
+    """Base class. `status_code`, `error_type` and `param` shape the HTTP error body."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class ModelLoadError(JAXServerError):
+    """A model path, file or architecture that cannot be loaded."""
+
+
+class BadRequestError(JAXServerError):
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ContextLengthError(BadRequestError):
+    """The prompt (plus the requested new tokens) does not fit the context."""
+
+    def __init__(self, message: str, *, param: str | None = "prompt"):
+        super().__init__(message, param=param, code="context_length_exceeded")
+
+
+class NotReadyError(JAXServerError):
+    status_code = 503
+    error_type = "service_unavailable"

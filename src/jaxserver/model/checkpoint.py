@@ -1,0 +1,64 @@
+"""jaxserver's own checkpoint: params as safetensors (flattened pytree paths) plus a JSON model config and
+the tokenizer files, all in one folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from jaxserver.errors import ModelLoadError
+from jaxserver.model.config import ModelConfig
+from jaxserver.model.llama import Params
+from jaxserver.model.tokenizer import Tokenizer
+
+CONFIG_FILE = "jaxserver_model.json"
+WEIGHTS_FILE = "jaxserver_params.safetensors"
+_SEP = "/"
+
+
+def flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
+    flat: dict[str, np.ndarray] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, name + _SEP)
+        else:
+            flat[name] = np.asarray(jax.device_get(value))
+    return flat
+
+
+def unflatten(flat: dict[str, np.ndarray]) -> Params:
+    params: Params = {}
+    for name, value in flat.items():
+        *parents, leaf = name.split(_SEP)
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return params
+
+
+def is_checkpoint(path: Path) -> bool:
+    return path.is_dir() and (path / CONFIG_FILE).exists()
+
+
+def save_checkpoint(path: Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(flatten(params), str(path / WEIGHTS_FILE))
+    (path / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2))
+    tokenizer.save(str(path))
+
+
+def load_checkpoint(path: Path, dtype: np.dtype) -> tuple[ModelConfig, Params, Tokenizer]:
+    from jaxserver.model.hf import load_hf_tokenizer
+
+    cfg = ModelConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    weights = path / WEIGHTS_FILE
+    if not weights.exists():
+        raise ModelLoadError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+    params = jax.tree.map(lambda a: a.astype(dtype), unflatten(load_file(str(weights))))
+    return cfg, params, load_hf_tokenizer(path, cfg)
