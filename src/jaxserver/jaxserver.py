@@ -1,0 +1,337 @@
+"""`JAXServer`: the seed-compatible facade over model loading, the generator and the HTTP app.
+
+Life of a server: `JAXServer(config)` -> `load(...)` or `load_from_params(...)` reads the model ->
+`shard_params` places it on the device mesh -> `configure_generate_functions` builds the runner and
+generator (and compiles common shapes) -> `process` / `forward_*` / HTTP routes generate -> `fire()` serves.
+A server may answer HTTP before its model is ready: generation routes then answer 503.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxserver.config import JAXServerConfig
+from jaxserver.engine.generation import GenerationChunk, GenerationRequest, Generator, SamplingOptions
+from jaxserver.engine.runner import MIN_PROMPT_BUCKET, Runner
+from jaxserver.errors import BadRequestError, ContextLengthError, ModelLoadError, NotReadyError
+from jaxserver.model import checkpoint
+from jaxserver.model.config import ModelConfig
+from jaxserver.model.llama import Params, cast_params
+from jaxserver.model.loader import load_model
+from jaxserver.model.tokenizer import Tokenizer
+from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
+
+log = logging.getLogger(__name__)
+
+# Prompt buckets compiled before the server reports ready; longer prompts compile on first use.
+WARM_PROMPT_BUCKETS = (MIN_PROMPT_BUCKET, 32, 64, 128, 256, 512)
+
+
+def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
+    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, extra_eos_ids=cfg.eos_token_ids)
+
+
+def _model_config(model: ModelConfig | None, config_model: ModelConfig | None) -> ModelConfig | None:
+    if model is not None and config_model is not None and model != config_model:
+        raise ModelLoadError("`model` and `config_model` describe different models; pass one of them")
+    for candidate in (model, config_model):
+        if candidate is not None and not isinstance(candidate, ModelConfig):
+            raise ModelLoadError(
+                f"expected a jaxserver.ModelConfig for `model`/`config_model`, got {type(candidate).__name__}"
+            )
+    return model or config_model
+
+
+class JAXServer:
+    def __init__(self, config: JAXServerConfig | dict[str, Any] | None = None):
+        self.config = config if isinstance(config, JAXServerConfig) else JAXServerConfig(**(config or {}))
+        logging.getLogger("jaxserver").setLevel(logging.INFO if self.config.logging else logging.WARNING)
+        self.model_config: ModelConfig | None = None
+        self.params: Params | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.model_name = "unloaded"
+        self.mesh: jax.sharding.Mesh | None = None
+        self.generator: Generator | None = None
+        self._funcs_generated = False
+        self.started_at = time.time()
+        self.number_of_served_request_until_last_up_time = 0
+        self.tokens_generated = 0
+        self.load_error: str | None = None
+        self._counter_lock = threading.Lock()
+        self._app = None
+
+    # --- loading ----------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike | None = None,
+        model: ModelConfig | None = None,
+        tokenizer: Any = None,
+        config_model: ModelConfig | None = None,
+        add_params_field: bool = True,
+        config: JAXServerConfig | dict[str, Any] | None = None,
+        init_shape: Sequence[int] = (1, 1),
+    ) -> JAXServer:
+        """Load `path` (a .gguf file, a Hugging Face folder or a jaxserver checkpoint; None: the default
+        SmolLM2-135M-Instruct) and make it ready to generate. `tokenizer` overrides the model's own.
+        `add_params_field` and `init_shape` are accepted for seed compatibility; they have no effect."""
+        server = cls(config)
+        server.load_model(path, tokenizer=tokenizer, expected=_model_config(model, config_model))
+        return server
+
+    @classmethod
+    def load_from_params(
+        cls,
+        model: ModelConfig | None = None,
+        params: Params | None = None,
+        tokenizer: Any = None,
+        config_model: ModelConfig | None = None,
+        add_params_field: bool = True,
+        config: JAXServerConfig | dict[str, Any] | None = None,
+    ) -> JAXServer:
+        """Serve `params` (our pytree layout, see `jaxserver.model.llama`) for the model described by
+        `config_model` (or `model`), with `tokenizer` (ours or a transformers tokenizer)."""
+        cfg = _model_config(model, config_model)
+        if cfg is None or params is None or tokenizer is None:
+            raise ModelLoadError("load_from_params needs params, a tokenizer and a ModelConfig (config_model)")
+        if "params" in params and add_params_field:
+            params = params["params"]
+        server = cls(config)
+        server._attach(cfg, params, _as_tokenizer(tokenizer, cfg), name=cfg.architecture)
+        return server
+
+    def load_model(self, path: str | os.PathLike | None, tokenizer: Any = None, expected: ModelConfig | None = None):
+        """Read the model at `path`, place it on the mesh and compile. Records the error for /status."""
+        try:
+            cfg, params, own_tokenizer = load_model(path, self.config.jax_dtype_name)
+            if expected is not None and expected != cfg:
+                raise ModelLoadError(f"the model at {path} does not match the given config_model")
+            name = Path(path).name if path else "SmolLM2-135M-Instruct"
+            self._attach(cfg, params, _as_tokenizer(tokenizer, cfg) if tokenizer else own_tokenizer, name=name)
+        except Exception as exc:
+            self.load_error = str(exc)
+            raise
+
+    def _attach(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, name: str) -> None:
+        self.model_config, self.tokenizer, self.model_name = cfg, tokenizer, name
+        self.params = self.shard_params(cast_params(params, jnp.dtype(self.config.jax_dtype_name)))
+        self.configure_generate_functions(cfg, tokenizer)
+
+    def shard_params(self, params: Params) -> Params:
+        """Place params on the mesh built from `mesh_axes_names` / `mesh_axes_shape`."""
+        self.mesh = make_mesh(self.config.mesh_axes_names, self.config.mesh_axes_shape)
+        return shard_params(params, self.mesh)
+
+    def configure_generate_functions(self, model: ModelConfig, tokenizer: Tokenizer) -> None:
+        """Build the runner and generator and compile the common shapes. An override must set
+        `self.generator` and `self._funcs_generated = True`."""
+        if self.config.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(self.config.compilation_cache_dir))
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        assert self.params is not None and self.mesh is not None, "call shard_params first"
+        cache_shape = (model.num_layers, 1, self.config.max_length, model.num_kv_heads, model.head_dim)
+        runner = Runner(
+            model,
+            self.params,
+            slots=1,
+            cache_len=self.config.max_length,
+            steps_per_call=self.config.max_compile_tokens,
+            eos_ids=tokenizer.eos_token_ids,
+            cache_dtype=jnp.dtype(self.config.jax_dtype_name),
+            cache_sharding=cache_sharding(cache_shape, self.mesh),
+        )
+        log.info("KV cache: %.1f MiB for 1 slot x %d tokens", runner.cache_bytes / 2**20, self.config.max_length)
+        started = time.perf_counter()
+        runner.warm_up([b for b in WARM_PROMPT_BUCKETS if b < self.config.max_length])
+        log.info("compiled in %.1f s", time.perf_counter() - started)
+        self.generator = Generator(runner, tokenizer, left_pad=self.config.use_prefix_tokenizer)
+        self._funcs_generated = True
+
+    @property
+    def ready(self) -> bool:
+        return self._funcs_generated and self.generator is not None
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a jaxserver checkpoint that `JAXServer.load(path=...)` reads back."""
+        if self.params is None or self.model_config is None or self.tokenizer is None:
+            raise NotReadyError("no model is loaded")
+        checkpoint.save_checkpoint(Path(path), self.model_config, self.params, self.tokenizer)
+
+    # --- generation -------------------------------------------------------------------------------------
+
+    def _require_ready(self) -> tuple[Generator, Tokenizer]:
+        if not self.ready or self.tokenizer is None or self.generator is None:
+            raise NotReadyError(self.load_error or "the model is still loading")
+        return self.generator, self.tokenizer
+
+    def prepare(
+        self,
+        string: str,
+        greedy: bool = False,
+        max_new_tokens: int | None = None,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+    ) -> GenerationRequest:
+        """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run."""
+        generator, tokenizer = self._require_ready()
+        ids = tokenizer.encode(string)
+        generator.check(len(ids), 1 if max_new_tokens is None else max_new_tokens)
+        room = self.config.max_length - len(ids)
+        if max_new_tokens is not None and max_new_tokens > room:
+            raise ContextLengthError(
+                f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}, together over the "
+                f"context (max_length) of {self.config.max_length}; ask for at most {room} new tokens",
+                param="max_new_tokens",
+            )
+        cfg = self.config
+        sampling = SamplingOptions(
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_p=cfg.top_p if top_p is None else top_p,
+            top_k=cfg.top_k if top_k is None else top_k,
+            greedy=greedy,
+            seed=cfg.seed if seed is None else seed,
+        )
+        budget = min(max_new_tokens or cfg.max_new_tokens, room)
+        return GenerationRequest(prompt_ids=ids, max_new_tokens=budget, sampling=sampling)
+
+    def stream(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
+        generator, _ = self._require_ready()
+        for chunk in generator.stream(request):
+            with self._counter_lock:
+                self.tokens_generated += len(chunk.token_ids)
+            yield chunk
+
+    def process(
+        self, string: str, greedy: bool = False, max_new_tokens: int | None = None, **sampling: Any
+    ) -> Iterator[tuple[str, int]]:
+        """Generate from the raw `string`, yielding (response so far, tokens generated) after each chunk."""
+        response = ""
+        for chunk in self.stream(self.prepare(string, greedy, max_new_tokens, **sampling)):
+            response += chunk.text
+            yield response, chunk.tokens_generated
+
+    def count_request(self) -> None:
+        with self._counter_lock:
+            self.number_of_served_request_until_last_up_time += 1
+
+    # --- prompts ----------------------------------------------------------------------------------------
+
+    @property
+    def uses_seed_formats(self) -> bool:
+        return self.config.uses_seed_formats(bool(self.tokenizer and self.tokenizer.has_chat_template))
+
+    def build_instruct_prompt(self, prompt: str, system: str | None = None) -> str:
+        cfg = self.config
+        system = cfg.system if system is None else system
+        if not cfg.contains_auto_format:
+            return prompt
+        if self.uses_seed_formats:
+            instruct = cfg.prompt_prefix_instruct + prompt + cfg.prompt_postfix_instruct
+            return cfg.instruct_format.format(instruct=instruct, system=cfg.system_prefix + system)
+        return self._template([], prompt, system)
+
+    def process_chat_history(self, history: Sequence[Sequence[str]]) -> str:
+        """The seed's chat history rendering: one `chat_format` per (prompt, answer) pair."""
+        return "".join(self.config.chat_format.format(prompt=user, assistant=bot) for user, bot in history)
+
+    def build_chat_prompt(self, prompt: str, history: Sequence[Sequence[str]] = (), system: str | None = None) -> str:
+        cfg = self.config
+        system = cfg.system if system is None else system
+        if self.uses_seed_formats or not cfg.contains_auto_format:
+            head = cfg.chat_prefix + (cfg.system_prefix + system if system else "")
+            return head + self.process_chat_history(history) + cfg.prompt_prefix_chat + prompt + cfg.prompt_postfix_chat
+        return self._template(history, prompt, system)
+
+    def _template(self, history: Sequence[Sequence[str]], prompt: str, system: str) -> str:
+        _, tokenizer = self._require_ready()
+        messages = [{"role": "system", "content": system}] if system else []
+        for user, assistant in history:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": prompt})
+        try:
+            return tokenizer.apply_chat_template(messages)
+        except Exception as exc:  # jinja raises its own types, including the template's raise_exception
+            raise BadRequestError(f"the model's chat template rejected the conversation: {exc}") from exc
+
+    # --- the seed's forward functions --------------------------------------------------------------------
+
+    def _complete(self, string: str, greedy: bool, max_new_tokens: int | None, **sampling: Any) -> dict[str, Any]:
+        response, used = "", 0
+        for response, used in self.process(string, greedy, max_new_tokens, **sampling):
+            pass
+        self.count_request()
+        return {"input": string, "response": response, "tokens_used": used}
+
+    def forward_instruct(self, data: Any) -> dict[str, Any]:
+        """Answer an `InstructRequest` (prompt, system, temperature, greedy, max_new_tokens)."""
+        if not self.ready:
+            return {"status": "down"}
+        string = self.build_instruct_prompt(data.prompt, data.system)
+        return self._complete(string, data.greedy, data.max_new_tokens, **_sampling_fields(data))
+
+    def forward_chat(self, data: Any) -> dict[str, Any]:
+        """Answer a `ChatRequest` (prompt, history, system, temperature, greedy, max_new_tokens)."""
+        if not self.ready:
+            return {"status": "down"}
+        string = self.build_chat_prompt(data.prompt, data.history or [], data.system)
+        return self._complete(string, data.greedy, data.max_new_tokens, **_sampling_fields(data))
+
+    def forward_instruct_non_api(self, prompt: str, system: str | None = None, greedy: bool = False) -> dict[str, Any]:
+        return self._complete(self.build_instruct_prompt(prompt, system), greedy, None)
+
+    def forward_chat_non_api(
+        self, prompt: str, history: Sequence[Sequence[str]] = (), greedy: bool = False, system: str | None = None
+    ) -> dict[str, Any]:
+        return self._complete(self.build_chat_prompt(prompt, history, system), greedy, None)
+
+    # --- status and serving -----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.model_config
+        return {
+            "status": "ready" if self.ready else ("failed" if self.load_error else "loading"),
+            "error": self.load_error,
+            "model": self.model_name,
+            "architecture": cfg.architecture if cfg else None,
+            "parameters": cfg.parameter_count if cfg else None,
+            "dtype": self.config.jax_dtype_name,
+            "devices": [str(d) for d in jax.devices()],
+            "mesh": dict(self.mesh.shape) if self.mesh else None,
+            "prompt_format": ("seed" if self.uses_seed_formats else "template") if self.tokenizer else None,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "requests_served": self.number_of_served_request_until_last_up_time,
+            "tokens_generated": self.tokens_generated,
+            "config": self.config.model_dump(mode="json"),
+        }
+
+    @property
+    def app(self):
+        """The FastAPI application (built once)."""
+        if self._app is None:
+            from jaxserver.server.app import create_app
+
+            self._app = create_app(self)
+        return self._app
+
+    def fire(self) -> None:
+        """Serve the HTTP API with uvicorn on config.host:config.port (blocks)."""
+        import uvicorn
+
+        uvicorn.run(self.app, host=self.config.host, port=self.config.port, log_level="info")
+
+
+def _sampling_fields(data: Any) -> dict[str, Any]:
+    return {name: getattr(data, name, None) for name in ("temperature", "top_p", "top_k", "seed")}

@@ -1,0 +1,92 @@
+"""Device mesh from the seed's (dp, fsdp, mp) axes, and shardings for params and the KV cache.
+
+Every array declares its logical axes once (below); one rule table maps logical axes to mesh axes. An
+axis whose size does not divide by its mesh axis is replicated instead, so any model runs on any mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxserver.model.llama import KVCache, Params
+
+# Logical axes of each parameter (layer weights carry a leading "layers" axis).
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"),
+    "final_norm": ("embed",),
+    "lm_head": ("embed", "vocab"),
+    "attn_norm": ("layers", "embed"),
+    "mlp_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "heads"),
+    "wk": ("layers", "embed", "kv_heads"),
+    "wv": ("layers", "embed", "kv_heads"),
+    "wo": ("layers", "heads", "embed"),
+    "bq": ("layers", "heads"),
+    "bk": ("layers", "kv_heads"),
+    "bv": ("layers", "kv_heads"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+
+def logical_rules(axis_names: Sequence[str]) -> dict[str, str]:
+    """Logical axis -> mesh axis. The mesh axes are taken by position: data, fully-sharded data, model."""
+    data, fsdp, model = axis_names
+    return {"batch": data, "embed": fsdp, "vocab": model, "heads": model, "kv_heads": model, "mlp": model}
+
+
+def make_mesh(axis_names: Sequence[str], axis_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    if len(axis_names) != 3:
+        raise ValueError(f"the mesh needs three axes (data, fsdp, model), got {tuple(axis_names)}")
+    shape = list(axis_shape)
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        if len(devices) % known:
+            raise ValueError(f"mesh_axes_shape {tuple(axis_shape)} does not divide {len(devices)} devices")
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh_axes_shape {tuple(axis_shape)} needs {math.prod(shape)} devices, but {len(devices)} are available"
+        )
+    return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
+
+
+def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
+    rules = logical_rules(mesh.axis_names)
+    parts = []
+    for size, axis in zip(shape, axes, strict=True):
+        mesh_axis = rules.get(axis) if axis else None
+        fits = mesh_axis is not None and mesh.shape[mesh_axis] > 1 and size % mesh.shape[mesh_axis] == 0
+        parts.append(mesh_axis if fits else None)
+    return PartitionSpec(*parts)
+
+
+def param_shardings(params: Params, mesh: Mesh) -> Params:
+    def shard(tree: Params) -> Params:
+        out: Params = {}
+        for name, value in tree.items():
+            if isinstance(value, dict):
+                out[name] = shard(value)
+            else:
+                out[name] = NamedSharding(mesh, spec_for(value.shape, PARAM_AXES[name], mesh))
+        return out
+
+    return shard(params)
+
+
+def shard_params(params: Params, mesh: Mesh) -> Params:
+    return jax.device_put(params, param_shardings(params, mesh))
+
+
+def cache_sharding(cache_shape: Sequence[int], mesh: Mesh) -> KVCache:
+    sharding = NamedSharding(mesh, spec_for(cache_shape, CACHE_AXES, mesh))
+    return KVCache(sharding, sharding)
