@@ -67,6 +67,7 @@ class JAXServerConfig(BaseModel):
             "seed format strings were not set explicitly, else the seed strings."
         ),
     )
+    warm_up: bool = Field(True, description="Compile the common prompt shapes before reporting ready.")
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
     )

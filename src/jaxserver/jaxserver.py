@@ -151,9 +151,10 @@ class JAXServer:
             cache_sharding=cache_sharding(cache_shape, self.mesh),
         )
         log.info("KV cache: %.1f MiB for 1 slot x %d tokens", runner.cache_bytes / 2**20, self.config.max_length)
-        started = time.perf_counter()
-        runner.warm_up([b for b in WARM_PROMPT_BUCKETS if b < self.config.max_length])
-        log.info("compiled in %.1f s", time.perf_counter() - started)
+        if self.config.warm_up:
+            started = time.perf_counter()
+            runner.warm_up([b for b in WARM_PROMPT_BUCKETS if b < self.config.max_length])
+            log.info("warmed up in %.1f s", time.perf_counter() - started)
         self.generator = Generator(runner, tokenizer, left_pad=self.config.use_prefix_tokenizer)
         self._funcs_generated = True
 

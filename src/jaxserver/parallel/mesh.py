@@ -53,11 +53,13 @@ def make_mesh(axis_names: Sequence[str], axis_shape: Sequence[int], devices: Seq
         if len(devices) % known:
             raise ValueError(f"mesh_axes_shape {tuple(axis_shape)} does not divide {len(devices)} devices")
         shape[shape.index(-1)] = len(devices) // known
-    if math.prod(shape) != len(devices):
+    needed = math.prod(shape)
+    if needed > len(devices):
         raise ValueError(
-            f"mesh_axes_shape {tuple(axis_shape)} needs {math.prod(shape)} devices, but {len(devices)} are available"
+            f"mesh_axes_shape {tuple(axis_shape)} needs {needed} devices, but {len(devices)} are available"
         )
-    return Mesh(np.asarray(devices).reshape(shape), tuple(axis_names))
+    # A fixed shape smaller than the machine uses the first devices, as a tensor-parallel size would.
+    return Mesh(np.asarray(devices[:needed]).reshape(shape), tuple(axis_names))
 
 
 def spec_for(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh) -> PartitionSpec:

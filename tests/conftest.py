@@ -1,0 +1,22 @@
+"""Test setup: CPU only, 8 simulated devices (set before JAX is imported), tiny models made here."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    return tiny.make_hf_model(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llama_dir):
+    from jaxserver import JAXServer
+
+    return JAXServer.load(tiny_llama_dir, config=tiny.test_config(max_length=128, max_compile_tokens=8))
