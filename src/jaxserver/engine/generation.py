@@ -43,6 +43,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     max_new_tokens: int
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    ignore_eos: bool = False  # generate exactly max_new_tokens (for benchmarks)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Generator:
             1, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, greedy=opts.greedy, seed=opts.seed
         )
         detok = self.tokenizer.incremental_decoder()
-        eos = set(self.tokenizer.eos_token_ids)
+        eos = set() if request.ignore_eos else set(self.tokenizer.eos_token_ids)
         with self._lock:
             first, start = self.runner.prefill(
                 0, request.prompt_ids, sampling, budget, left_pad=self.left_pad, pad_id=self.tokenizer.pad_token_id
@@ -92,7 +93,7 @@ class Generator:
                 yield GenerationChunk(detok.push([first]) + detok.flush(), [first], 1, "stop" if first in eos else "length")
                 return
             yield GenerationChunk(detok.push([first]), [first], 1)
-            state = self._single_slot_state(first, start + n, start, budget - 1, sampling)
+            state = self._single_slot_state(first, start + n, start, budget - 1, sampling, not request.ignore_eos)
             while True:
                 tokens, emitted, state = self.runner.decode(state, longest=start + n + generated)
                 new = [int(t) for t, e in zip(tokens[0], emitted[0], strict=True) if e]
@@ -108,7 +109,7 @@ class Generator:
                     return
 
     def _single_slot_state(
-        self, token: int, length: int, start: int, remaining: int, sampling: SamplingParams
+        self, token: int, length: int, start: int, remaining: int, sampling: SamplingParams, stop_at_eos: bool
     ) -> DecodeState:
         state = idle_state(self.runner.slots)
         put = lambda arr, value: arr.at[0].set(value)  # noqa: E731
@@ -118,5 +119,6 @@ class Generator:
             starts=put(state.starts, start),
             remaining=put(state.remaining, remaining),
             active=put(state.active, True),
+            stop_at_eos=put(state.stop_at_eos, stop_at_eos),
             sampling=jax.tree.map(lambda full, row: full.at[0].set(row[0]), state.sampling, sampling),
         )

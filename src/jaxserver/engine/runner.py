@@ -48,6 +48,7 @@ class DecodeState(NamedTuple):
     starts: jax.Array  # int32: first valid cache index (> 0 only for left-padded prompts)
     remaining: jax.Array  # int32: tokens the slot may still generate
     active: jax.Array  # bool
+    stop_at_eos: jax.Array  # bool: False for requests that ignore EOS (benchmarks)
     sampling: SamplingParams
 
 
@@ -109,7 +110,7 @@ def _decode_chunk(
         lengths = state.lengths + live
         new_tokens = sample(logits, state.sampling, positions=lengths - state.starts)
         remaining = state.remaining - live
-        finished = jnp.isin(new_tokens, eos_ids) | (remaining <= 0) | (lengths >= cache_len)
+        finished = (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
         state = state._replace(
             tokens=jnp.where(live, new_tokens, state.tokens),
             lengths=lengths,
@@ -232,5 +233,6 @@ def idle_state(slots: int) -> DecodeState:
         starts=zeros,
         remaining=zeros,
         active=jnp.zeros((slots,), bool),
+        stop_at_eos=jnp.ones((slots,), bool),
         sampling=sampling_rows(slots, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0),
     )

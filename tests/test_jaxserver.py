@@ -1,0 +1,55 @@
+"""The seed API: process() streaming, sampling settings, sharding over the mesh, overridable hooks."""
+
+import jax
+import pytest
+
+from jaxserver import JAXServer
+from jaxserver.errors import BadRequestError
+from tests import tiny
+
+
+def test_process_streams_growing_responses(tiny_server):
+    steps = list(tiny_server.process("Hello there", greedy=True, max_new_tokens=20))
+    assert len(steps) >= 3  # first token, then chunks of max_compile_tokens=8
+    for (before, n_before), (after, n_after) in zip(steps, steps[1:]):
+        assert after.startswith(before) and n_after > n_before
+    assert steps[-1][1] <= 20
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_server):
+    def run(seed):
+        return list(tiny_server.process("Hello", max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=seed))[-1]
+
+    assert run(1) == run(1)
+    assert len({run(s)[0] for s in range(4)}) > 1
+
+
+def test_bad_sampling_values_raise_bad_request(tiny_server):
+    with pytest.raises(BadRequestError):
+        list(tiny_server.process("Hello", top_p=0.0))
+
+
+def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
+    assert len(jax.devices()) == 8
+    assert tiny_server.mesh.shape["fsdp"] == 8  # params really sharded over the 8 simulated devices
+    single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1)))
+    for prompt in ("Hello", "The capital of France is", "def add(a, b):"):
+        ours = list(tiny_server.process(prompt, greedy=True, max_new_tokens=24))[-1]
+        assert list(single.process(prompt, greedy=True, max_new_tokens=24))[-1] == ours
+
+
+def test_mesh_larger_than_the_machine_is_rejected(tiny_llama_dir):
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(2, 8, 1)))
+
+
+def test_configure_generate_functions_can_be_overridden(tiny_llama_dir):
+    calls = []
+
+    class Custom(JAXServer):
+        def configure_generate_functions(self, model, tokenizer):
+            calls.append(model.architecture)
+            super().configure_generate_functions(model, tokenizer)
+
+    server = Custom.load(tiny_llama_dir, config=tiny.test_config())
+    assert calls == ["LlamaForCausalLM"] and server.ready
