@@ -25,7 +25,9 @@ from jaxserver.model.loader import default_model_path
 
 
 def long_prompt_ids(server: JAXServer, n: int) -> list[int]:
-    text = " ".join(f"Item {i} of the list is a sentence about the weather in city number {i}." for i in range(400))
+    text = " ".join(
+        f"Item {i} of the list is a sentence about the weather in city number {i}." for i in range(400)
+    )
     return server.tokenizer.encode(text)[:n]
 
 
@@ -49,13 +51,17 @@ def time_transformers(model, prompt_ids: list[int], new_tokens: int) -> float:
     ids = torch.tensor([prompt_ids])
     started = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2)
+        out = model.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=2
+        )
     assert out.shape[1] - ids.shape[1] == new_tokens
     return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
@@ -86,7 +92,9 @@ def main() -> None:
         from transformers import AutoModelForCausalLM
 
         path = default_model_path()
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
         time_transformers(model, short, 4)  # warm-up
 
         def theirs_decode() -> float:
@@ -120,7 +128,9 @@ def main() -> None:
             row = results[name]
             print(f"{name:14}{row['decode_tokens_per_s']:>14.1f}{row['ttft_s']:>22.3f}")
     if "ratio" in results:
-        print(f"{'ratio':14}{results['ratio']['decode_speedup']:>13.2f}x{results['ratio']['ttft_speedup']:>21.2f}x")
+        print(
+            f"{'ratio':14}{results['ratio']['decode_speedup']:>13.2f}x{results['ratio']['ttft_speedup']:>21.2f}x"
+        )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=float))
     print(f"\nwritten to {args.json}")

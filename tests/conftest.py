@@ -3,11 +3,13 @@
 import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
 
-import pytest  # noqa: E402
+import pytest
 
-from tests import tiny  # noqa: E402
+from tests import tiny
 
 
 @pytest.fixture(scope="session")

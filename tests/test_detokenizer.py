@@ -1,6 +1,7 @@
 """Incremental detokenization never breaks characters and always adds up to the full decode."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxserver.model.tokenizer import Tokenizer
 from tests import tiny

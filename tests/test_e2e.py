@@ -22,9 +22,19 @@ def free_port() -> int:
 def base_url(tmp_path_factory):
     port = free_port()
     env = os.environ | {"XLA_FLAGS": ""}  # one device, as a user's machine would have
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")
-    command = [sys.executable, "-m", "jaxserver.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--max-length", "1024"]
+    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")  # noqa: SIM115 - closed below
+    command = [
+        sys.executable,
+        "-m",
+        "jaxserver.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-length",
+        "1024",
+    ]
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -45,10 +55,13 @@ def base_url(tmp_path_factory):
         process.wait(timeout=30)
         log.seek(0)
         print(log.read()[-3000:])
+        log.close()
 
 
 def test_instruct_knows_the_capital_of_france(base_url):
-    body = requests.post(f"{base_url}/instruct", json={"prompt": "What is the capital of France?"}, timeout=120).json()
+    body = requests.post(
+        f"{base_url}/instruct", json={"prompt": "What is the capital of France?"}, timeout=120
+    ).json()
     assert "Paris" in body["response"]
 
 

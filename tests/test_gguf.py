@@ -27,7 +27,11 @@ TEXTS = [
     "<|im_start|>user\nhi<|im_end|>\n",
     "code: def f(x):\n    return x ** 2  # square",
 ]
-PROMPTS = ["What is the capital of France?", "Write a short poem about the sea.", "How many legs does a spider have?"]
+PROMPTS = [
+    "What is the capital of France?",
+    "Write a short poem about the sea.",
+    "How many legs does a spider have?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +117,11 @@ def test_32_greedy_tokens_match_transformers(smollm_server, hf_model, prompt):
     ours = [t for chunk in smollm_server.stream(request) for t in chunk.token_ids]
     with torch.no_grad():
         out = hf_model.generate(
-            torch.tensor([request.prompt_ids]), max_new_tokens=32, do_sample=False, eos_token_id=2, pad_token_id=2
+            torch.tensor([request.prompt_ids]),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=2,
         )
     theirs = out[0, len(request.prompt_ids) :].tolist()
     assert ours == theirs, (tok.decode(ours), tok.decode(theirs))

@@ -75,7 +75,9 @@ def test_invalid_body_is_422_naming_the_field(client, body, param):
 
 
 def test_malformed_json_is_400_and_server_keeps_working(client):
-    response = client.post("/instruct", content=b'{"prompt": "x"', headers={"content-type": "application/json"})
+    response = client.post(
+        "/instruct", content=b'{"prompt": "x"', headers={"content-type": "application/json"}
+    )
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert client.post("/instruct", json={"prompt": "x", "max_new_tokens": 2}).status_code == 200
 

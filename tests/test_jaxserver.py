@@ -1,5 +1,7 @@
 """The seed API: process() streaming, sampling settings, sharding over the mesh, overridable hooks."""
 
+import itertools
+
 import jax
 import pytest
 
@@ -11,14 +13,16 @@ from tests import tiny
 def test_process_streams_growing_responses(tiny_server):
     steps = list(tiny_server.process("Hello there", greedy=True, max_new_tokens=20))
     assert len(steps) >= 3  # first token, then chunks of max_compile_tokens=8
-    for (before, n_before), (after, n_after) in zip(steps, steps[1:]):
+    for (before, n_before), (after, n_after) in itertools.pairwise(steps):
         assert after.startswith(before) and n_after > n_before
     assert steps[-1][1] <= 20
 
 
 def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_server):
     def run(seed):
-        return list(tiny_server.process("Hello", max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=seed))[-1]
+        return list(
+            tiny_server.process("Hello", max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, seed=seed)
+        )[-1]
 
     assert run(1) == run(1)
     assert len({run(s)[0] for s in range(4)}) > 1

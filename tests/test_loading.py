@@ -87,5 +87,12 @@ def test_load_from_params_needs_everything():
 
 def test_model_config_rejects_bad_head_counts():
     with pytest.raises(ModelLoadError, match="multiple"):
-        ModelConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=3, num_kv_heads=2,
-                    head_dim=4)
+        ModelConfig(
+            vocab_size=8,
+            hidden_size=8,
+            intermediate_size=8,
+            num_layers=1,
+            num_heads=3,
+            num_kv_heads=2,
+            head_dim=4,
+        )

@@ -67,7 +67,13 @@ def test_cached_decode_equals_recompute(tiny_model):
     zero = jnp.zeros((1,), jnp.int32)
     for pos in range(ids.shape[1]):
         logits, cache = llama.forward(
-            params, cfg, jnp.asarray(ids[:, pos : pos + 1]), cache, jnp.full((1,), pos), zero, attn_len=32,
+            params,
+            cfg,
+            jnp.asarray(ids[:, pos : pos + 1]),
+            cache,
+            jnp.full((1,), pos),
+            zero,
+            attn_len=32,
             logit_index=zero,
         )
         np.testing.assert_allclose(np.asarray(logits)[0], expected[pos], atol=ATOL, rtol=1e-4)
@@ -81,7 +87,9 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
 
 
 def runner_greedy(cfg, params, prompt: list[int], n: int, left_pad: bool, slots: int = 1) -> list[int]:
-    runner = Runner(cfg, params, slots=slots, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32)
+    runner = Runner(
+        cfg, params, slots=slots, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32
+    )
     greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
     slot = slots - 1
     first, start = runner.prefill(slot, prompt, greedy, n, left_pad=left_pad, pad_id=0)

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.model.sampling import SamplingParams, sample as sample_eager
+from jaxserver.model.sampling import SamplingParams
+from jaxserver.model.sampling import sample as sample_eager
 
 sample = jax.jit(sample_eager)
 

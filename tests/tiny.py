@@ -44,19 +44,19 @@ def hf_config(kind: str, vocab_size: int):
     """A tiny config of the given family; large init so logits have clear maxima."""
     from transformers import LlamaConfig, Qwen2Config
 
-    common = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-5,
-        initializer_range=0.2,
-        eos_token_id=2,
-        bos_token_id=1,
-    )
+    common = {
+        "vocab_size": vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "rms_norm_eps": 1e-5,
+        "initializer_range": 0.2,
+        "eos_token_id": 2,
+        "bos_token_id": 1,
+    }
     if kind == "llama":
         return LlamaConfig(**common, rope_theta=100000.0, tie_word_embeddings=False)
     if kind == "llama3-tied":
@@ -90,5 +90,11 @@ def make_hf_model(folder: Path, kind: str) -> Path:
 
 
 def test_config(**overrides) -> JAXServerConfig:
-    values = dict(max_length=128, max_compile_tokens=8, warm_up=False, compilation_cache_dir=None, seed=0)
+    values = {
+        "max_length": 128,
+        "max_compile_tokens": 8,
+        "warm_up": False,
+        "compilation_cache_dir": None,
+        "seed": 0,
+    }
     return JAXServerConfig(**(values | overrides))

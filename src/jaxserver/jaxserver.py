@@ -37,7 +37,11 @@ WARM_PROMPT_BUCKETS = (MIN_PROMPT_BUCKET, 32, 64, 128, 256, 512)
 
 
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
-    return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer, extra_eos_ids=cfg.eos_token_ids)
+    return (
+        tokenizer
+        if isinstance(tokenizer, Tokenizer)
+        else Tokenizer(tokenizer, extra_eos_ids=cfg.eos_token_ids)
+    )
 
 
 def _model_config(model: ModelConfig | None, config_model: ModelConfig | None) -> ModelConfig | None:
@@ -103,21 +107,27 @@ class JAXServer:
         `config_model` (or `model`), with `tokenizer` (ours or a transformers tokenizer)."""
         cfg = _model_config(model, config_model)
         if cfg is None or params is None or tokenizer is None:
-            raise ModelLoadError("load_from_params needs params, a tokenizer and a ModelConfig (config_model)")
+            raise ModelLoadError(
+                "load_from_params needs params, a tokenizer and a ModelConfig (config_model)"
+            )
         if "params" in params and add_params_field:
             params = params["params"]
         server = cls(config)
         server._attach(cfg, params, _as_tokenizer(tokenizer, cfg), name=cfg.architecture)
         return server
 
-    def load_model(self, path: str | os.PathLike | None, tokenizer: Any = None, expected: ModelConfig | None = None):
+    def load_model(
+        self, path: str | os.PathLike | None, tokenizer: Any = None, expected: ModelConfig | None = None
+    ):
         """Read the model at `path`, place it on the mesh and compile. Records the error for /status."""
         try:
             cfg, params, own_tokenizer = load_model(path, self.config.jax_dtype_name)
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"
-            self._attach(cfg, params, _as_tokenizer(tokenizer, cfg) if tokenizer else own_tokenizer, name=name)
+            self._attach(
+                cfg, params, _as_tokenizer(tokenizer, cfg) if tokenizer else own_tokenizer, name=name
+            )
         except Exception as exc:
             self.load_error = str(exc)
             raise
@@ -136,7 +146,9 @@ class JAXServer:
         """Build the runner and generator and compile the common shapes. An override must set
         `self.generator` and `self._funcs_generated = True`."""
         if self.config.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(self.config.compilation_cache_dir))
+            jax.config.update(
+                "jax_compilation_cache_dir", os.path.expanduser(self.config.compilation_cache_dir)
+            )
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         assert self.params is not None and self.mesh is not None, "call shard_params first"
         cache_shape = (model.num_layers, 1, self.config.max_length, model.num_kv_heads, model.head_dim)
@@ -150,7 +162,9 @@ class JAXServer:
             cache_dtype=jnp.dtype(self.config.jax_dtype_name),
             cache_sharding=cache_sharding(cache_shape, self.mesh),
         )
-        log.info("KV cache: %.1f MiB for 1 slot x %d tokens", runner.cache_bytes / 2**20, self.config.max_length)
+        log.info(
+            "KV cache: %.1f MiB for 1 slot x %d tokens", runner.cache_bytes / 2**20, self.config.max_length
+        )
         if self.config.warm_up:
             started = time.perf_counter()
             runner.warm_up([b for b in WARM_PROMPT_BUCKETS if b < self.config.max_length])
@@ -248,12 +262,20 @@ class JAXServer:
         """The seed's chat history rendering: one `chat_format` per (prompt, answer) pair."""
         return "".join(self.config.chat_format.format(prompt=user, assistant=bot) for user, bot in history)
 
-    def build_chat_prompt(self, prompt: str, history: Sequence[Sequence[str]] = (), system: str | None = None) -> str:
+    def build_chat_prompt(
+        self, prompt: str, history: Sequence[Sequence[str]] = (), system: str | None = None
+    ) -> str:
         cfg = self.config
         system = cfg.system if system is None else system
         if self.uses_seed_formats or not cfg.contains_auto_format:
             head = cfg.chat_prefix + (cfg.system_prefix + system if system else "")
-            return head + self.process_chat_history(history) + cfg.prompt_prefix_chat + prompt + cfg.prompt_postfix_chat
+            return (
+                head
+                + self.process_chat_history(history)
+                + cfg.prompt_prefix_chat
+                + prompt
+                + cfg.prompt_postfix_chat
+            )
         return self._template(history, prompt, system)
 
     def _template(self, history: Sequence[Sequence[str]], prompt: str, system: str) -> str:
@@ -269,7 +291,9 @@ class JAXServer:
 
     # --- the seed's forward functions --------------------------------------------------------------------
 
-    def _complete(self, string: str, greedy: bool, max_new_tokens: int | None, **sampling: Any) -> dict[str, Any]:
+    def _complete(
+        self, string: str, greedy: bool, max_new_tokens: int | None, **sampling: Any
+    ) -> dict[str, Any]:
         response, used = "", 0
         for response, used in self.process(string, greedy, max_new_tokens, **sampling):
             pass
@@ -290,11 +314,17 @@ class JAXServer:
         string = self.build_chat_prompt(data.prompt, data.history or [], data.system)
         return self._complete(string, data.greedy, data.max_new_tokens, **_sampling_fields(data))
 
-    def forward_instruct_non_api(self, prompt: str, system: str | None = None, greedy: bool = False) -> dict[str, Any]:
+    def forward_instruct_non_api(
+        self, prompt: str, system: str | None = None, greedy: bool = False
+    ) -> dict[str, Any]:
         return self._complete(self.build_instruct_prompt(prompt, system), greedy, None)
 
     def forward_chat_non_api(
-        self, prompt: str, history: Sequence[Sequence[str]] = (), greedy: bool = False, system: str | None = None
+        self,
+        prompt: str,
+        history: Sequence[Sequence[str]] = (),
+        greedy: bool = False,
+        system: str | None = None,
     ) -> dict[str, Any]:
         return self._complete(self.build_chat_prompt(prompt, history, system), greedy, None)
 

@@ -80,20 +80,34 @@ class Generator:
         budget = min(request.max_new_tokens, self.runner.cache_len - n)
         opts = request.sampling
         sampling = sampling_rows(
-            1, temperature=opts.temperature, top_p=opts.top_p, top_k=opts.top_k, greedy=opts.greedy, seed=opts.seed
+            1,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            top_k=opts.top_k,
+            greedy=opts.greedy,
+            seed=opts.seed,
         )
         detok = self.tokenizer.incremental_decoder()
         eos = set() if request.ignore_eos else set(self.tokenizer.eos_token_ids)
         with self._lock:
             first, start = self.runner.prefill(
-                0, request.prompt_ids, sampling, budget, left_pad=self.left_pad, pad_id=self.tokenizer.pad_token_id
+                0,
+                request.prompt_ids,
+                sampling,
+                budget,
+                left_pad=self.left_pad,
+                pad_id=self.tokenizer.pad_token_id,
             )
             generated = 1
             if first in eos or budget == 1:
-                yield GenerationChunk(detok.push([first]) + detok.flush(), [first], 1, "stop" if first in eos else "length")
+                yield GenerationChunk(
+                    detok.push([first]) + detok.flush(), [first], 1, "stop" if first in eos else "length"
+                )
                 return
             yield GenerationChunk(detok.push([first]), [first], 1)
-            state = self._single_slot_state(first, start + n, start, budget - 1, sampling, not request.ignore_eos)
+            state = self._single_slot_state(
+                first, start + n, start, budget - 1, sampling, not request.ignore_eos
+            )
             while True:
                 tokens, emitted, state = self.runner.decode(state, longest=start + n + generated)
                 new = [int(t) for t, e in zip(tokens[0], emitted[0], strict=True) if e]
@@ -112,7 +126,10 @@ class Generator:
         self, token: int, length: int, start: int, remaining: int, sampling: SamplingParams, stop_at_eos: bool
     ) -> DecodeState:
         state = idle_state(self.runner.slots)
-        put = lambda arr, value: arr.at[0].set(value)  # noqa: E731
+
+        def put(arr: jax.Array, value: int | bool) -> jax.Array:
+            return arr.at[0].set(value)
+
         return DecodeState(
             tokens=put(state.tokens, token),
             lengths=put(state.lengths, length),

@@ -110,7 +110,9 @@ def _decode_chunk(
         lengths = state.lengths + live
         new_tokens = sample(logits, state.sampling, positions=lengths - state.starts)
         remaining = state.remaining - live
-        finished = (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
+        finished = (
+            (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
+        )
         state = state._replace(
             tokens=jnp.where(live, new_tokens, state.tokens),
             lengths=lengths,
@@ -127,7 +129,9 @@ def _decode_chunk(
     slots = state.tokens.shape[0]
     tokens = jnp.zeros((slots, steps), jnp.int32)
     emitted = jnp.zeros((slots, steps), bool)
-    _, state, cache, tokens, emitted = jax.lax.while_loop(keep_going, step, (0, state, cache, tokens, emitted))
+    _, state, cache, tokens, emitted = jax.lax.while_loop(
+        keep_going, step, (0, state, cache, tokens, emitted)
+    )
     return tokens, emitted, state, cache
 
 
@@ -157,7 +161,9 @@ class Runner:
             self.cache = jax.device_put(self.cache, cache_sharding)
         self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg), donate_argnums=(1,))
         self._decode = jax.jit(
-            functools.partial(_decode_chunk, cfg=cfg), static_argnames=("steps", "attn_len"), donate_argnums=(1,)
+            functools.partial(_decode_chunk, cfg=cfg),
+            static_argnames=("steps", "attn_len"),
+            donate_argnums=(1,),
         )
 
     @property
@@ -170,7 +176,13 @@ class Runner:
         return max(prompt_len, bucket(prompt_len, MIN_PROMPT_BUCKET, cap))
 
     def prefill(
-        self, slot: int, prompt: list[int], sampling: SamplingParams, max_new_tokens: int, left_pad: bool, pad_id: int
+        self,
+        slot: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        left_pad: bool,
+        pad_id: int,
     ) -> tuple[int, int]:
         """Write `prompt` into `slot`; return (first token, cache start index of the prompt)."""
         n = len(prompt)
@@ -196,7 +208,12 @@ class Runner:
     def decode(self, state: DecodeState, longest: int) -> tuple[np.ndarray, np.ndarray, DecodeState]:
         """One chunk for all slots; `longest` is the largest cache length among active slots."""
         tokens, emitted, state, self.cache = self._decode(
-            self.params, self.cache, state, self.eos_ids, steps=self.steps_per_call, attn_len=self.attn_bucket(longest)
+            self.params,
+            self.cache,
+            state,
+            self.eos_ids,
+            steps=self.steps_per_call,
+            attn_len=self.attn_bucket(longest),
         )
         return np.asarray(tokens), np.asarray(emitted), state
 
@@ -210,7 +227,11 @@ class Runner:
         state = idle_state(self.slots)
         started = time.perf_counter()
         self.decode(state, longest=0)
-        log.info("compiled decode (%d steps per call) in %.1f s", self.steps_per_call, time.perf_counter() - started)
+        log.info(
+            "compiled decode (%d steps per call) in %.1f s",
+            self.steps_per_call,
+            time.perf_counter() - started,
+        )
 
 
 def sampling_rows(

@@ -56,7 +56,9 @@ def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's converter, which reorders each head's Q/K rows from the (first half, second half)
     rotary layout to interleaved pairs. Works for weights [out, in] and biases [out]."""
     rows = weight.shape[0]
-    return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
 
 
 class GGUFFile:
@@ -70,7 +72,11 @@ class GGUFFile:
             raise ModelLoadError(f"{path} is not a readable GGUF file: {exc}") from exc
         self.fields: dict[str, Any] = {}
         for name, field in self.reader.fields.items():
-            if name.startswith("tokenizer.ggml.") and name.rsplit(".", 1)[1] in ("tokens", "merges", "token_type"):
+            if name.startswith("tokenizer.ggml.") and name.rsplit(".", 1)[1] in (
+                "tokens",
+                "merges",
+                "token_type",
+            ):
                 continue  # large arrays, read on demand
             self.fields[name] = field.contents()
 
@@ -99,10 +105,14 @@ class GGUFFile:
             rope_scaling = {"rope_type": "linear", "factor": meta("rope.scaling.factor")}
         if "rope_freqs.weight" in tensor_names:
             factors = next(t for t in self.reader.tensors if t.name == "rope_freqs.weight")
-            rope_scaling = {"rope_type": "freq_factors", "factors": [float(x) for x in np.asarray(factors.data)]}
+            rope_scaling = {
+                "rope_type": "freq_factors",
+                "factors": [float(x) for x in np.asarray(factors.data)],
+            }
         eos = [self.fields.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         return ModelConfig(
-            vocab_size=self.fields.get(f"{arch}.vocab_size") or len(self.array_field("tokenizer.ggml.tokens")),
+            vocab_size=self.fields.get(f"{arch}.vocab_size")
+            or len(self.array_field("tokenizer.ggml.tokens")),
             hidden_size=hidden,
             intermediate_size=meta("feed_forward_length"),
             num_layers=meta("block_count"),
@@ -159,7 +169,9 @@ class GGUFFile:
                 token_types=self.array_field("tokenizer.ggml.token_type"),
                 merges=self.array_field("tokenizer.ggml.merges"),
                 pre=self.fields.get("tokenizer.ggml.pre", "default"),
-                special_ids={n: self.fields.get(f"tokenizer.ggml.{n}_token_id") for n in ("bos", "eos", "unk", "pad")},
+                special_ids={
+                    n: self.fields.get(f"tokenizer.ggml.{n}_token_id") for n in ("bos", "eos", "unk", "pad")
+                },
                 chat_template=template,
             )
         else:

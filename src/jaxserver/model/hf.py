@@ -37,7 +37,10 @@ BIAS_NAMES = ("bq", "bk", "bv")
 
 
 def params_from_hf_names(
-    cfg: ModelConfig, get: Callable[[str], np.ndarray], dtype: np.dtype, progress: Callable[[], None] = lambda: None
+    cfg: ModelConfig,
+    get: Callable[[str], np.ndarray],
+    dtype: np.dtype,
+    progress: Callable[[], None] = lambda: None,
 ) -> Params:
     """Assemble our parameter pytree from tensors addressed by their Hugging Face names."""
     layers: dict[str, np.ndarray] = {}
@@ -78,7 +81,7 @@ def load_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in files:
         with safe_open(str(path), framework="numpy") as f:
-            for name in f.keys():
+            for name in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 tensors[name] = f.get_tensor(name)
     return tensors
 

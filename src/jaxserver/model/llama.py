@@ -76,12 +76,16 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
         smooth = (original / wavelen - low) / (high - low)
         blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
         inv_freq = np.where(
-            wavelen > original / low, inv_freq / factor, np.where(wavelen < original / high, inv_freq, blended)
+            wavelen > original / low,
+            inv_freq / factor,
+            np.where(wavelen < original / high, inv_freq, blended),
         )
     elif kind == "freq_factors":  # llama.cpp's rope_freqs tensor: a divisor per frequency
         inv_freq = inv_freq / np.asarray(scaling["factors"], dtype=np.float64)
     elif kind != "default":
-        raise ValueError(f"unsupported rope scaling {kind!r}; supported: default, linear, llama3, freq_factors")
+        raise ValueError(
+            f"unsupported rope scaling {kind!r}; supported: default, linear, llama3, freq_factors"
+        )
     return inv_freq.astype(np.float32)
 
 
@@ -157,8 +161,12 @@ def forward(
         k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, hd), positions, inv_freq)
         v = v.reshape(batch, seq, cfg.num_kv_heads, hd)
         layer_index = jnp.broadcast_to(i, query_index.shape)
-        k_cache = k_cache.at[layer_index, rows[:, None], query_index].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[layer_index, rows[:, None], query_index].set(v.astype(v_cache.dtype), mode="drop")
+        k_cache = k_cache.at[layer_index, rows[:, None], query_index].set(
+            k.astype(k_cache.dtype), mode="drop"
+        )
+        v_cache = v_cache.at[layer_index, rows[:, None], query_index].set(
+            v.astype(v_cache.dtype), mode="drop"
+        )
         k_layer, v_layer = k_cache[i], v_cache[i]  # [slots, length, kv_heads, hd]
         if slot_ids is None:
             k_seen, v_seen = k_layer[:, :attn_len], v_layer[:, :attn_len]
@@ -196,7 +204,11 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scal
         "w_down": (n, f, d),
     }
     if cfg.attention_bias:
-        shapes |= {"bq": (n, cfg.num_heads * hd), "bk": (n, cfg.num_kv_heads * hd), "bv": (n, cfg.num_kv_heads * hd)}
+        shapes |= {
+            "bq": (n, cfg.num_heads * hd),
+            "bk": (n, cfg.num_kv_heads * hd),
+            "bv": (n, cfg.num_kv_heads * hd),
+        }
     keys = jax.random.split(key, len(shapes) + 2)
     layers = {
         name: (scale * jax.random.normal(k, shape)).astype(dtype)

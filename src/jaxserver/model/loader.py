@@ -39,7 +39,9 @@ def default_model_path() -> Path:
     for file in dist.files or []:
         if file.name == DEFAULT_MODEL_FILE:
             return Path(str(file.locate()))
-    raise ModelLoadError(f"{DEFAULT_MODEL_PACKAGE} does not contain {DEFAULT_MODEL_FILE}; reinstall with `{install}`")
+    raise ModelLoadError(
+        f"{DEFAULT_MODEL_PACKAGE} does not contain {DEFAULT_MODEL_FILE}; reinstall with `{install}`"
+    )
 
 
 def load_model(path: str | Path | None, dtype: str = "float32") -> tuple[ModelConfig, Params, Tokenizer]:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RawTokenizer
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 # GGUF token types (llama.cpp's llama_token_type): control and user-defined tokens are special.
@@ -59,7 +60,9 @@ def byte_level_bpe_from_gguf(
     raw.pre_tokenizer = _byte_level_pre_tokenizer(pre)
     raw.decoder = decoders.ByteLevel()
     specials = [
-        tokens[i] for i, kind in enumerate(token_types) if kind in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)
+        tokens[i]
+        for i, kind in enumerate(token_types)
+        if kind in (GGUF_TOKEN_CONTROL, GGUF_TOKEN_USER_DEFINED)
     ]
     names = {name: tokens[i] for name, i in special_ids.items() if i is not None and 0 <= i < len(tokens)}
     return PreTrainedTokenizerFast(
@@ -102,10 +105,14 @@ class Tokenizer:
         return self.hf.encode(text, add_special_tokens=False)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
+        return self.hf.decode(
+            list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
     def save(self, directory: str) -> None:
         self.hf.save_pretrained(directory)
@@ -149,4 +156,3 @@ class IncrementalDetokenizer:
         self.prefix_offset = self.read_offset = len(self.ids)
         self.text += piece
         return piece
-

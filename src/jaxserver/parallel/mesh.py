@@ -43,7 +43,9 @@ def logical_rules(axis_names: Sequence[str]) -> dict[str, str]:
     return {"batch": data, "embed": fsdp, "vocab": model, "heads": model, "kv_heads": model, "mlp": model}
 
 
-def make_mesh(axis_names: Sequence[str], axis_shape: Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+    axis_names: Sequence[str], axis_shape: Sequence[int], devices: Sequence[Any] | None = None
+) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     if len(axis_names) != 3:
         raise ValueError(f"the mesh needs three axes (data, fsdp, model), got {tuple(axis_names)}")

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
@@ -38,7 +40,9 @@ def error_response(exc: JAXServerError) -> JSONResponse:
 def validation_response(exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     if first.get("type") == "json_invalid":
-        return JSONResponse(error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error"), 400)
+        return JSONResponse(
+            error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error"), 400
+        )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = f"{param or 'body'}: {first.get('msg')}"
