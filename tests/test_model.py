@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserver.engine.runner import Runner, idle_state, sampling_rows
+from jaxserver.engine.engine import Engine
+from jaxserver.engine.request import GenerationRequest, SamplingOptions
+from jaxserver.engine.runner import Runner
 from jaxserver.model import llama
 from jaxserver.model.loader import load_model
 from tests import tiny
@@ -86,32 +88,21 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def runner_greedy(cfg, params, prompt: list[int], n: int, left_pad: bool, slots: int = 1) -> list[int]:
-    runner = Runner(
-        cfg, params, slots=slots, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32
-    )
-    greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
-    slot = slots - 1
-    first, start = runner.prefill(slot, prompt, greedy, n, left_pad=left_pad, pad_id=0)
-    state = idle_state(slots)
-    state = state._replace(
-        tokens=state.tokens.at[slot].set(first),
-        lengths=state.lengths.at[slot].set(start + len(prompt)),
-        starts=state.starts.at[slot].set(start),
-        remaining=state.remaining.at[slot].set(n - 1),
-        active=state.active.at[slot].set(True),
-    )
-    out = [first]
-    while len(out) < n:
-        tokens, emitted, state = runner.decode(state, longest=int(state.lengths.max()))
-        out += [int(t) for t, e in zip(tokens[slot], emitted[slot]) if e]
-    return out
+def engine_greedy(cfg, params, tokenizer, prompt: list[int], n: int, left_pad: bool, prefill_chunk: int):
+    runner = Runner(cfg, params, slots=3, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32)
+    engine = Engine(runner, tokenizer, max_waiting=4, prefill_chunk_tokens=prefill_chunk, left_pad=left_pad)
+    engine.start()
+    request = GenerationRequest(prompt, n, SamplingOptions(greedy=True), ignore_eos=True)
+    tokens = [t for chunk in engine.submit(request) for t in chunk.token_ids]
+    engine.shutdown()
+    return tokens
 
 
-@pytest.mark.parametrize("left_pad", [False, True])
-def test_runner_greedy_equals_recompute(tiny_model, left_pad):
-    """Prefill into a padded bucket, then chunked decode (several chunks), equals step-by-step argmax."""
-    cfg, params, _ = tiny_model
-    prompt = [5, 17, 42, 99, 7, 3, 250, 11, 64]  # 9 tokens: padded to the 16-token bucket
+@pytest.mark.parametrize(("left_pad", "prefill_chunk"), [(False, 32), (True, 32), (False, 16)])
+def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk):
+    """Prefill into a padded bucket (or in 16-token pieces), then decode in chunks of 5 steps, equals
+    step-by-step argmax over the full sequence."""
+    cfg, params, tokenizer = tiny_model
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, cfg.vocab_size, 23)]  # pads to 32
     expected = greedy_by_recompute(cfg, params, prompt, 12)
-    assert runner_greedy(cfg, params, prompt, 12, left_pad=left_pad, slots=3) == expected
+    assert engine_greedy(cfg, params, tokenizer, prompt, 12, left_pad, prefill_chunk) == expected

@@ -67,6 +67,15 @@ class JAXServerConfig(BaseModel):
             "seed format strings were not set explicitly, else the seed strings."
         ),
     )
+    max_batch_size: int = Field(
+        32, ge=1, le=1024, description="Requests decoded together (KV cache slots of max_length tokens each)."
+    )
+    max_waiting_requests: int = Field(
+        256, ge=0, description="Requests that may wait for a slot; beyond it new requests get 503."
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="Prompt tokens prefilled per engine step while other requests decode."
+    )
     warm_up: bool = Field(True, description="Compile the common prompt shapes before reporting ready.")
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
@@ -105,6 +114,8 @@ class JAXServerConfig(BaseModel):
             )
         if len(set(self.mesh_axes_names)) != len(self.mesh_axes_names):
             raise ValueError(f"mesh_axes_names must be distinct, got {self.mesh_axes_names}")
+        if self.prefill_chunk_tokens & (self.prefill_chunk_tokens - 1):
+            raise ValueError(f"prefill_chunk_tokens must be a power of two, got {self.prefill_chunk_tokens}")
         if any(s == 0 or s < -1 for s in self.mesh_axes_shape) or list(self.mesh_axes_shape).count(-1) > 1:
             raise ValueError(
                 f"mesh_axes_shape entries must be positive, with at most one -1, got {self.mesh_axes_shape}"

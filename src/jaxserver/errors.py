@@ -35,3 +35,18 @@ class ContextLengthError(BadRequestError):
 class NotReadyError(JAXServerError):
     status_code = 503
     error_type = "service_unavailable"
+
+
+class OverloadedError(JAXServerError):
+    """Every slot is busy and the waiting queue is full; the client should retry later."""
+
+    status_code = 503
+    error_type = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
+class EngineError(JAXServerError):
+    """The engine failed while running a request."""

@@ -1,13 +1,14 @@
-"""`JAXServer`: the seed-compatible facade over model loading, the generator and the HTTP app.
+"""`JAXServer`: the seed-compatible facade over model loading, the engine and the HTTP app.
 
 Life of a server: `JAXServer(config)` -> `load(...)` or `load_from_params(...)` reads the model ->
 `shard_params` places it on the device mesh -> `configure_generate_functions` builds the runner and
-generator (and compiles common shapes) -> `process` / `forward_*` / HTTP routes generate -> `fire()` serves.
+starts the engine (and compiles common shapes) -> `process` / `forward_*` / HTTP routes generate -> `fire()` serves.
 A server may answer HTTP before its model is ready: generation routes then answer 503.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -20,9 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
-from jaxserver.engine.generation import GenerationChunk, GenerationRequest, Generator, SamplingOptions
+from jaxserver.engine.engine import Engine
+from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, SamplingOptions
 from jaxserver.engine.runner import MIN_PROMPT_BUCKET, Runner
-from jaxserver.errors import BadRequestError, ContextLengthError, ModelLoadError, NotReadyError
+from jaxserver.errors import BadRequestError, ContextLengthError, EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
@@ -64,11 +66,10 @@ class JAXServer:
         self.tokenizer: Tokenizer | None = None
         self.model_name = "unloaded"
         self.mesh: jax.sharding.Mesh | None = None
-        self.generator: Generator | None = None
+        self.engine: Engine | None = None
         self._funcs_generated = False
         self.started_at = time.time()
         self.number_of_served_request_until_last_up_time = 0
-        self.tokens_generated = 0
         self.load_error: str | None = None
         self._counter_lock = threading.Lock()
         self._app = None
@@ -143,38 +144,54 @@ class JAXServer:
         return shard_params(params, self.mesh)
 
     def configure_generate_functions(self, model: ModelConfig, tokenizer: Tokenizer) -> None:
-        """Build the runner and generator and compile the common shapes. An override must set
-        `self.generator` and `self._funcs_generated = True`."""
-        if self.config.compilation_cache_dir:
-            jax.config.update(
-                "jax_compilation_cache_dir", os.path.expanduser(self.config.compilation_cache_dir)
-            )
+        """Build the runner (compiled prefill and decode over the KV cache) and start the engine that
+        batches all requests. An override must set `self.engine` (started) and `self._funcs_generated`."""
+        cfg = self.config
+        if cfg.compilation_cache_dir:
+            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         assert self.params is not None and self.mesh is not None, "call shard_params first"
-        cache_shape = (model.num_layers, 1, self.config.max_length, model.num_kv_heads, model.head_dim)
+        slots = cfg.max_batch_size
+        cache_shape = (model.num_layers, slots, cfg.max_length, model.num_kv_heads, model.head_dim)
         runner = Runner(
             model,
             self.params,
-            slots=1,
-            cache_len=self.config.max_length,
-            steps_per_call=self.config.max_compile_tokens,
+            slots=slots,
+            cache_len=cfg.max_length,
+            steps_per_call=cfg.max_compile_tokens,
             eos_ids=tokenizer.eos_token_ids,
-            cache_dtype=jnp.dtype(self.config.jax_dtype_name),
+            cache_dtype=jnp.dtype(cfg.jax_dtype_name),
             cache_sharding=cache_sharding(cache_shape, self.mesh),
         )
         log.info(
-            "KV cache: %.1f MiB for 1 slot x %d tokens", runner.cache_bytes / 2**20, self.config.max_length
+            "KV cache: %.1f MiB for %d slots x %d tokens", runner.cache_bytes / 2**20, slots, cfg.max_length
         )
-        if self.config.warm_up:
+        if cfg.warm_up:
             started = time.perf_counter()
-            runner.warm_up([b for b in WARM_PROMPT_BUCKETS if b < self.config.max_length])
+            runner.warm_up(
+                [b for b in WARM_PROMPT_BUCKETS if b <= min(cfg.prefill_chunk_tokens, cfg.max_length)]
+            )
             log.info("warmed up in %.1f s", time.perf_counter() - started)
-        self.generator = Generator(runner, tokenizer, left_pad=self.config.use_prefix_tokenizer)
+        if self.engine is not None:
+            self.engine.shutdown(drain_timeout_s=0)
+        self.engine = Engine(
+            runner,
+            tokenizer,
+            max_waiting=cfg.max_waiting_requests,
+            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+            left_pad=cfg.use_prefix_tokenizer,
+        )
+        self.engine.start()
         self._funcs_generated = True
 
     @property
     def ready(self) -> bool:
-        return self._funcs_generated and self.generator is not None
+        return self._funcs_generated and self.engine is not None and self.engine.alive
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting requests, let running ones finish (up to the timeout), abort the rest."""
+        if self.engine is not None:
+            self.engine.shutdown(drain_timeout_s)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a jaxserver checkpoint that `JAXServer.load(path=...)` reads back."""
@@ -184,10 +201,12 @@ class JAXServer:
 
     # --- generation -------------------------------------------------------------------------------------
 
-    def _require_ready(self) -> tuple[Generator, Tokenizer]:
-        if not self.ready or self.tokenizer is None or self.generator is None:
+    def require_ready(self) -> tuple[Engine, Tokenizer]:
+        if not self.ready or self.tokenizer is None or self.engine is None:
+            if self.engine is not None and self.engine.error:
+                raise EngineError(f"the engine has stopped after an error: {self.engine.error}")
             raise NotReadyError(self.load_error or "the model is still loading")
-        return self.generator, self.tokenizer
+        return self.engine, self.tokenizer
 
     def prepare(
         self,
@@ -199,12 +218,17 @@ class JAXServer:
         top_p: float | None = None,
         top_k: int | None = None,
         seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> GenerationRequest:
         """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run."""
-        generator, tokenizer = self._require_ready()
+        engine, tokenizer = self.require_ready()
         ids = tokenizer.encode(string)
-        generator.check(len(ids), 1 if max_new_tokens is None else max_new_tokens)
+        if not ids:
+            raise BadRequestError("the prompt is empty", param="prompt")
+        engine.check_fits(len(ids))
         room = self.config.max_length - len(ids)
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise BadRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
         if max_new_tokens is not None and max_new_tokens > room:
             raise ContextLengthError(
                 f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}, together over the "
@@ -220,14 +244,32 @@ class JAXServer:
             seed=cfg.seed if seed is None else seed,
         )
         budget = min(max_new_tokens or cfg.max_new_tokens, room)
-        return GenerationRequest(prompt_ids=ids, max_new_tokens=budget, sampling=sampling)
+        return GenerationRequest(prompt_ids=ids, max_new_tokens=budget, sampling=sampling, stop=tuple(stop))
+
+    def submit(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
+    ) -> OutputStream:
+        """Hand a prepared request to the engine; read its chunks from the returned stream."""
+        engine, _ = self.require_ready()
+        return engine.submit(request, loop)
+
+    def abort(self, request_id: str) -> None:
+        if self.engine is not None:
+            self.engine.abort(request_id)
 
     def stream(self, request: GenerationRequest) -> Iterator[GenerationChunk]:
-        generator, _ = self._require_ready()
-        for chunk in generator.stream(request):
-            with self._counter_lock:
-                self.tokens_generated += len(chunk.token_ids)
-            yield chunk
+        """Chunks of one request; stopping the iteration early cancels the request."""
+        chunks = self.submit(request)
+        finished = False
+        try:
+            for chunk in chunks:
+                if chunk.finish_reason == "error":
+                    raise EngineError(chunk.error or "the engine failed")
+                finished = chunk.finish_reason is not None
+                yield chunk
+        finally:
+            if not finished:
+                self.abort(request.request_id)
 
     def process(
         self, string: str, greedy: bool = False, max_new_tokens: int | None = None, **sampling: Any
@@ -279,7 +321,7 @@ class JAXServer:
         return self._template(history, prompt, system)
 
     def _template(self, history: Sequence[Sequence[str]], prompt: str, system: str) -> str:
-        _, tokenizer = self._require_ready()
+        _, tokenizer = self.require_ready()
         messages = [{"role": "system", "content": system}] if system else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
@@ -344,7 +386,8 @@ class JAXServer:
             "prompt_format": ("seed" if self.uses_seed_formats else "template") if self.tokenizer else None,
             "uptime_s": round(time.time() - self.started_at, 1),
             "requests_served": self.number_of_served_request_until_last_up_time,
-            "tokens_generated": self.tokens_generated,
+            "tokens_generated": self.engine.tokens_generated if self.engine else 0,
+            "engine": self.engine.stats() if self.engine else None,
             "config": self.config.model_dump(mode="json"),
         }
 

@@ -57,27 +57,29 @@ def _prefill(
     cache: KVCache,
     tokens: jax.Array,
     slot: jax.Array,
+    write_pos: jax.Array,
     start: jax.Array,
     logit_index: jax.Array,
     sampling: SamplingParams,
     *,
     cfg: ModelConfig,
+    attn_len: int,
 ) -> tuple[jax.Array, KVCache]:
-    """tokens [1, P] into cache row `slot` at index 0; returns the sampled first token [1]."""
-    attn_len = tokens.shape[1]
+    """A piece of one prompt, tokens [1, P], into cache row `slot` from index `write_pos`, attending to
+    everything before it. Returns the token sampled after position `logit_index` of the piece [1]."""
     logits, cache = llama.forward(
         params,
         cfg,
         tokens,
         cache,
-        write_pos=jnp.zeros((1,), jnp.int32),
+        write_pos=write_pos,
         start=start,
         attn_len=attn_len,
         slot_ids=slot,
         logit_index=logit_index,
     )
-    prompt_len = logit_index + 1 - start
-    return sample(logits, sampling, positions=prompt_len), cache
+    tokens_before_next = write_pos + logit_index + 1 - start
+    return sample(logits, sampling, positions=tokens_before_next), cache
 
 
 def _decode_chunk(
@@ -159,7 +161,9 @@ class Runner:
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype)
         if cache_sharding is not None:
             self.cache = jax.device_put(self.cache, cache_sharding)
-        self._prefill = jax.jit(functools.partial(_prefill, cfg=cfg), donate_argnums=(1,))
+        self._prefill = jax.jit(
+            functools.partial(_prefill, cfg=cfg), static_argnames=("attn_len",), donate_argnums=(1,)
+        )
         self._decode = jax.jit(
             functools.partial(_decode_chunk, cfg=cfg),
             static_argnames=("steps", "attn_len"),
@@ -170,43 +174,38 @@ class Runner:
     def cache_bytes(self) -> int:
         return self.cache.nbytes
 
-    def prompt_bucket(self, prompt_len: int, max_new_tokens: int, left_pad: bool) -> int:
-        """Padded prompt length. Left padding occupies cache room, so it may not eat the answer's room."""
-        cap = self.cache_len - max_new_tokens if left_pad else self.cache_len
-        return max(prompt_len, bucket(prompt_len, MIN_PROMPT_BUCKET, cap))
-
     def prefill(
         self,
         slot: int,
-        prompt: list[int],
+        tokens: list[int],
+        *,
+        write_pos: int,
+        start: int,
+        logit_index: int,
         sampling: SamplingParams,
-        max_new_tokens: int,
-        left_pad: bool,
-        pad_id: int,
-    ) -> tuple[int, int]:
-        """Write `prompt` into `slot`; return (first token, cache start index of the prompt)."""
-        n = len(prompt)
-        padded = self.prompt_bucket(n, max_new_tokens, left_pad)
-        pad = [pad_id] * (padded - n)
-        tokens = np.asarray([pad + prompt if left_pad else prompt + pad], np.int32)
-        start = padded - n if left_pad else 0
-        logit_index = padded - 1 if left_pad else n - 1
+    ) -> int:
+        """Write a (padded) piece of a prompt into `slot` at `write_pos`; return the token sampled after
+        the piece's position `logit_index` (meaningful for the prompt's last piece)."""
+        attn_len = bucket(write_pos + len(tokens), MIN_PROMPT_BUCKET, self.cache_len)
         first, self.cache = self._prefill(
             self.params,
             self.cache,
-            tokens,
+            np.asarray([tokens], np.int32),
             np.asarray([slot], np.int32),
+            np.asarray([write_pos], np.int32),
             np.asarray([start], np.int32),
             np.asarray([logit_index], np.int32),
             sampling,
+            attn_len=attn_len,
         )
-        return int(first[0]), start
+        return int(first[0])
 
     def attn_bucket(self, longest: int) -> int:
         return bucket(longest + self.steps_per_call, MIN_ATTN_BUCKET, self.cache_len)
 
     def decode(self, state: DecodeState, longest: int) -> tuple[np.ndarray, np.ndarray, DecodeState]:
-        """One chunk for all slots; `longest` is the largest cache length among active slots."""
+        """One chunk for all slots; `longest` is the largest cache length among active slots. Takes and
+        returns the state as host (numpy) arrays, so the caller may edit rows between chunks."""
         tokens, emitted, state, self.cache = self._decode(
             self.params,
             self.cache,
@@ -215,18 +214,18 @@ class Runner:
             steps=self.steps_per_call,
             attn_len=self.attn_bucket(longest),
         )
-        return np.asarray(tokens), np.asarray(emitted), state
+        # np.array copies: the host arrays must be writable for the caller's edits.
+        return jax.tree.map(np.array, (tokens, emitted, state))
 
     def warm_up(self, prompt_buckets: list[int]) -> None:
         """Compile the common shapes now rather than on the first requests."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         for size in prompt_buckets:
             started = time.perf_counter()
-            self.prefill(0, [0] * size, greedy, 1, left_pad=False, pad_id=0)
+            self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
-        state = idle_state(self.slots)
         started = time.perf_counter()
-        self.decode(state, longest=0)
+        self.decode(idle_state(self.slots), longest=0)
         log.info(
             "compiled decode (%d steps per call) in %.1f s",
             self.steps_per_call,
@@ -237,23 +236,43 @@ class Runner:
 def sampling_rows(
     rows: int, *, temperature: float, top_p: float, top_k: int, greedy: bool, seed: int
 ) -> SamplingParams:
+    key = np.asarray(jax.random.key_data(jax.random.key(seed, impl="threefry2x32")), np.uint32)
     return SamplingParams(
-        temperature=jnp.full((rows,), temperature, jnp.float32),
-        top_p=jnp.full((rows,), top_p, jnp.float32),
-        top_k=jnp.full((rows,), top_k, jnp.int32),
-        greedy=jnp.full((rows,), greedy),
-        key=jnp.tile(jax.random.PRNGKey(seed), (rows, 1)),
+        temperature=np.full((rows,), temperature, np.float32),
+        top_p=np.full((rows,), top_p, np.float32),
+        top_k=np.full((rows,), top_k, np.int32),
+        greedy=np.full((rows,), greedy),
+        key=np.tile(key, (rows, 1)),
     )
 
 
 def idle_state(slots: int) -> DecodeState:
-    zeros = jnp.zeros((slots,), jnp.int32)
+    """Host-side state with every slot inactive."""
+    zeros = np.zeros((slots,), np.int32)
     return DecodeState(
-        tokens=zeros,
-        lengths=zeros,
-        starts=zeros,
-        remaining=zeros,
-        active=jnp.zeros((slots,), bool),
-        stop_at_eos=jnp.ones((slots,), bool),
+        tokens=zeros.copy(),
+        lengths=zeros.copy(),
+        starts=zeros.copy(),
+        remaining=zeros.copy(),
+        active=np.zeros((slots,), bool),
+        stop_at_eos=np.ones((slots,), bool),
         sampling=sampling_rows(slots, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0),
     )
+
+
+def set_slot(
+    state: DecodeState,
+    slot: int,
+    *,
+    token: int,
+    length: int,
+    start: int,
+    remaining: int,
+    stop_at_eos: bool,
+    sampling: SamplingParams,
+) -> None:
+    """Start decoding in `slot` (edits the host arrays in place); `sampling` holds one row."""
+    state.tokens[slot], state.lengths[slot], state.starts[slot] = token, length, start
+    state.remaining[slot], state.active[slot], state.stop_at_eos[slot] = remaining, True, stop_at_eos
+    for column, row in zip(state.sampling, sampling, strict=True):
+        column[slot] = row[0]

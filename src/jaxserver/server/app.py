@@ -6,22 +6,28 @@ Routes stay thin: they build the prompt through the server (so overrides of `for
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
-from jaxserver.errors import JAXServerError, NotReadyError
+from jaxserver.engine.request import OutputStream
+from jaxserver.errors import EngineError, JAXServerError, NotReadyError, OverloadedError
 from jaxserver.server.schemas import ChatRequest, GenerationResponse, InstructRequest
 
 if TYPE_CHECKING:
     from jaxserver.jaxserver import JAXServer
 
 log = logging.getLogger(__name__)
+
+# How often a non-streaming request checks whether its client is still there.
+DISCONNECT_POLL_S = 0.25
 
 
 def error_body(
@@ -32,9 +38,12 @@ def error_body(
 
 def error_response(exc: JAXServerError) -> JSONResponse:
     body = error_body(exc.message, exc.error_type, exc.param, exc.code)
+    headers = {}
     if isinstance(exc, NotReadyError):
         body["status"] = "down"  # the seed's answer while the model is not up
-    return JSONResponse(body, status_code=exc.status_code)
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -70,7 +79,13 @@ def create_app(server: JAXServer) -> FastAPI:
         log.exception("unexpected error")
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
 
-    def stream_events(string: str, data: InstructRequest | ChatRequest) -> StreamingResponse:
+    def overridden(name: str) -> bool:
+        """True when a JAXServer subclass replaced the seed's forward function `name`."""
+        from jaxserver.jaxserver import JAXServer
+
+        return getattr(type(server), name) is not getattr(JAXServer, name)
+
+    async def generate(http: Request, data: InstructRequest | ChatRequest, string: str) -> Any:
         request = server.prepare(
             string,
             data.greedy,
@@ -80,46 +95,70 @@ def create_app(server: JAXServer) -> FastAPI:
             top_k=data.top_k,
             seed=data.seed,
         )
+        chunks = server.submit(request, asyncio.get_running_loop())
+        if data.stream:
+            return StreamingResponse(stream_events(chunks), media_type="text/event-stream")
+        response, used = "", 0
+        try:
+            while True:
+                chunk = await chunks.next(timeout_s=DISCONNECT_POLL_S)
+                if chunk is None:
+                    if await http.is_disconnected():
+                        server.abort(request.request_id)
+                        return Response(status_code=499)  # client closed the request; nobody reads this
+                    continue
+                if chunk.finish_reason == "error":
+                    raise EngineError(chunk.error or "the engine failed")
+                response, used = response + chunk.text, chunk.tokens_generated
+                if chunk.finish_reason:
+                    break
+        except asyncio.CancelledError:
+            server.abort(request.request_id)
+            raise
+        server.count_request()
+        return {"input": string, "response": response, "tokens_used": used}
 
-        def events() -> Iterator[str]:
-            response = ""
-            try:
-                for chunk in server.stream(request):
-                    response += chunk.text
-                    yield sse(
-                        {
-                            "delta": chunk.text,
-                            "response": response,
-                            "tokens_used": chunk.tokens_generated,
-                            "finish_reason": chunk.finish_reason,
-                        }
-                    )
-                server.count_request()
-            except JAXServerError as exc:
-                yield sse(error_body(exc.message, exc.error_type, exc.param, exc.code))
-            yield sse("[DONE]")
-
-        return StreamingResponse(events(), media_type="text/event-stream")
-
-    def require_ready() -> None:
-        if not server.ready:
-            raise NotReadyError(server.load_error or "the model is still loading")
+    async def stream_events(chunks: OutputStream) -> AsyncIterator[str]:
+        response, finished = "", False
+        try:
+            async for chunk in chunks:
+                if chunk.finish_reason == "error":
+                    yield sse(error_body(chunk.error or "the engine failed", "server_error"))
+                    break
+                response += chunk.text
+                finished = chunk.finish_reason is not None
+                yield sse(
+                    {
+                        "delta": chunk.text,
+                        "response": response,
+                        "tokens_used": chunk.tokens_generated,
+                        "finish_reason": chunk.finish_reason,
+                    }
+                )
+        finally:
+            if not finished:  # the client went away (or the engine failed): free the slot
+                server.abort(chunks.request.request_id)
+        if finished:
+            server.count_request()
+        yield sse("[DONE]")
 
     @app.post("/instruct", response_model=GenerationResponse)
-    def instruct(data: InstructRequest) -> Any:
+    async def instruct(data: InstructRequest, http: Request) -> Any:
         """Answer one instruction, formatted with the model's chat template or the seed's instruct_format."""
-        require_ready()
-        if data.stream:
-            return stream_events(server.build_instruct_prompt(data.prompt, data.system), data)
-        return server.forward_instruct(data)
+        server.require_ready()
+        if overridden("forward_instruct") and not data.stream:
+            return await run_in_threadpool(server.forward_instruct, data)
+        return await generate(http, data, server.build_instruct_prompt(data.prompt, data.system))
 
     @app.post("/chat", response_model=GenerationResponse)
-    def chat(data: ChatRequest) -> Any:
+    async def chat(data: ChatRequest, http: Request) -> Any:
         """Answer the next turn of a conversation given its history."""
-        require_ready()
-        if data.stream:
-            return stream_events(server.build_chat_prompt(data.prompt, data.history or [], data.system), data)
-        return server.forward_chat(data)
+        server.require_ready()
+        if overridden("forward_chat") and not data.stream:
+            return await run_in_threadpool(server.forward_chat, data)
+        return await generate(
+            http, data, server.build_chat_prompt(data.prompt, data.history or [], data.system)
+        )
 
     @app.get("/status")
     def status() -> dict[str, Any]:

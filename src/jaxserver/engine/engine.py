@@ -1,0 +1,287 @@
+"""The engine: one background thread that owns the runner (model, KV cache) and serves every request.
+
+Life of a request:
+
+1. `submit` (any thread) counts the request against the waiting limit (`OverloadedError` when full), puts
+   it in the inbox and returns its `OutputStream`. `abort` puts a cancellation in the same inbox.
+2. The engine thread loops:
+   a. inbox: new requests join the waiting queue; aborts finish their request;
+   b. schedule: waiting requests take free slots, oldest first;
+   c. prefill: prompt pieces of at most `prefill_chunk_tokens` are written into their slots; while other
+      slots are decoding, one such budget per iteration, so a long prompt never stalls them for long.
+      A prompt's last piece samples its first token, and the slot joins the decode batch;
+   d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens;
+   e. emit: new tokens are detokenized, stop strings checked, and a chunk goes to each request's stream.
+3. `_finish(item, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
+   context ("length"), `abort` (client gone, shutdown) and engine failure ("error") all end there. It sends
+   the final chunk, deactivates the slot on the device side and frees it in the scheduler.
+
+Only the engine thread touches the scheduler, the decode state and the runner; other threads talk to it
+through the inbox and read outputs from their streams. A cancellation takes effect at the next loop
+iteration, so within one decode chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from typing import Any
+
+from jaxserver.engine.request import FinishReason, GenerationChunk, GenerationRequest, OutputStream
+from jaxserver.engine.runner import MIN_PROMPT_BUCKET, Runner, bucket, idle_state, sampling_rows, set_slot
+from jaxserver.engine.scheduler import Scheduler, Sequence
+from jaxserver.errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
+from jaxserver.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+RATE_WINDOW_S = 60.0
+
+
+class Engine:
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        *,
+        max_waiting: int,
+        prefill_chunk_tokens: int,
+        left_pad: bool,
+    ):
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_waiting = max_waiting
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.left_pad = left_pad
+        self.scheduler = Scheduler(runner.slots)
+        self.state = idle_state(runner.slots)
+        self.error: str | None = None
+        self.requests_finished = 0
+        self.tokens_generated = 0
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0  # submitted and not yet in a slot (inbox + waiting)
+        self._queued_lock = threading.Lock()
+        self._accepting = True
+        self._stopping = False
+        self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._thread = threading.Thread(target=self._run, name="jaxserver-engine", daemon=True)
+
+    # --- the public surface (any thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.error is None
+
+    def check_fits(self, prompt_len: int) -> None:
+        limit = self.runner.cache_len
+        if prompt_len >= limit:
+            raise ContextLengthError(
+                f"the prompt has {prompt_len} tokens but the context (max_length) is {limit} tokens, "
+                "which must also leave room for at least one new token"
+            )
+
+    def submit(
+        self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
+    ) -> OutputStream:
+        """Queue a request; its chunks arrive on the returned stream (async when `loop` is given)."""
+        self.check_fits(len(request.prompt_ids))
+        if self.error is not None:
+            raise EngineError(f"the engine has stopped after an error: {self.error}")
+        if not self._accepting:
+            raise NotReadyError("the server is shutting down")
+        with self._queued_lock:
+            if self._queued >= self.max_waiting:
+                raise OverloadedError(
+                    f"all {self.runner.slots} slots are busy and {self._queued} requests are waiting "
+                    f"(the limit is {self.max_waiting}); retry shortly"
+                )
+            self._queued += 1
+        stream = OutputStream(request, loop)
+        self._inbox.put(("submit", stream))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        """End a request early (e.g. its client went away); a no-op if it already finished."""
+        self._inbox.put(("abort", request_id))
+
+    def shutdown(self, drain_timeout_s: float = 30.0) -> None:
+        """Stop admitting, let running requests finish for up to `drain_timeout_s`, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + drain_timeout_s
+        while self._thread.is_alive() and not self.scheduler.idle and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._stopping = True
+        self._inbox.put(("wake", None))
+        self._thread.join(timeout=30)
+
+    def stats(self) -> dict[str, Any]:
+        now = time.monotonic()
+        recent = sum(n for t, n in list(self._recent_tokens) if now - t <= RATE_WINDOW_S)
+        return {
+            "slots": self.runner.slots,
+            "active_slots": self.scheduler.busy_slots,
+            "waiting_requests": self._queued,
+            "tokens_per_s_last_minute": round(recent / RATE_WINDOW_S, 2),
+            "requests_finished": self.requests_finished,
+            "tokens_generated": self.tokens_generated,
+            "kv_cache_bytes": self.runner.cache_bytes,
+            "engine_error": self.error,
+        }
+
+    # --- the loop (engine thread only) ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._take_inbox(block=self.scheduler.idle)
+                admitted = self.scheduler.admit(self.tokenizer.incremental_decoder)
+                with self._queued_lock:
+                    self._queued -= len(admitted)
+                self._prefill()
+                if self.scheduler.decoding:
+                    self._decode()
+            self._take_inbox(block=False)
+            for item in self.scheduler.all_requests():
+                self._finish(item, "abort")
+        except Exception as exc:  # every failure must reach the waiting clients
+            log.exception("engine failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+            for item in self.scheduler.all_requests():
+                self._finish(item, "error", error=self.error)
+            self._fail_inbox()
+
+    def _take_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = item
+            if kind == "submit":
+                self.scheduler.waiting.append(payload)
+            elif kind == "abort":
+                found = self.scheduler.find(payload)
+                if found is not None:
+                    self._finish(found, "abort")
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _fail_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                payload.put(GenerationChunk("", [], 0, "error", error=self.error))
+
+    def _prefill(self) -> None:
+        """Write prompt pieces; limited to one chunk budget per iteration while others decode."""
+        budget = self.prefill_chunk_tokens
+        while self.scheduler.prefilling and (budget > 0 or not self.scheduler.decoding):
+            seq = self.scheduler.prefilling[0]
+            written, token = self._prefill_piece(seq)
+            budget -= written
+            if seq.prefill_done:
+                self._start_decoding(seq, token)
+
+    def _prefill_piece(self, seq: Sequence) -> tuple[int, int]:
+        """Write the next piece of the prompt; return (prompt tokens written, token sampled after them)."""
+        request = seq.request
+        prompt, pad = request.prompt_ids, self.tokenizer.pad_token_id
+        sampling = sampling_rows(1, **vars(request.sampling))
+        if seq.prefilled == 0 and self.left_pad and len(prompt) <= self.prefill_chunk_tokens:
+            # Left padding takes cache room, so it may not eat into the answer's budget.
+            room = self.runner.cache_len - request.max_new_tokens
+            padded = max(len(prompt), bucket(len(prompt), MIN_PROMPT_BUCKET, room))
+            seq.start = padded - len(prompt)
+            tokens, write_pos, logit_index = [pad] * seq.start + prompt, 0, padded - 1
+            piece = len(prompt)
+        else:
+            part = prompt[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
+            padded = bucket(len(part), MIN_PROMPT_BUCKET, self.prefill_chunk_tokens)
+            tokens, write_pos, logit_index = part + [pad] * (padded - len(part)), seq.prefilled, len(part) - 1
+            piece = len(part)
+        token = self.runner.prefill(
+            seq.slot, tokens, write_pos=write_pos, start=seq.start, logit_index=logit_index, sampling=sampling
+        )
+        seq.prefilled += piece
+        return piece, token
+
+    def _start_decoding(self, seq: Sequence, first_token: int) -> None:
+        request = seq.request
+        self.scheduler.start_decoding(seq)
+        set_slot(
+            self.state,
+            seq.slot,
+            token=first_token,
+            length=seq.start + len(request.prompt_ids),
+            start=seq.start,
+            remaining=request.max_new_tokens - 1,
+            stop_at_eos=not request.ignore_eos,
+            sampling=sampling_rows(1, **vars(request.sampling)),
+        )
+        self._emit(seq, [first_token])
+
+    def _decode(self) -> None:
+        longest = max(int(self.state.lengths[slot]) for slot in self.scheduler.decoding)
+        tokens, emitted, self.state = self.runner.decode(self.state, longest)
+        for slot, seq in list(self.scheduler.decoding.items()):
+            new = tokens[slot][emitted[slot]].tolist()
+            if new:
+                self._emit(seq, new)
+
+    def _emit(self, seq: Sequence, new_tokens: list[int]) -> None:
+        """Detokenize new tokens, apply stop conditions, send the chunk; finish the request if it ended."""
+        request = seq.request
+        self._recent_tokens.append((time.monotonic(), len(new_tokens)))
+        while self._recent_tokens and time.monotonic() - self._recent_tokens[0][0] > RATE_WINDOW_S:
+            self._recent_tokens.popleft()
+        seq.generated += new_tokens
+        self.tokens_generated += len(new_tokens)
+        reason: FinishReason | None = None
+        if not request.ignore_eos and new_tokens[-1] in self.tokenizer.eos_token_ids:
+            reason = "stop"
+        elif len(seq.generated) >= request.max_new_tokens:
+            reason = "length"
+        seq.detokenizer.push(new_tokens)
+        if reason:
+            seq.detokenizer.flush()
+        text = seq.detokenizer.text
+        held_back = 0
+        if request.stop:
+            longest_stop = max(map(len, request.stop))
+            search_from = max(0, seq.emitted_chars - longest_stop + 1)
+            hits = [i for i in (text.find(s, search_from) for s in request.stop) if i >= 0]
+            if hits:
+                text, reason = text[: min(hits)], "stop"
+            elif not reason:
+                held_back = longest_stop - 1  # could be the start of a stop string
+        end = max(seq.emitted_chars, len(text) - held_back)
+        delta, seq.emitted_chars = text[seq.emitted_chars : end], end
+        seq.stream.put(GenerationChunk(delta, new_tokens, len(seq.generated), reason))
+        if reason:
+            seq.finish_reason = reason
+            self._finish(seq, reason)
+
+    def _finish(self, item: Sequence | OutputStream, reason: FinishReason, error: str | None = None) -> None:
+        if isinstance(item, OutputStream):
+            with self._queued_lock:
+                self._queued -= 1
+            item.put(GenerationChunk("", [], 0, reason, error=error))
+        else:
+            if item.finish_reason is None:  # not yet told (abort, error)
+                item.finish_reason = reason
+                item.stream.put(GenerationChunk("", [], len(item.generated), reason, error=error))
+            self.state.active[item.slot] = False
+        self.scheduler.release(item)
+        self.requests_finished += 1

@@ -1,0 +1,103 @@
+"""What flows into and out of the engine: requests, their sampling options, and streamed outputs.
+
+A request's outputs travel from the engine thread to its consumer through an `OutputStream`, which a
+plain thread iterates (`for out in stream`) or an asyncio task awaits (`async for out in stream`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from jaxserver.errors import BadRequestError
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    temperature: float = 0.1
+    top_p: float = 0.95
+    top_k: int = 50
+    greedy: bool = False
+    seed: int = 556
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise BadRequestError("temperature must be >= 0", param="temperature")
+        if not 0 < self.top_p <= 1:
+            raise BadRequestError("top_p must be in (0, 1]", param="top_p")
+        if self.top_k < 0:
+            raise BadRequestError("top_k must be >= 0 (0 disables it)", param="top_k")
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+    stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+
+@dataclass
+class GenerationChunk:
+    text: str  # new text since the previous chunk
+    token_ids: list[int]  # new tokens since the previous chunk
+    tokens_generated: int  # so far, in total
+    finish_reason: FinishReason | None = None
+    error: str | None = None  # set with finish_reason "error"
+
+
+class OutputStream:
+    """Chunks of one request, in order, ending after the chunk that carries a finish reason."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.submitted_at = time.monotonic()
+        self.first_token_at: float | None = None
+        self._loop = loop
+        self._async_queue: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    def put(self, chunk: GenerationChunk) -> None:
+        """Called by the engine thread."""
+        if self.first_token_at is None and chunk.token_ids:
+            self.first_token_at = time.monotonic()
+        if self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._async_queue.put_nowait, chunk)
+            except RuntimeError:  # the consumer's event loop has closed: nobody is listening
+                pass
+        else:
+            self._queue.put(chunk)
+
+    def __iter__(self) -> Iterator[GenerationChunk]:
+        while True:
+            chunk = self._queue.get()
+            yield chunk
+            if chunk.finish_reason:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
+        assert self._async_queue is not None, "created without an event loop"
+        while True:
+            chunk = await self._async_queue.get()
+            yield chunk
+            if chunk.finish_reason:
+                return
+
+    async def next(self, timeout_s: float) -> GenerationChunk | None:
+        """The next chunk, or None after `timeout_s` (lets a caller check for a gone client)."""
+        assert self._async_queue is not None, "created without an event loop"
+        try:
+            return await asyncio.wait_for(self._async_queue.get(), timeout_s)
+        except TimeoutError:
+            return None
