@@ -89,7 +89,9 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
 
 
 def engine_greedy(cfg, params, tokenizer, prompt: list[int], n: int, left_pad: bool, prefill_chunk: int):
-    runner = Runner(cfg, params, slots=3, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32)
+    runner = Runner(
+        cfg, params, slots=3, cache_len=64, steps_per_call=5, eos_ids=(-1,), cache_dtype=jnp.float32
+    )
     engine = Engine(runner, tokenizer, max_waiting=4, prefill_chunk_tokens=prefill_chunk, left_pad=left_pad)
     engine.start()
     request = GenerationRequest(prompt, n, SamplingOptions(greedy=True), ignore_eos=True)

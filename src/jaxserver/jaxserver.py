@@ -219,6 +219,7 @@ class JAXServer:
         top_k: int | None = None,
         seed: int | None = None,
         stop: Sequence[str] = (),
+        ignore_eos: bool = False,
     ) -> GenerationRequest:
         """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run."""
         engine, tokenizer = self.require_ready()
@@ -244,7 +245,9 @@ class JAXServer:
             seed=cfg.seed if seed is None else seed,
         )
         budget = min(max_new_tokens or cfg.max_new_tokens, room)
-        return GenerationRequest(prompt_ids=ids, max_new_tokens=budget, sampling=sampling, stop=tuple(stop))
+        return GenerationRequest(
+            prompt_ids=ids, max_new_tokens=budget, sampling=sampling, stop=tuple(stop), ignore_eos=ignore_eos
+        )
 
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None

@@ -28,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 from jaxserver.engine.request import FinishReason, GenerationChunk, GenerationRequest, OutputStream
@@ -60,11 +60,11 @@ class Engine:
         self.scheduler = Scheduler(runner.slots)
         self.state = idle_state(runner.slots)
         self.error: str | None = None
-        self.requests_finished = 0
+        self.finished: Counter[str] = Counter()  # finish reason -> requests
         self.tokens_generated = 0
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._queued = 0  # submitted and not yet in a slot (inbox + waiting)
-        self._queued_lock = threading.Lock()
+        self._outstanding = 0  # submitted and not yet finished
+        self._outstanding_lock = threading.Lock()
         self._accepting = True
         self._stopping = False
         self._recent_tokens: deque[tuple[float, int]] = deque()
@@ -96,13 +96,13 @@ class Engine:
             raise EngineError(f"the engine has stopped after an error: {self.error}")
         if not self._accepting:
             raise NotReadyError("the server is shutting down")
-        with self._queued_lock:
-            if self._queued >= self.max_waiting:
+        with self._outstanding_lock:
+            if self._outstanding >= self.runner.slots + self.max_waiting:
                 raise OverloadedError(
-                    f"all {self.runner.slots} slots are busy and {self._queued} requests are waiting "
-                    f"(the limit is {self.max_waiting}); retry shortly"
+                    f"all {self.runner.slots} slots are busy and {self.max_waiting} requests are already "
+                    "waiting; retry shortly"
                 )
-            self._queued += 1
+            self._outstanding += 1
         stream = OutputStream(request, loop)
         self._inbox.put(("submit", stream))
         return stream
@@ -127,9 +127,9 @@ class Engine:
         return {
             "slots": self.runner.slots,
             "active_slots": self.scheduler.busy_slots,
-            "waiting_requests": self._queued,
+            "waiting_requests": max(0, self._outstanding - self.scheduler.busy_slots),
             "tokens_per_s_last_minute": round(recent / RATE_WINDOW_S, 2),
-            "requests_finished": self.requests_finished,
+            "requests_finished": dict(self.finished),
             "tokens_generated": self.tokens_generated,
             "kv_cache_bytes": self.runner.cache_bytes,
             "engine_error": self.error,
@@ -141,9 +141,7 @@ class Engine:
         try:
             while not self._stopping:
                 self._take_inbox(block=self.scheduler.idle)
-                admitted = self.scheduler.admit(self.tokenizer.incremental_decoder)
-                with self._queued_lock:
-                    self._queued -= len(admitted)
+                self.scheduler.admit(self.tokenizer.incremental_decoder)
                 self._prefill()
                 if self.scheduler.decoding:
                     self._decode()
@@ -182,7 +180,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit":
-                payload.put(GenerationChunk("", [], 0, "error", error=self.error))
+                self._finish(payload, "error", error=self.error)
 
     def _prefill(self) -> None:
         """Write prompt pieces; limited to one chunk budget per iteration while others decode."""
@@ -274,9 +272,9 @@ class Engine:
             self._finish(seq, reason)
 
     def _finish(self, item: Sequence | OutputStream, reason: FinishReason, error: str | None = None) -> None:
+        with self._outstanding_lock:
+            self._outstanding -= 1
         if isinstance(item, OutputStream):
-            with self._queued_lock:
-                self._queued -= 1
             item.put(GenerationChunk("", [], 0, reason, error=error))
         else:
             if item.finish_reason is None:  # not yet told (abort, error)
@@ -284,4 +282,4 @@ class Engine:
                 item.stream.put(GenerationChunk("", [], len(item.generated), reason, error=error))
             self.state.active[item.slot] = False
         self.scheduler.release(item)
-        self.requests_finished += 1
+        self.finished[reason] += 1

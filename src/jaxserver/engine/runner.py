@@ -98,12 +98,14 @@ def _decode_chunk(
 
     def step(carry):
         i, state, cache, tokens, emitted = carry
+        # Inactive slots write out of bounds (dropped): their rows may hold a prompt being prefilled.
+        write_pos = jnp.where(state.active, state.lengths, cache_len)
         logits, cache = llama.forward(
             params,
             cfg,
             state.tokens[:, None],
             cache,
-            write_pos=state.lengths,
+            write_pos=write_pos,
             start=state.starts,
             attn_len=attn_len,
             logit_index=jnp.zeros_like(state.lengths),

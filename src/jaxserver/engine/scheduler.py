@@ -70,7 +70,8 @@ class Scheduler:
     def release(self, item: Sequence | OutputStream) -> None:
         """Forget a finished request; the only place a slot is freed."""
         if isinstance(item, OutputStream):
-            self.waiting.remove(item)
+            if item in self.waiting:  # not there when it never left the engine's inbox
+                self.waiting.remove(item)
             return
         if item in self.prefilling:
             self.prefilling.remove(item)

@@ -94,6 +94,7 @@ def create_app(server: JAXServer) -> FastAPI:
             top_p=data.top_p,
             top_k=data.top_k,
             seed=data.seed,
+            ignore_eos=data.ignore_eos,
         )
         chunks = server.submit(request, asyncio.get_running_loop())
         if data.stream:

@@ -17,6 +17,7 @@ class _GenerationFields(BaseModel):
     greedy: bool = False
     max_new_tokens: int | None = Field(None, ge=1)
     stream: bool = Field(False, description="Answer with server-sent events, one per decoded chunk.")
+    ignore_eos: bool = Field(False, description="Generate max_new_tokens tokens even past end-of-sequence.")
 
 
 class InstructRequest(_GenerationFields):

@@ -1,0 +1,156 @@
+"""The continuous-batching engine on a tiny model: answers under load equal answers alone, per-request
+sampling, stop strings, cancellation, backpressure and failure."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserver.engine.engine import Engine
+from jaxserver.engine.request import GenerationRequest, SamplingOptions
+from jaxserver.engine.runner import Runner
+from jaxserver.errors import OverloadedError
+from jaxserver.model.loader import load_model
+
+GREEDY = SamplingOptions(greedy=True)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    cfg, params, tokenizer = load_model(tiny_llama_dir)
+    return cfg, jax.tree.map(jnp.asarray, params), tokenizer
+
+
+@pytest.fixture
+def make_engine(model):
+    """Engines started by a test, shut down after it."""
+    engines = []
+
+    def make(**settings) -> Engine:
+        engines.append(start_engine(model, **settings))
+        return engines[-1]
+
+    yield make
+    for engine in engines:
+        engine.shutdown(drain_timeout_s=0)
+
+
+def start_engine(model, *, slots=8, max_waiting=64, steps=4, prefill_chunk=32, cache_len=128) -> Engine:
+    cfg, params, tokenizer = model
+    runner = Runner(
+        cfg,
+        params,
+        slots=slots,
+        cache_len=cache_len,
+        steps_per_call=steps,
+        eos_ids=tokenizer.eos_token_ids,
+        cache_dtype=jnp.float32,
+    )
+    engine = Engine(
+        runner, tokenizer, max_waiting=max_waiting, prefill_chunk_tokens=prefill_chunk, left_pad=True
+    )
+    engine.start()
+    return engine
+
+
+def run(engine: Engine, request: GenerationRequest) -> tuple[list[int], str, str]:
+    chunks = list(engine.submit(request))
+    return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1].finish_reason
+
+
+def prompts(n: int, vocab: int) -> list[list[int]]:
+    rng = np.random.default_rng(5)
+    return [[int(t) for t in rng.integers(3, vocab, size=int(rng.integers(3, 60)))] for _ in range(n)]
+
+
+def test_concurrent_greedy_requests_equal_each_alone(make_engine, model):
+    """24 requests of 3-60 prompt tokens over 8 slots (so some wait, and long prompts prefill in pieces)."""
+    engine = make_engine()
+    requests = [
+        GenerationRequest(p, max_new_tokens=10 + i % 7, sampling=GREEDY)
+        for i, p in enumerate(prompts(24, model[0].vocab_size))
+    ]
+    alone = [run(engine, r) for r in requests]
+    with ThreadPoolExecutor(24) as pool:
+        together = list(pool.map(lambda r: run(engine, r), requests))
+    assert together == alone
+    assert all(reason in ("stop", "length") for _, _, reason in alone)
+
+
+def test_sampled_neighbours_change_no_greedy_answer_and_seeds_reproduce(make_engine, model):
+    engine = make_engine()
+    ps = prompts(12, model[0].vocab_size)
+    greedy = [GenerationRequest(p, 12, GREEDY) for p in ps[:6]]
+    sampled = [
+        GenerationRequest(p, 12, SamplingOptions(temperature=1.0, top_p=0.9, top_k=0, seed=i))
+        for i, p in enumerate(ps[6:])
+    ]
+    greedy_alone = [run(engine, r) for r in greedy]
+    sampled_alone = [run(engine, r) for r in sampled]
+    with ThreadPoolExecutor(12) as pool:
+        mixed = list(pool.map(lambda r: run(engine, r), greedy + sampled))
+    assert mixed[:6] == greedy_alone
+    assert mixed[6:] == sampled_alone  # a seeded request draws the same tokens alone or in a batch
+    assert len({tuple(t) for t, _, _ in sampled_alone}) > 1
+
+
+def test_stop_string_ends_the_answer_before_it(make_engine, model):
+    engine = make_engine()
+    prompt = prompts(1, model[0].vocab_size)[0]
+    _, full_text, _ = run(engine, GenerationRequest(prompt, 30, GREEDY, ignore_eos=True))
+    stop = full_text[8:11]
+    assert len(stop) == 3 and stop in full_text
+    tokens, text, reason = run(engine, GenerationRequest(prompt, 30, GREEDY, stop=(stop,), ignore_eos=True))
+    assert reason == "stop" and text == full_text[: full_text.index(stop)]
+
+
+def test_cancelled_request_frees_its_slot_within_a_chunk(make_engine, model):
+    engine = make_engine(slots=1, cache_len=512)
+    long = GenerationRequest([5, 6, 7], max_new_tokens=500, sampling=GREEDY, ignore_eos=True)
+    chunks = engine.submit(long)
+    first = next(iter(chunks))
+    assert not first.finish_reason
+    engine.abort(long.request_id)
+    reasons = [c.finish_reason for c in chunks]
+    assert reasons[-1] == "abort"
+    tokens, _, reason = run(engine, GenerationRequest([8, 9], 4, GREEDY, ignore_eos=True))  # the slot is free
+    assert len(tokens) == 4 and reason == "length"
+    assert engine.stats()["active_slots"] == 0
+
+
+def test_full_queue_rejects_at_once_without_disturbing_admitted(make_engine, model):
+    engine = make_engine(slots=1, max_waiting=1, cache_len=512)
+    running = engine.submit(GenerationRequest([5, 6], 300, GREEDY, ignore_eos=True))
+    time.sleep(0.3)  # the first takes the slot
+    waiting = engine.submit(GenerationRequest([7, 8], 5, GREEDY, ignore_eos=True))
+    started = time.monotonic()
+    with pytest.raises(OverloadedError, match="retry"):
+        for _ in range(5):
+            engine.submit(GenerationRequest([9], 5, GREEDY))
+    assert time.monotonic() - started < 0.5
+    assert sum(len(c.token_ids) for c in running) == 300
+    assert sum(len(c.token_ids) for c in waiting) == 5
+
+
+def test_engine_failure_reaches_every_waiting_client(make_engine, model):
+    engine = make_engine(slots=2)
+
+    def broken_decode(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    engine.runner.decode = broken_decode
+    results = []
+    threads = [
+        threading.Thread(target=lambda: results.append(run(engine, GenerationRequest([5, 6], 9, GREEDY))))
+        for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert [reason for _, _, reason in results] == ["error"] * 3
+    assert not engine.alive and "device lost" in engine.stats()["engine_error"]

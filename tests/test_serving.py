@@ -1,0 +1,103 @@
+"""A live HTTP server (uvicorn on 127.0.0.1) over a tiny model: disconnects, overload and cancellation
+floods, as shared/RELIABILITY.md describes them."""
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+import uvicorn
+
+from jaxserver import JAXServer
+from tests import tiny
+from tests.test_e2e import free_port
+
+LONG = {"prompt": "Tell me everything.", "max_new_tokens": 900, "ignore_eos": True, "greedy": True}
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llama_dir):
+    config = tiny.test_config(
+        max_length=1024, max_batch_size=2, max_waiting_requests=1, max_compile_tokens=4, warm_up=True
+    )
+    server = JAXServer.load(tiny_llama_dir, config=config)
+    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=http.run, daemon=True)
+    thread.start()
+    while not http.started:
+        time.sleep(0.05)
+    yield server, f"http://127.0.0.1:{http.config.port}"
+    http.should_exit = True
+    thread.join(timeout=10)
+    server.shutdown(drain_timeout_s=0)
+
+
+def engine_stats(url: str) -> dict:
+    return requests.get(f"{url}/status", timeout=5).json()["engine"]
+
+
+def wait_until_idle(url: str, timeout_s: float = 5.0) -> float:
+    started = time.monotonic()
+    while engine_stats(url)["active_slots"] or engine_stats(url)["waiting_requests"]:
+        assert time.monotonic() - started < timeout_s, engine_stats(url)
+        time.sleep(0.02)
+    return time.monotonic() - started
+
+
+def test_disconnect_mid_stream_aborts_and_frees_the_slot(live):
+    _, url = live
+    aborted = engine_stats(url)["requests_finished"].get("abort", 0)
+    with requests.post(f"{url}/instruct", json=LONG | {"stream": True}, stream=True, timeout=30) as response:
+        first = next(line for line in response.iter_lines() if line.startswith(b"data: "))
+        assert b'"finish_reason": null' in first
+    wait_until_idle(url)
+    assert engine_stats(url)["requests_finished"]["abort"] == aborted + 1
+
+
+def test_disconnect_during_a_non_streaming_request_aborts_it(live):
+    _, url = live
+    aborted = engine_stats(url)["requests_finished"].get("abort", 0)
+    with pytest.raises(requests.ReadTimeout):
+        requests.post(f"{url}/instruct", json=LONG, timeout=0.5)
+    wait_until_idle(url)
+    assert engine_stats(url)["requests_finished"]["abort"] == aborted + 1
+
+
+def test_overload_answers_503_at_once_and_admitted_requests_finish(live):
+    _, url = live
+    with ThreadPoolExecutor(3) as pool:
+        admitted = [
+            pool.submit(requests.post, f"{url}/instruct", json=LONG | {"max_new_tokens": 300}, timeout=60)
+            for _ in range(3)
+        ]  # two slots and one waiting place
+        deadline = time.monotonic() + 10
+        while (engine_stats(url)["active_slots"], engine_stats(url)["waiting_requests"]) != (2, 1):
+            assert time.monotonic() < deadline, engine_stats(url)
+            time.sleep(0.01)
+        started = time.monotonic()
+        rejected = requests.post(f"{url}/instruct", json={"prompt": "hi"}, timeout=10)
+        assert time.monotonic() - started < 1.0
+        assert rejected.status_code == 503 and rejected.headers["Retry-After"] == "1"
+        assert rejected.json()["error"]["type"] == "overloaded"
+        assert [f.result().json()["tokens_used"] for f in admitted] == [300, 300, 300]
+
+
+def test_cancellation_flood_leaves_the_server_responsive(live):
+    _, url = live
+
+    def give_up(_):
+        try:
+            requests.post(f"{url}/instruct", json=LONG, timeout=0.3)
+        except requests.RequestException:
+            pass
+
+    with ThreadPoolExecutor(20) as pool:
+        list(pool.map(give_up, range(40)))
+    started = time.monotonic()
+    while (
+        response := requests.post(f"{url}/instruct", json={"prompt": "hi", "max_new_tokens": 4})
+    ).status_code == 503:
+        time.sleep(float(response.headers["Retry-After"]) / 4)  # a client honouring Retry-After, impatiently
+    assert response.status_code == 200 and time.monotonic() - started < 5
+    assert wait_until_idle(url) < 1
