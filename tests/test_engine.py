@@ -104,7 +104,7 @@ def test_stop_string_ends_the_answer_before_it(make_engine, model):
     _, full_text, _ = run(engine, GenerationRequest(prompt, 30, GREEDY, ignore_eos=True))
     stop = full_text[8:11]
     assert len(stop) == 3 and stop in full_text
-    tokens, text, reason = run(engine, GenerationRequest(prompt, 30, GREEDY, stop=(stop,), ignore_eos=True))
+    _, text, reason = run(engine, GenerationRequest(prompt, 30, GREEDY, stop=(stop,), ignore_eos=True))
     assert reason == "stop" and text == full_text[: full_text.index(stop)]
 
 

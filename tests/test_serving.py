@@ -1,6 +1,7 @@
 """A live HTTP server (uvicorn on 127.0.0.1) over a tiny model: disconnects, overload and cancellation
 floods, as shared/RELIABILITY.md describes them."""
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -101,3 +102,35 @@ def test_cancellation_flood_leaves_the_server_responsive(live):
         time.sleep(float(response.headers["Retry-After"]) / 4)  # a client honouring Retry-After, impatiently
     assert response.status_code == 200 and time.monotonic() - started < 5
     assert wait_until_idle(url) < 1
+
+
+def test_bench_tool_reports_a_sweep(live, tmp_path):
+    from jaxserver.cli import main
+
+    _, url = live
+    out, png = tmp_path / "bench.json", tmp_path / "sweep.png"
+    argv = [
+        "bench",
+        "--url",
+        url,
+        "--num-requests",
+        "6",
+        "--sweep",
+        "1,3",
+        "--input-len",
+        "20",
+        "--output-len",
+        "12",
+        "--json",
+        str(out),
+        "--plot",
+        str(png),
+    ]
+    assert main(argv) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [r["concurrency"] for r in rows] == [1, 3]
+    for row in rows:
+        assert row["completed"] == 6 and row["failed"] == 0
+        assert row["output_tokens_per_s"] > 0 and 0 < row["ttft_s"]["p50"] <= row["e2e_latency_s"]["p50"]
+        assert row["itl_s"]["p99"] >= row["itl_s"]["p50"] > 0
+    assert png.stat().st_size > 10_000

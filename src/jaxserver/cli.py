@@ -84,8 +84,11 @@ def generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from jaxserver import bench
+
     parser = argparse.ArgumentParser(prog="jaxserver", description="Serve large language models from JAX.")
     commands = parser.add_subparsers(dest="command", required=True)
+    bench.add_arguments(commands.add_parser("bench", help="drive a running server and report throughput"))
     for name, helptext in (("serve", "serve the HTTP API"), ("generate", "answer one prompt and exit")):
         sub = commands.add_parser(name, help=helptext)
         sub.add_argument(
@@ -109,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from jaxserver import bench
+
+            return bench.run(args)
         return serve(args) if args.command == "serve" else generate(args)
     except ValidationError as exc:
         print(f"jaxserver: invalid setting: {exc}", file=sys.stderr)

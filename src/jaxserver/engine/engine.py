@@ -266,20 +266,27 @@ class Engine:
                 held_back = longest_stop - 1  # could be the start of a stop string
         end = max(seq.emitted_chars, len(text) - held_back)
         delta, seq.emitted_chars = text[seq.emitted_chars : end], end
-        seq.stream.put(GenerationChunk(delta, new_tokens, len(seq.generated), reason))
+        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason)
         if reason:
-            seq.finish_reason = reason
-            self._finish(seq, reason)
+            self._finish(seq, reason, last=chunk)
+        else:
+            seq.stream.put(chunk)
 
-    def _finish(self, item: Sequence | OutputStream, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(
+        self,
+        item: Sequence | OutputStream,
+        reason: FinishReason,
+        error: str | None = None,
+        last: GenerationChunk | None = None,
+    ) -> None:
+        """Free the request's slot and capacity, then send its last chunk (`last`, or an empty one), so a
+        client that reacts to the end at once finds the capacity free."""
         with self._outstanding_lock:
             self._outstanding -= 1
-        if isinstance(item, OutputStream):
-            item.put(GenerationChunk("", [], 0, reason, error=error))
-        else:
-            if item.finish_reason is None:  # not yet told (abort, error)
-                item.finish_reason = reason
-                item.stream.put(GenerationChunk("", [], len(item.generated), reason, error=error))
-            self.state.active[item.slot] = False
         self.scheduler.release(item)
         self.finished[reason] += 1
+        if isinstance(item, OutputStream):
+            item.put(last or GenerationChunk("", [], 0, reason, error=error))
+            return
+        self.state.active[item.slot] = False
+        item.stream.put(last or GenerationChunk("", [], len(item.generated), reason, error=error))

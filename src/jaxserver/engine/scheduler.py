@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from jaxserver.engine.request import FinishReason, OutputStream
+from jaxserver.engine.request import OutputStream
 from jaxserver.model.tokenizer import IncrementalDetokenizer
 
 
@@ -21,7 +21,6 @@ class Sequence:
     prefilled: int = 0  # prompt tokens already written into the cache
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0  # text already sent to the consumer
-    finish_reason: FinishReason | None = None
 
     @property
     def request(self):
