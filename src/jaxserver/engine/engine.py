@@ -40,6 +40,9 @@ from jaxserver.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
+# A decode chunk runs about this long at most (and never more than max_compile_tokens steps): requests
+# that arrive meanwhile wait for its end to be admitted, and clients see text at this pace.
+TARGET_CHUNK_S = 0.5
 
 
 class Engine:
@@ -68,6 +71,7 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._recent_tokens: deque[tuple[float, int]] = deque()
+        self._step_s = 0.0  # running estimate of one decode step's duration
         self._thread = threading.Thread(target=self._run, name="jaxserver-engine", daemon=True)
 
     # --- the public surface (any thread) ------------------------------------------------------------
@@ -232,7 +236,15 @@ class Engine:
 
     def _decode(self) -> None:
         longest = max(int(self.state.lengths[slot]) for slot in self.scheduler.decoding)
-        tokens, emitted, self.state = self.runner.decode(self.state, longest)
+        steps = self.runner.steps_per_call
+        if self._step_s > 0:
+            steps = max(1, min(steps, int(TARGET_CHUNK_S / self._step_s)))
+        started = time.monotonic()
+        tokens, emitted, self.state = self.runner.decode(self.state, longest, steps)
+        ran = int(emitted.sum(axis=1).max())
+        if ran:  # a first call of a shape includes compilation: let later chunks correct the estimate
+            measured = (time.monotonic() - started) / ran
+            self._step_s = measured if self._step_s == 0 else 0.5 * (self._step_s + measured)
         for slot, seq in list(self.scheduler.decoding.items()):
             new = tokens[slot][emitted[slot]].tolist()
             if new:

@@ -87,13 +87,15 @@ def _decode_chunk(
     cache: KVCache,
     state: DecodeState,
     eos_ids: jax.Array,
+    steps: jax.Array,
     *,
     cfg: ModelConfig,
-    steps: int,
+    max_steps: int,
     attn_len: int,
 ) -> tuple[jax.Array, jax.Array, DecodeState, KVCache]:
-    """Up to `steps` tokens for every active slot. Returns tokens [slots, steps], emitted mask [slots,
-    steps] (False where a slot had already finished), the new state and the cache."""
+    """Up to `steps` (<= max_steps, a runtime value) tokens for every active slot. Returns tokens
+    [slots, max_steps], an emitted mask [slots, max_steps] (False where a slot had finished or the
+    chunk ended), the new state and the cache."""
     cache_len = cache.length
 
     def step(carry):
@@ -131,8 +133,8 @@ def _decode_chunk(
 
     # A while loop rather than a scan: it stops as soon as every slot has finished.
     slots = state.tokens.shape[0]
-    tokens = jnp.zeros((slots, steps), jnp.int32)
-    emitted = jnp.zeros((slots, steps), bool)
+    tokens = jnp.zeros((slots, max_steps), jnp.int32)
+    emitted = jnp.zeros((slots, max_steps), bool)
     _, state, cache, tokens, emitted = jax.lax.while_loop(
         keep_going, step, (0, state, cache, tokens, emitted)
     )
@@ -168,7 +170,7 @@ class Runner:
         )
         self._decode = jax.jit(
             functools.partial(_decode_chunk, cfg=cfg),
-            static_argnames=("steps", "attn_len"),
+            static_argnames=("max_steps", "attn_len"),
             donate_argnums=(1,),
         )
 
@@ -202,19 +204,24 @@ class Runner:
         )
         return int(first[0])
 
-    def attn_bucket(self, longest: int) -> int:
-        return bucket(longest + self.steps_per_call, MIN_ATTN_BUCKET, self.cache_len)
+    def attn_bucket(self, longest: int, steps: int) -> int:
+        return bucket(longest + steps, MIN_ATTN_BUCKET, self.cache_len)
 
-    def decode(self, state: DecodeState, longest: int) -> tuple[np.ndarray, np.ndarray, DecodeState]:
-        """One chunk for all slots; `longest` is the largest cache length among active slots. Takes and
-        returns the state as host (numpy) arrays, so the caller may edit rows between chunks."""
+    def decode(
+        self, state: DecodeState, longest: int, steps: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray, DecodeState]:
+        """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for all slots; `longest`
+        is the largest cache length among active slots. Takes and returns the state as host (numpy)
+        arrays, so the caller may edit rows between chunks."""
+        steps = self.steps_per_call if steps is None else min(steps, self.steps_per_call)
         tokens, emitted, state, self.cache = self._decode(
             self.params,
             self.cache,
             state,
             self.eos_ids,
-            steps=self.steps_per_call,
-            attn_len=self.attn_bucket(longest),
+            np.int32(steps),
+            max_steps=self.steps_per_call,
+            attn_len=self.attn_bucket(longest, steps),
         )
         # np.array copies: the host arrays must be writable for the caller's edits.
         return jax.tree.map(np.array, (tokens, emitted, state))
@@ -227,7 +234,12 @@ class Runner:
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        self.decode(idle_state(self.slots), longest=0)
+        attn_len = MIN_ATTN_BUCKET
+        while True:  # every attention bucket (no slot is active, so nothing runs but the compile)
+            self.decode(idle_state(self.slots), longest=attn_len - self.steps_per_call)
+            if attn_len >= self.cache_len:
+                break
+            attn_len *= 2
         log.info(
             "compiled decode (%d steps per call) in %.1f s",
             self.steps_per_call,
