@@ -1,6 +1,7 @@
 """The seed API: process() streaming, sampling settings, sharding over the mesh, overridable hooks."""
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import pytest
@@ -37,9 +38,15 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
     assert len(jax.devices()) == 8
     assert tiny_server.mesh.shape["fsdp"] == 8  # params really sharded over the 8 simulated devices
     single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1)))
-    for prompt in ("Hello", "The capital of France is", "def add(a, b):"):
-        ours = list(tiny_server.process(prompt, greedy=True, max_new_tokens=24))[-1]
-        assert list(single.process(prompt, greedy=True, max_new_tokens=24))[-1] == ours
+    prompts = ["Hello", "The capital of France is", "def add(a, b):", "Numbers like 12345"]
+
+    def answer(server: JAXServer, prompt: str) -> tuple[str, int]:
+        return list(server.process(prompt, greedy=True, max_new_tokens=24))[-1]
+
+    with ThreadPoolExecutor(len(prompts)) as pool:  # batched in the engine, on both meshes
+        sharded = list(pool.map(lambda p: answer(tiny_server, p), prompts))
+        assert list(pool.map(lambda p: answer(single, p), prompts)) == sharded
+    single.shutdown()
 
 
 def test_mesh_larger_than_the_machine_is_rejected(tiny_llama_dir):

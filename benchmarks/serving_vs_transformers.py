@@ -1,0 +1,162 @@
+"""Aggregate throughput of `jaxserver serve` under concurrent streams, beside Hugging Face transformers'
+batched `generate` on the same dequantized weights, in one run on this machine.
+
+1. starts `jaxserver serve` (default model, float32) on a free port and waits until it is ready;
+2. drives it with `jaxserver bench` at each concurrency of --sweep (same prompts for every level);
+3. stops it, then times transformers (torch CPU, float32) `generate` at batch 1 and at the largest
+   concurrency, greedy, exactly --output-len new tokens, on the same chat-formatted prompts.
+
+    python benchmarks/serving_vs_transformers.py [--sweep 1,8,32] [--input-len 128] [--output-len 128]
+
+Prints a table, the issue's targets as ratios, and writes JSON (and a PNG of the sweep) under
+benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+from jaxserver.bench import make_prompt, plot, print_table, run_load, summarize
+
+RESULTS = Path("benchmarks/results")
+
+
+def start_server(port: int, max_batch_size: int, log_path: Path) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "jaxserver.cli",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(max_batch_size),
+        "--max-length",
+        "1024",
+    ]
+    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/status", timeout=2).json()["status"] == "ready":
+                return process
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited; see {log_path}")
+        time.sleep(1)
+    raise TimeoutError("the server did not become ready")
+
+
+def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jaxserver.model.loader import default_model_path
+
+    path = default_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts[:batch]
+    ]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    settings = {
+        "max_new_tokens": output_len,
+        "min_new_tokens": output_len,
+        "do_sample": False,
+        "pad_token_id": 2,
+    }
+    with torch.no_grad():
+        model.generate(**inputs, **(settings | {"max_new_tokens": 2, "min_new_tokens": 2}))  # warm-up
+        started = time.perf_counter()
+        out = model.generate(**inputs, **settings)
+        elapsed = time.perf_counter() - started
+    assert out.shape[1] - inputs["input_ids"].shape[1] == output_len
+    return batch * output_len / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--sweep", default="1,8,32")
+    parser.add_argument("--input-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument(
+        "--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)"
+    )
+    parser.add_argument("--port", type=int, default=2077)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.sweep.split(",")]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    server = start_server(args.port, max(levels), RESULTS / "serve.log")
+    rows = []
+    try:
+        for concurrency in levels:
+            n = max(4, args.requests_per_level * concurrency)
+            results, duration = asyncio.run(
+                run_load(
+                    f"http://127.0.0.1:{args.port}",
+                    n,
+                    concurrency,
+                    args.input_len,
+                    args.output_len,
+                    None,
+                    seed=0,
+                )
+            )
+            rows.append(summarize(results, duration, concurrency))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    print_table(rows)
+
+    rng = random.Random(0)
+    prompts = [make_prompt(rng, args.input_len) for _ in range(max(levels))]
+    hf = {
+        batch: transformers_tokens_per_s(prompts, args.output_len, batch)
+        for batch in sorted({1, max(levels)})
+    }
+    ours = {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
+    top = max(levels)
+    print(f"\ntransformers generate: batch 1 {hf[1]:.1f} tok/s, batch {top} {hf[top]:.1f} tok/s")
+    ratios = {
+        f"jaxserver {top} streams / jaxserver 1 stream (target >= 4)": ours[top] / ours[1]
+        if 1 in ours
+        else None,
+        f"jaxserver {top} streams / transformers batch {top} (target >= 2)": ours[top] / hf[top],
+        "jaxserver 1 stream / transformers batch 1 (target >= 2)": ours[1] / hf[1] if 1 in ours else None,
+    }
+    for name, value in ratios.items():
+        print(f"{name}: {value:.2f}" if value is not None else f"{name}: not measured")
+    report = {
+        "settings": vars(args),
+        "machine": f"{os.cpu_count()} cores",
+        "jaxserver": rows,
+        "transformers_tokens_per_s": hf,
+        "ratios": ratios,
+    }
+    (RESULTS / "serving_vs_transformers.json").write_text(json.dumps(report, indent=2))
+    plot(rows, RESULTS / "serving_sweep.png")
+
+
+if __name__ == "__main__":
+    main()
