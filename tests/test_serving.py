@@ -2,6 +2,10 @@
 floods, as shared/RELIABILITY.md describes them."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -134,3 +138,75 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
         assert row["output_tokens_per_s"] > 0 and 0 < row["ttft_s"]["p50"] <= row["e2e_latency_s"]["p50"]
         assert row["itl_s"]["p99"] >= row["itl_s"]["p50"] > 0
     assert png.stat().st_size > 10_000
+
+
+@pytest.fixture
+def served_tiny(tiny_llama_dir, tmp_path):
+    """`jaxserver serve` in its own process over the tiny model, with a 3-second drain."""
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "jaxserver.cli",
+        "serve",
+        "--model",
+        str(tiny_llama_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-length",
+        "4096",
+        "--max-compile-tokens",
+        "4",
+        "--drain-timeout-s",
+        "3",
+        "--compilation-cache-dir",
+        str(tmp_path / "xla"),
+    ]
+    log = (tmp_path / "serve.log").open("w")
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"XLA_FLAGS": ""}
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if requests.get(f"{url}/status", timeout=1).json()["status"] == "ready":
+                break
+        except requests.ConnectionError:
+            pass
+        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+        time.sleep(0.2)
+    yield process, url
+    process.kill()
+    log.close()
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+
+
+def stream_events(url: str, body: dict, started: threading.Event, events: list) -> None:
+    with requests.post(f"{url}/instruct", json=body | {"stream": True}, stream=True, timeout=60) as response:
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                events.append(line[len("data: ") :])
+                started.set()
+
+
+@pytest.mark.parametrize(("new_tokens", "reason"), [(40, "length"), (4000, "abort")])
+def test_sigterm_drains_then_aborts_and_exits_cleanly(served_tiny, new_tokens, reason):
+    """Running requests may finish within the drain timeout (3 s); the rest end with finish_reason
+    "abort" and [DONE]; new requests are refused; the process exits without an error."""
+    process, url = served_tiny
+    started, events = threading.Event(), []
+    body = LONG | {"max_new_tokens": new_tokens}
+    client = threading.Thread(target=stream_events, args=(url, body, started, events))
+    client.start()
+    assert started.wait(30)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    with pytest.raises(requests.RequestException):
+        requests.post(f"{url}/instruct", json={"prompt": "hi"}, timeout=5).raise_for_status()
+    client.join(timeout=30)
+    # uvicorn re-raises the signal once it has shut down, so the status is the conventional -SIGTERM.
+    assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == reason

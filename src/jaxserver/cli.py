@@ -54,7 +54,21 @@ def serve(args: argparse.Namespace) -> int:
     from jaxserver.jaxserver import JAXServer
 
     server = JAXServer(config_from_args(args))
-    http = uvicorn.Server(uvicorn.Config(server.app, host=server.config.host, port=server.config.port))
+    config = server.config
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: refuse new requests at once (503), let running ones finish for up to
+        drain_timeout_s, then end the rest with finish_reason "abort" so their clients get a proper end."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            threading.Thread(target=server.shutdown, args=(config.drain_timeout_s,), daemon=True).start()
+            super().handle_exit(sig, frame)
+
+    # uvicorn's own deadline is a backstop behind the engine's drain.
+    backstop_s = int(config.drain_timeout_s) + 10
+    http = DrainingServer(
+        uvicorn.Config(server.app, host=config.host, port=config.port, timeout_graceful_shutdown=backstop_s)
+    )
 
     def load() -> None:
         try:

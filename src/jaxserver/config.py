@@ -76,6 +76,10 @@ class JAXServerConfig(BaseModel):
     prefill_chunk_tokens: int = Field(
         512, ge=16, description="Prompt tokens prefilled per engine step while other requests decode."
     )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM: how long running requests may finish before they are aborted."
+    )
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Larger request bodies get 413.")
     warm_up: bool = Field(True, description="Compile the common prompt shapes before reporting ready.")
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."

@@ -115,9 +115,13 @@ class Engine:
         """End a request early (e.g. its client went away); a no-op if it already finished."""
         self._inbox.put(("abort", request_id))
 
+    def stop_accepting(self) -> None:
+        """New requests get NotReadyError (503) from now on; running ones go on."""
+        self._accepting = False
+
     def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Stop admitting, let running requests finish for up to `drain_timeout_s`, abort the rest."""
-        self._accepting = False
+        self.stop_accepting()
         deadline = time.monotonic() + drain_timeout_s
         while self._thread.is_alive() and not self.scheduler.idle and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -7,6 +7,7 @@ Routes stay thin: they build the prompt through the server (so overrides of `for
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -64,7 +65,26 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def create_app(server: JAXServer) -> FastAPI:
-    app = FastAPI(title="jaxserver", description="Serve large language models from JAX.", version="0.1.0")
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # The HTTP server has drained (or given up on) its requests: end whatever is left.
+        await run_in_threadpool(server.shutdown, 0.0)
+
+    app = FastAPI(
+        title="jaxserver",
+        description="Serve large language models from JAX.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+
+    @app.middleware("http")
+    async def limit_body_size(request: Request, call_next):
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > server.config.max_body_bytes:
+            message = f"the request body has {length} bytes; the limit is {server.config.max_body_bytes}"
+            return JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
+        return await call_next(request)
 
     @app.exception_handler(JAXServerError)
     async def _known_error(_: Request, exc: JAXServerError) -> JSONResponse:
