@@ -109,3 +109,10 @@ def test_seed_prompt_format_when_chosen(tiny_llama_dir):
     assert body["input"] == "### SYSTEM:\nBe brief.\n### INSTRUCT:\nHi\n### ASSISTANT:\n"
     chat = server.build_chat_prompt("Next", [["Q", "A"]])
     assert chat == "Be brief.<|prompter|>Q</s><|assistant|>A</s><|prompter|>Next</s><|assistant|>"
+
+
+def test_oversized_body_is_413(tiny_server):
+    client = TestClient(tiny_server.app)
+    limit = tiny_server.config.max_body_bytes
+    response = client.post("/instruct", json={"prompt": "x" * (limit + 1)})
+    assert response.status_code == 413 and str(limit) in response.json()["error"]["message"]
