@@ -88,6 +88,7 @@ def _decode_chunk(
     state: DecodeState,
     eos_ids: jax.Array,
     steps: jax.Array,
+    layers: list[Params],
     *,
     cfg: ModelConfig,
     max_steps: int,
@@ -95,22 +96,17 @@ def _decode_chunk(
 ) -> tuple[jax.Array, jax.Array, DecodeState, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for every active slot. Returns tokens
     [slots, max_steps], an emitted mask [slots, max_steps] (False where a slot had finished or the
-    chunk ended), the new state and the cache."""
+    chunk ended), the new state and the cache. `layers` holds the per-layer weights from
+    `llama.decode_params`; the loop works on the cache's first `attn_len` entries, cut out once per chunk
+    and written back at its end."""
     cache_len = cache.length
 
     def step(carry):
-        i, state, cache, tokens, emitted = carry
+        i, state, (k_windows, v_windows), tokens, emitted = carry
         # Inactive slots write out of bounds (dropped): their rows may hold a prompt being prefilled.
         write_pos = jnp.where(state.active, state.lengths, cache_len)
-        logits, cache = llama.forward(
-            params,
-            cfg,
-            state.tokens[:, None],
-            cache,
-            write_pos=write_pos,
-            start=state.starts,
-            attn_len=attn_len,
-            logit_index=jnp.zeros_like(state.lengths),
+        logits, k_windows, v_windows = llama.decode_step(
+            params, layers, cfg, state.tokens, k_windows, v_windows, write_pos=write_pos, start=state.starts
         )
         live = state.active
         lengths = state.lengths + live
@@ -125,7 +121,13 @@ def _decode_chunk(
             remaining=remaining,
             active=live & ~finished,
         )
-        return i + 1, state, cache, tokens.at[:, i].set(new_tokens), emitted.at[:, i].set(live)
+        return (
+            i + 1,
+            state,
+            (k_windows, v_windows),
+            tokens.at[:, i].set(new_tokens),
+            emitted.at[:, i].set(live),
+        )
 
     def keep_going(carry) -> jax.Array:
         i, state = carry[0], carry[1]
@@ -135,10 +137,11 @@ def _decode_chunk(
     slots = state.tokens.shape[0]
     tokens = jnp.zeros((slots, max_steps), jnp.int32)
     emitted = jnp.zeros((slots, max_steps), bool)
-    _, state, cache, tokens, emitted = jax.lax.while_loop(
-        keep_going, step, (0, state, cache, tokens, emitted)
+    windows = llama.cache_windows(cache, attn_len)
+    _, state, windows, tokens, emitted = jax.lax.while_loop(
+        keep_going, step, (0, state, windows, tokens, emitted)
     )
-    return tokens, emitted, state, cache
+    return tokens, emitted, state, llama.store_windows(cache, *windows)
 
 
 class Runner:
@@ -158,6 +161,8 @@ class Runner:
     ):
         self.cfg = cfg
         self.params = params
+        # A second, per-layer copy of the weights for decoding (see llama.decode_params).
+        self.decode_layers = llama.decode_params(params, cfg)
         self.slots = slots
         self.cache_len = cache_len
         self.steps_per_call = steps_per_call
@@ -220,6 +225,7 @@ class Runner:
             state,
             self.eos_ids,
             np.int32(steps),
+            self.decode_layers,
             max_steps=self.steps_per_call,
             attn_len=self.attn_bucket(longest, steps),
         )

@@ -188,6 +188,108 @@ def forward(
     return logits, KVCache(k_cache, v_cache)
 
 
+# --- the decode step -----------------------------------------------------------------------------------
+#
+# Decoding one token per slot is bound by reading the weights and the cache, so the decode path avoids
+# every copy XLA would otherwise make inside the step loop: the layers are unrolled over per-layer weight
+# buffers (indexing a stacked weight with the scan counter copies it every layer), and attention reads
+# per-layer K/V "windows" [slots, kv_heads, attn_len, head_dim] that the decode chunk cuts from the cache
+# once (slicing the first `attn_len` entries of the big cache inside the loop copies and transposes them
+# every layer of every step).
+
+
+def decode_params(params: Params, cfg: ModelConfig) -> list[Params]:
+    """Per-layer weights as separate buffers, with Q/K/V and gate/up concatenated, for `decode_step`."""
+    stacked = params["layers"]
+    layers = []
+    for i in range(cfg.num_layers):
+        layer = {name: value[i] for name, value in stacked.items()}
+        layer["wqkv"] = jnp.concatenate([layer.pop("wq"), layer.pop("wk"), layer.pop("wv")], axis=1)
+        layer["w_gate_up"] = jnp.concatenate([layer.pop("w_gate"), layer.pop("w_up")], axis=1)
+        if cfg.attention_bias:
+            layer["bqkv"] = jnp.concatenate([layer.pop("bq"), layer.pop("bk"), layer.pop("bv")], axis=-1)
+        layers.append(layer)
+    return layers
+
+
+def cache_windows(cache: KVCache, attn_len: int) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The first `attn_len` entries of every layer as [slots, kv_heads, attn_len, head_dim] arrays."""
+    num_layers = cache.k.shape[0]
+    k = [jnp.swapaxes(cache.k[i, :, :attn_len], 1, 2) for i in range(num_layers)]
+    v = [jnp.swapaxes(cache.v[i, :, :attn_len], 1, 2) for i in range(num_layers)]
+    return k, v
+
+
+def store_windows(cache: KVCache, k: list[jax.Array], v: list[jax.Array]) -> KVCache:
+    """Write windows from `cache_windows` back into the front of the cache."""
+    attn_len = k[0].shape[2]
+    return KVCache(
+        cache.k.at[:, :, :attn_len].set(jnp.swapaxes(jnp.stack(k), 2, 3)),
+        cache.v.at[:, :, :attn_len].set(jnp.swapaxes(jnp.stack(v), 2, 3)),
+    )
+
+
+def decode_step(
+    params: Params,
+    layers: list[Params],
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    k_windows: list[jax.Array],
+    v_windows: list[jax.Array],
+    write_pos: jax.Array,
+    start: jax.Array,
+) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+    """One token per row: tokens [B] go to window index write_pos [B] and attend to [start, write_pos].
+
+    Computes what `forward` computes for one token per row (all rows, in order); `layers` comes from
+    `decode_params`, the windows from `cache_windows`. Returns logits [B, V] float32 and the windows.
+    """
+    batch = tokens.shape[0]
+    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    group = heads // kv_heads
+    attn_len = k_windows[0].shape[2]
+    angles = (write_pos - start).astype(jnp.float32)[:, None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [B, 1, hd/2], shared by layers
+
+    def rope(x: jax.Array) -> jax.Array:  # [B, n, hd]
+        x32 = x.astype(jnp.float32)
+        first, second = jnp.split(x32, 2, axis=-1)
+        return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1).astype(x.dtype)
+
+    key_index = jnp.arange(attn_len)
+    mask = (key_index[None, :] <= write_pos[:, None]) & (key_index[None, :] >= start[:, None])
+    mask = mask[:, None, None, :]  # [B, 1, 1, T]
+    rows = jnp.arange(batch)
+    scale = hd**-0.5
+    x = params["embed"][tokens]  # [B, hidden]
+    new_k, new_v = [], []
+    for layer, k_cache, v_cache in zip(layers, k_windows, v_windows, strict=True):
+        qkv = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps) @ layer["wqkv"]
+        if cfg.attention_bias:
+            qkv = qkv + layer["bqkv"]
+        q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
+        q = rope(q.reshape(batch, heads, hd)).reshape(batch, kv_heads, group, hd)
+        k = rope(k.reshape(batch, kv_heads, hd))
+        k_cache = k_cache.at[rows, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, :, write_pos].set(
+            v.reshape(batch, kv_heads, hd).astype(v_cache.dtype), mode="drop"
+        )
+        new_k.append(k_cache)
+        new_v.append(v_cache)
+        scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache, preferred_element_type=jnp.float32) * scale
+        probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v_cache.dtype)
+        out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache).reshape(batch, heads * hd)
+        x = x + out.astype(x.dtype) @ layer["wo"]
+        gate, up = jnp.split(
+            rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps) @ layer["w_gate_up"], 2, axis=-1
+        )
+        x = x + (jax.nn.silu(gate) * up) @ layer["w_down"]
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+    return logits, new_k, new_v
+
+
 # --- parameters ---------------------------------------------------------------------------------------
 
 
