@@ -19,45 +19,13 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import requests
-
 from jaxserver.bench import make_prompt, plot, print_table, run_load, summarize
+from jaxserver.launch import start_server
 
 RESULTS = Path("benchmarks/results")
-
-
-def start_server(port: int, max_batch_size: int, log_path: Path) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        "-m",
-        "jaxserver.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-batch-size",
-        str(max_batch_size),
-        "--max-length",
-        "1024",
-    ]
-    process = subprocess.Popen(command, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        try:
-            if requests.get(f"http://127.0.0.1:{port}/status", timeout=2).json()["status"] == "ready":
-                return process
-        except requests.ConnectionError:
-            pass
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited; see {log_path}")
-        time.sleep(1)
-    raise TimeoutError("the server did not become ready")
 
 
 def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int) -> float:
@@ -102,19 +70,19 @@ def main() -> None:
     parser.add_argument(
         "--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)"
     )
-    parser.add_argument("--port", type=int, default=2077)
     args = parser.parse_args()
     levels = [int(c) for c in args.sweep.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    server = start_server(args.port, max(levels), RESULTS / "serve.log")
+    flags = ["--max-batch-size", str(max(levels)), "--max-length", "1024"]
+    server = start_server(flags, RESULTS / "serve.log", timeout_s=600)
     rows = []
     try:
         for concurrency in levels:
             n = max(4, args.requests_per_level * concurrency)
             results, duration = asyncio.run(
                 run_load(
-                    f"http://127.0.0.1:{args.port}",
+                    server.url,
                     n,
                     concurrency,
                     args.input_len,
@@ -125,8 +93,7 @@ def main() -> None:
             )
             rows.append(summarize(results, duration, concurrency))
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        server.stop(timeout_s=60)
     print_table(rows)
 
     rng = random.Random(0)

@@ -1,61 +1,23 @@
 """End to end: `jaxserver serve` with the embedded SmolLM2-135M-Instruct, driven over HTTP on 127.0.0.1."""
 
 import os
-import socket
-import subprocess
-import sys
-import time
 
 import pytest
 import requests
 
+from jaxserver.launch import start_server
+
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = os.environ | {"XLA_FLAGS": ""}  # one device, as a user's machine would have
-    log = open(tmp_path_factory.mktemp("serve") / "serve.log", "w+")  # noqa: SIM115 - closed below
-    command = [
-        sys.executable,
-        "-m",
-        "jaxserver.cli",
-        "serve",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-length",
-        "1024",
-    ]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    try:
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{url}/status", timeout=2).json()["status"] == "ready":
-                    break
-            except requests.ConnectionError:
-                pass
-            assert process.poll() is None, "the server exited"
-            time.sleep(1)
-        else:
-            raise TimeoutError("the server did not become ready")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.seek(0)
-        print(log.read()[-3000:])
-        log.close()
+    server = start_server(["--max-length", "1024"], log, env=env)
+    yield server.url
+    server.stop()
+    print(server.log_tail())
 
 
 def test_instruct_knows_the_capital_of_france(base_url):

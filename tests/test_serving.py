@@ -4,8 +4,6 @@ floods, as shared/RELIABILITY.md describes them."""
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,8 +13,8 @@ import requests
 import uvicorn
 
 from jaxserver import JAXServer
+from jaxserver.launch import free_port, start_server
 from tests import tiny
-from tests.test_e2e import free_port
 
 LONG = {"prompt": "Tell me everything.", "max_new_tokens": 900, "ignore_eos": True, "greedy": True}
 
@@ -143,18 +141,9 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
 @pytest.fixture
 def served_tiny(tiny_llama_dir, tmp_path):
     """`jaxserver serve` in its own process over the tiny model, with a 3-second drain."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "jaxserver.cli",
-        "serve",
+    flags = [
         "--model",
         str(tiny_llama_dir),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
         "--max-length",
         "4096",
         "--max-compile-tokens",
@@ -164,24 +153,10 @@ def served_tiny(tiny_llama_dir, tmp_path):
         "--compilation-cache-dir",
         str(tmp_path / "xla"),
     ]
-    log = (tmp_path / "serve.log").open("w")
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, env=os.environ | {"XLA_FLAGS": ""}
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if requests.get(f"{url}/status", timeout=1).json()["status"] == "ready":
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
-        time.sleep(0.2)
-    yield process, url
-    process.kill()
-    log.close()
-    assert "Traceback" not in (tmp_path / "serve.log").read_text()
+    server = start_server(flags, tmp_path / "serve.log", timeout_s=120, env=os.environ | {"XLA_FLAGS": ""})
+    yield server.process, server.url
+    server.process.kill()
+    assert "Traceback" not in server.log_tail(10**6)
 
 
 def stream_events(url: str, body: dict, started: threading.Event, events: list) -> None:

@@ -72,6 +72,7 @@ class Engine:
         self._stopping = False
         self._recent_tokens: deque[tuple[float, int]] = deque()
         self._step_s = 0.0  # running estimate of one decode step's duration
+        self._timed_shapes: set[tuple[int, int]] = set()  # shapes already run once (compiled)
         self._thread = threading.Thread(target=self._run, name="jaxserver-engine", daemon=True)
 
     # --- the public surface (any thread) ------------------------------------------------------------
@@ -243,12 +244,14 @@ class Engine:
         steps = self.runner.steps_per_call
         if self._step_s > 0:
             steps = max(1, min(steps, int(TARGET_CHUNK_S / self._step_s)))
+        shape = self.runner.decode_shape(len(self.scheduler.decoding), longest, steps)
         started = time.monotonic()
         tokens, emitted, self.state = self.runner.decode(self.state, longest, steps)
         ran = int(emitted.sum(axis=1).max())
-        if ran:  # a first call of a shape includes compilation: let later chunks correct the estimate
+        if ran and shape in self._timed_shapes:  # a shape's first call includes its compilation
             measured = (time.monotonic() - started) / ran
             self._step_s = measured if self._step_s == 0 else 0.5 * (self._step_s + measured)
+        self._timed_shapes.add(shape)
         for slot, seq in list(self.scheduler.decoding.items()):
             new = tokens[slot][emitted[slot]].tolist()
             if new:

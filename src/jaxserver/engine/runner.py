@@ -89,16 +89,17 @@ def _decode_chunk(
     eos_ids: jax.Array,
     steps: jax.Array,
     layers: list[Params],
+    slot_ids: jax.Array,
     *,
     cfg: ModelConfig,
     max_steps: int,
     attn_len: int,
 ) -> tuple[jax.Array, jax.Array, DecodeState, KVCache]:
-    """Up to `steps` (<= max_steps, a runtime value) tokens for every active slot. Returns tokens
-    [slots, max_steps], an emitted mask [slots, max_steps] (False where a slot had finished or the
-    chunk ended), the new state and the cache. `layers` holds the per-layer weights from
-    `llama.decode_params`; the loop works on the cache's first `attn_len` entries, cut out once per chunk
-    and written back at its end."""
+    """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
+    `state` holds their B rows). Returns tokens [B, max_steps], an emitted mask [B, max_steps] (False
+    where a row had finished or the chunk ended), the new state and the cache. `layers` holds the
+    per-layer weights from `llama.decode_params`; the loop works on the rows' first `attn_len` cache
+    entries, cut out once per chunk and written back at its end."""
     cache_len = cache.length
 
     def step(carry):
@@ -137,11 +138,11 @@ def _decode_chunk(
     slots = state.tokens.shape[0]
     tokens = jnp.zeros((slots, max_steps), jnp.int32)
     emitted = jnp.zeros((slots, max_steps), bool)
-    windows = llama.cache_windows(cache, attn_len)
+    windows = llama.cache_windows(cache, slot_ids, attn_len)
     _, state, windows, tokens, emitted = jax.lax.while_loop(
         keep_going, step, (0, state, windows, tokens, emitted)
     )
-    return tokens, emitted, state, llama.store_windows(cache, *windows)
+    return tokens, emitted, state, llama.store_windows(cache, slot_ids, *windows)
 
 
 class Runner:
@@ -209,47 +210,77 @@ class Runner:
         )
         return int(first[0])
 
-    def attn_bucket(self, longest: int, steps: int) -> int:
-        return bucket(longest + steps, MIN_ATTN_BUCKET, self.cache_len)
+    def decode_shape(self, active: int, longest: int, steps: int) -> tuple[int, int]:
+        """The compiled shape a decode chunk uses: (batch rows, attended cache length)."""
+        return bucket(max(active, 1), 1, self.slots), bucket(longest + steps, MIN_ATTN_BUCKET, self.cache_len)
 
     def decode(
         self, state: DecodeState, longest: int, steps: int | None = None
     ) -> tuple[np.ndarray, np.ndarray, DecodeState]:
-        """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for all slots; `longest`
-        is the largest cache length among active slots. Takes and returns the state as host (numpy)
-        arrays, so the caller may edit rows between chunks."""
+        """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for the active slots;
+        `longest` is the largest cache length among them. Takes and returns the state of all slots as
+        host (numpy) arrays, so the caller may edit rows between chunks; tokens and emitted are
+        [slots, steps_per_call].
+
+        Only the active slots are computed, gathered into a batch padded to a power of two with idle
+        slots, so a lone request costs a batch of one, not `slots` rows."""
         steps = self.steps_per_call if steps is None else min(steps, self.steps_per_call)
-        tokens, emitted, state, self.cache = self._decode(
+        active = np.flatnonzero(state.active)
+        idle = np.flatnonzero(~state.active)
+        rows, attn_len = self.decode_shape(len(active), longest, steps)
+        slot_ids = np.concatenate([active, idle[: rows - len(active)]]).astype(np.int32)
+        sub_state = jax.tree.map(lambda column: column[slot_ids], state)
+        tokens, emitted, sub_state, self.cache = self._decode(
             self.params,
             self.cache,
-            state,
+            sub_state,
             self.eos_ids,
             np.int32(steps),
             self.decode_layers,
+            slot_ids,
             max_steps=self.steps_per_call,
-            attn_len=self.attn_bucket(longest, steps),
+            attn_len=attn_len,
         )
-        # np.array copies: the host arrays must be writable for the caller's edits.
-        return jax.tree.map(np.array, (tokens, emitted, state))
+        tokens, emitted, sub_state = jax.device_get((tokens, emitted, sub_state))
+        all_tokens = np.zeros((self.slots, self.steps_per_call), np.int32)
+        all_emitted = np.zeros((self.slots, self.steps_per_call), bool)
+        all_tokens[slot_ids], all_emitted[slot_ids] = tokens, emitted
+        new_state = jax.tree.map(np.array, state)  # writable host copies the caller may edit
+        for column, rows_after in zip(jax.tree.leaves(new_state), jax.tree.leaves(sub_state), strict=True):
+            column[slot_ids] = rows_after
+        return all_tokens, all_emitted, new_state
 
-    def warm_up(self, prompt_buckets: list[int]) -> None:
-        """Compile the common shapes now rather than on the first requests."""
+    def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> None:
+        """Compile the common shapes now rather than on the first requests: the given prompt buckets;
+        decode for one request at every context length; and every batch size up to `common_len`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         for size in prompt_buckets:
             started = time.perf_counter()
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        attn_len = MIN_ATTN_BUCKET
-        while True:  # every attention bucket (no slot is active, so nothing runs but the compile)
-            self.decode(idle_state(self.slots), longest=attn_len - self.steps_per_call)
-            if attn_len >= self.cache_len:
-                break
-            attn_len *= 2
-        log.info(
-            "compiled decode (%d steps per call) in %.1f s",
-            self.steps_per_call,
-            time.perf_counter() - started,
+        lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
+        lengths.append(self.cache_len)
+        batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
+        shapes = {(1, n) for n in lengths} | {(b, n) for b in batches for n in lengths if n <= common_len}
+        for rows, attn_len in sorted(shapes):
+            self._compile_decode(rows, attn_len)
+        log.info("compiled %d decode shapes in %.1f s", len(shapes), time.perf_counter() - started)
+
+    def _compile_decode(self, rows: int, attn_len: int) -> None:
+        """Run the decode chunk for `rows` idle slots: the loop exits at once, leaving the compiled code."""
+        slot_ids = np.arange(rows, dtype=np.int32)
+        idle = jax.tree.map(lambda column: column[slot_ids], idle_state(self.slots))
+        *_, self.cache = self._decode(
+            self.params,
+            self.cache,
+            idle,
+            self.eos_ids,
+            np.int32(1),
+            self.decode_layers,
+            slot_ids,
+            max_steps=self.steps_per_call,
+            attn_len=attn_len,
         )
 
 

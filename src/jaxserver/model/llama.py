@@ -212,20 +212,23 @@ def decode_params(params: Params, cfg: ModelConfig) -> list[Params]:
     return layers
 
 
-def cache_windows(cache: KVCache, attn_len: int) -> tuple[list[jax.Array], list[jax.Array]]:
-    """The first `attn_len` entries of every layer as [slots, kv_heads, attn_len, head_dim] arrays."""
+def cache_windows(
+    cache: KVCache, slot_ids: jax.Array, attn_len: int
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The first `attn_len` entries of cache rows `slot_ids` [B] (distinct), per layer, as
+    [B, kv_heads, attn_len, head_dim] arrays."""
     num_layers = cache.k.shape[0]
-    k = [jnp.swapaxes(cache.k[i, :, :attn_len], 1, 2) for i in range(num_layers)]
-    v = [jnp.swapaxes(cache.v[i, :, :attn_len], 1, 2) for i in range(num_layers)]
+    k = [jnp.swapaxes(cache.k[i, slot_ids, :attn_len], 1, 2) for i in range(num_layers)]
+    v = [jnp.swapaxes(cache.v[i, slot_ids, :attn_len], 1, 2) for i in range(num_layers)]
     return k, v
 
 
-def store_windows(cache: KVCache, k: list[jax.Array], v: list[jax.Array]) -> KVCache:
-    """Write windows from `cache_windows` back into the front of the cache."""
+def store_windows(cache: KVCache, slot_ids: jax.Array, k: list[jax.Array], v: list[jax.Array]) -> KVCache:
+    """Write windows from `cache_windows` back into their cache rows."""
     attn_len = k[0].shape[2]
     return KVCache(
-        cache.k.at[:, :, :attn_len].set(jnp.swapaxes(jnp.stack(k), 2, 3)),
-        cache.v.at[:, :, :attn_len].set(jnp.swapaxes(jnp.stack(v), 2, 3)),
+        cache.k.at[:, slot_ids, :attn_len].set(jnp.swapaxes(jnp.stack(k), 2, 3)),
+        cache.v.at[:, slot_ids, :attn_len].set(jnp.swapaxes(jnp.stack(v), 2, 3)),
     )
 
 
