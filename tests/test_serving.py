@@ -16,13 +16,13 @@ from jaxserver import JAXServer
 from jaxserver.launch import free_port, start_server
 from tests import tiny
 
-LONG = {"prompt": "Tell me everything.", "max_new_tokens": 900, "ignore_eos": True, "greedy": True}
+LONG = {"prompt": "Tell me everything.", "max_new_tokens": 4000, "ignore_eos": True, "greedy": True}
 
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
     config = tiny.test_config(
-        max_length=1024, max_batch_size=2, max_waiting_requests=1, max_compile_tokens=4, warm_up=True
+        max_length=4096, max_batch_size=2, max_waiting_requests=1, max_compile_tokens=4, warm_up=True
     )
     server = JAXServer.load(tiny_llama_dir, config=config)
     http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
@@ -140,16 +140,17 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
 
 @pytest.fixture
 def served_tiny(tiny_llama_dir, tmp_path):
-    """`jaxserver serve` in its own process over the tiny model, with a 3-second drain."""
+    """`jaxserver serve` in its own process over the tiny model, with a 1-second drain and one token
+    per decode call (slow on purpose)."""
     flags = [
         "--model",
         str(tiny_llama_dir),
         "--max-length",
         "4096",
         "--max-compile-tokens",
-        "4",
+        "1",
         "--drain-timeout-s",
-        "3",
+        "1",
         "--compilation-cache-dir",
         str(tmp_path / "xla"),
     ]
@@ -167,9 +168,9 @@ def stream_events(url: str, body: dict, started: threading.Event, events: list) 
                 started.set()
 
 
-@pytest.mark.parametrize(("new_tokens", "reason"), [(40, "length"), (4000, "abort")])
+@pytest.mark.parametrize(("new_tokens", "reason"), [(8, "length"), (4000, "abort")])
 def test_sigterm_drains_then_aborts_and_exits_cleanly(served_tiny, new_tokens, reason):
-    """Running requests may finish within the drain timeout (3 s); the rest end with finish_reason
+    """Running requests may finish within the drain timeout (1 s); the rest end with finish_reason
     "abort" and [DONE]; new requests are refused; the process exits without an error."""
     process, url = served_tiny
     started, events = threading.Event(), []

@@ -35,7 +35,7 @@ from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
 log = logging.getLogger(__name__)
 
 # Prompt buckets compiled before the server reports ready; longer prompts compile on first use.
-WARM_PROMPT_BUCKETS = (MIN_PROMPT_BUCKET, 32, 64, 128, 256, 512)
+WARM_PROMPT_BUCKETS = (MIN_PROMPT_BUCKET, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:

@@ -10,7 +10,8 @@ Life of a request:
    c. prefill: prompt pieces of at most `prefill_chunk_tokens` are written into their slots; while other
       slots are decoding, one such budget per iteration, so a long prompt never stalls them for long.
       A prompt's last piece samples its first token, and the slot joins the decode batch;
-   d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens;
+   d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens
+      (fewer while prompts wait, so that they are admitted sooner);
    e. emit: new tokens are detokenized, stop strings checked, and a chunk goes to each request's stream.
 3. `_finish(item, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
    context ("length"), `abort` (client gone, shutdown) and engine failure ("error") all end there. It sends
@@ -32,7 +33,7 @@ from collections import Counter, deque
 from typing import Any
 
 from jaxserver.engine.request import FinishReason, GenerationChunk, GenerationRequest, OutputStream
-from jaxserver.engine.runner import MIN_PROMPT_BUCKET, Runner, bucket, idle_state, sampling_rows, set_slot
+from jaxserver.engine.runner import Runner, idle_state, prompt_bucket, sampling_rows, set_slot
 from jaxserver.engine.scheduler import Scheduler, Sequence
 from jaxserver.errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
 from jaxserver.model.tokenizer import Tokenizer
@@ -40,9 +41,10 @@ from jaxserver.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
-# A decode chunk runs about this long at most (and never more than max_compile_tokens steps): requests
-# that arrive meanwhile wait for its end to be admitted, and clients see text at this pace.
-TARGET_CHUNK_S = 0.5
+# Decode steps per chunk while prompts wait to be prefilled: short chunks let prefills interleave with
+# decoding (admission waits for the end of the running chunk), yet amortise each chunk's fixed cost
+# (cutting the cache windows and writing them back, the host round trip).
+ADMISSION_CHUNK_STEPS = 8
 
 
 class Engine:
@@ -71,8 +73,6 @@ class Engine:
         self._accepting = True
         self._stopping = False
         self._recent_tokens: deque[tuple[float, int]] = deque()
-        self._step_s = 0.0  # running estimate of one decode step's duration
-        self._timed_shapes: set[tuple[int, int]] = set()  # shapes already run once (compiled)
         self._thread = threading.Thread(target=self._run, name="jaxserver-engine", daemon=True)
 
     # --- the public surface (any thread) ------------------------------------------------------------
@@ -209,13 +209,13 @@ class Engine:
         if seq.prefilled == 0 and self.left_pad and len(prompt) <= self.prefill_chunk_tokens:
             # Left padding takes cache room, so it may not eat into the answer's budget.
             room = self.runner.cache_len - request.max_new_tokens
-            padded = max(len(prompt), bucket(len(prompt), MIN_PROMPT_BUCKET, room))
+            padded = max(len(prompt), prompt_bucket(len(prompt), room))
             seq.start = padded - len(prompt)
             tokens, write_pos, logit_index = [pad] * seq.start + prompt, 0, padded - 1
             piece = len(prompt)
         else:
             part = prompt[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
-            padded = bucket(len(part), MIN_PROMPT_BUCKET, self.prefill_chunk_tokens)
+            padded = prompt_bucket(len(part), self.prefill_chunk_tokens)
             tokens, write_pos, logit_index = part + [pad] * (padded - len(part)), seq.prefilled, len(part) - 1
             piece = len(part)
         token = self.runner.prefill(
@@ -241,17 +241,9 @@ class Engine:
 
     def _decode(self) -> None:
         longest = max(int(self.state.lengths[slot]) for slot in self.scheduler.decoding)
-        steps = self.runner.steps_per_call
-        if self._step_s > 0:
-            steps = max(1, min(steps, int(TARGET_CHUNK_S / self._step_s)))
-        shape = self.runner.decode_shape(len(self.scheduler.decoding), longest, steps)
-        started = time.monotonic()
+        admitting = self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots)
+        steps = ADMISSION_CHUNK_STEPS if admitting else self.runner.steps_per_call
         tokens, emitted, self.state = self.runner.decode(self.state, longest, steps)
-        ran = int(emitted.sum(axis=1).max())
-        if ran and shape in self._timed_shapes:  # a shape's first call includes its compilation
-            measured = (time.monotonic() - started) / ran
-            self._step_s = measured if self._step_s == 0 else 0.5 * (self._step_s + measured)
-        self._timed_shapes.add(shape)
         for slot, seq in list(self.scheduler.decoding.items()):
             new = tokens[slot][emitted[slot]].tolist()
             if new:

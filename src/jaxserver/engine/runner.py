@@ -40,6 +40,14 @@ def bucket(n: int, minimum: int, cap: int) -> int:
     return min(size, cap)
 
 
+def prompt_bucket(n: int, cap: int) -> int:
+    """Padded length of an n-token prompt piece: a power of two or 1.5 times one (16, 24, 32, 48, 64,
+    96, ...), so padding wastes at most a third of the prefill compute; never above cap."""
+    size = bucket(n, MIN_PROMPT_BUCKET, cap)
+    three_quarters = size * 3 // 4
+    return three_quarters if n <= three_quarters and three_quarters >= MIN_PROMPT_BUCKET else size
+
+
 class DecodeState(NamedTuple):
     """Per-slot decoding state; every field is [slots]."""
 

@@ -226,10 +226,11 @@ def cache_windows(
 def store_windows(cache: KVCache, slot_ids: jax.Array, k: list[jax.Array], v: list[jax.Array]) -> KVCache:
     """Write windows from `cache_windows` back into their cache rows."""
     attn_len = k[0].shape[2]
-    return KVCache(
-        cache.k.at[:, slot_ids, :attn_len].set(jnp.swapaxes(jnp.stack(k), 2, 3)),
-        cache.v.at[:, slot_ids, :attn_len].set(jnp.swapaxes(jnp.stack(v), 2, 3)),
-    )
+    k_cache, v_cache = cache
+    for i, (k_window, v_window) in enumerate(zip(k, v, strict=True)):  # layer by layer: no stacked temporary
+        k_cache = k_cache.at[i, slot_ids, :attn_len].set(jnp.swapaxes(k_window, 1, 2))
+        v_cache = v_cache.at[i, slot_ids, :attn_len].set(jnp.swapaxes(v_window, 1, 2))
+    return KVCache(k_cache, v_cache)
 
 
 def decode_step(

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +65,24 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
+class BodySizeLimit:
+    """413 for a declared body over `max_bytes`. Plain ASGI on purpose: Starlette's BaseHTTPMiddleware
+    wraps `receive` so that handlers no longer see the client disconnect."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                message = f"the request body has {int(length)} bytes; the limit is {self.max_bytes}"
+                response = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(server: JAXServer) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -78,13 +97,7 @@ def create_app(server: JAXServer) -> FastAPI:
         lifespan=lifespan,
     )
 
-    @app.middleware("http")
-    async def limit_body_size(request: Request, call_next):
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > server.config.max_body_bytes:
-            message = f"the request body has {length} bytes; the limit is {server.config.max_body_bytes}"
-            return JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-        return await call_next(request)
+    app.add_middleware(BodySizeLimit, max_bytes=server.config.max_body_bytes)
 
     @app.exception_handler(JAXServerError)
     async def _known_error(_: Request, exc: JAXServerError) -> JSONResponse:
@@ -120,13 +133,16 @@ def create_app(server: JAXServer) -> FastAPI:
         if data.stream:
             return StreamingResponse(stream_events(chunks), media_type="text/event-stream")
         response, used = "", 0
+        checked_at = time.monotonic()
         try:
             while True:
                 chunk = await chunks.next(timeout_s=DISCONNECT_POLL_S)
-                if chunk is None:
+                if time.monotonic() - checked_at >= DISCONNECT_POLL_S:
+                    checked_at = time.monotonic()
                     if await http.is_disconnected():
                         server.abort(request.request_id)
                         return Response(status_code=499)  # client closed the request; nobody reads this
+                if chunk is None:
                     continue
                 if chunk.finish_reason == "error":
                     raise EngineError(chunk.error or "the engine failed")
