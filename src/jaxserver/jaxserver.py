@@ -220,10 +220,19 @@ class JAXServer:
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        min_p: float = 0.0,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        repetition_penalty: float = 1.0,
+        logprobs: int | None = None,
+        prompt_ids: list[int] | None = None,
     ) -> GenerationRequest:
-        """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run."""
+        """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run.
+        `prompt_ids` (already tokenized) replaces `string` when given."""
         engine, tokenizer = self.require_ready()
-        ids = tokenizer.encode(string)
+        ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
+        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
+            raise BadRequestError(f"token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
         if not ids:
             raise BadRequestError("the prompt is empty", param="prompt")
         engine.check_fits(len(ids))
@@ -243,10 +252,19 @@ class JAXServer:
             top_k=cfg.top_k if top_k is None else top_k,
             greedy=greedy,
             seed=cfg.seed if seed is None else seed,
+            min_p=min_p,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            repetition_penalty=repetition_penalty,
         )
         budget = min(max_new_tokens or cfg.max_new_tokens, room)
         return GenerationRequest(
-            prompt_ids=ids, max_new_tokens=budget, sampling=sampling, stop=tuple(stop), ignore_eos=ignore_eos
+            prompt_ids=ids,
+            max_new_tokens=budget,
+            sampling=sampling,
+            stop=tuple(stop),
+            ignore_eos=ignore_eos,
+            logprobs=logprobs,
         )
 
     def submit(
@@ -323,12 +341,39 @@ class JAXServer:
             )
         return self._template(history, prompt, system)
 
+    def _seed_chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """`messages` in the seed's chat format: system turns joined, then (user, assistant) pairs."""
+        system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
+        turns = [m for m in messages if m["role"] != "system"]
+        if not turns or turns[-1]["role"] != "user":
+            raise BadRequestError("the conversation must end with a user message", param="messages")
+        history, pending_user = [], None
+        for message in turns[:-1]:
+            if message["role"] == "user":
+                if pending_user is not None:
+                    history.append((pending_user, ""))
+                pending_user = message["content"]
+            else:
+                history.append((pending_user or "", message["content"]))
+                pending_user = None
+        if pending_user is not None:
+            history.append((pending_user, ""))
+        return self.build_chat_prompt(turns[-1]["content"], history, system)
+
     def _template(self, history: Sequence[Sequence[str]], prompt: str, system: str) -> str:
-        _, tokenizer = self.require_ready()
         messages = [{"role": "system", "content": system}] if system else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": prompt})
+        return self.build_messages_prompt(messages)
+
+    def build_messages_prompt(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt for an OpenAI-style conversation ([{"role", "content"}], ending with a user turn):
+        the model's chat template, or the seed's chat format when the model has none (or the config
+        asks for it), so that `/chat` and `/v1/chat/completions` build the same prompt."""
+        _, tokenizer = self.require_ready()
+        if self.uses_seed_formats or not self.config.contains_auto_format:
+            return self._seed_chat_prompt(messages)
         try:
             return tokenizer.apply_chat_template(messages)
         except Exception as exc:  # jinja raises its own types, including the template's raise_exception

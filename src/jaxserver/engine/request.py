@@ -18,6 +18,7 @@ from jaxserver.errors import BadRequestError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 _ids = itertools.count()
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,10 @@ class SamplingOptions:
     top_k: int = 50
     greedy: bool = False
     seed: int = 556
+    min_p: float = 0.0  # drop tokens less likely than min_p times the most likely one; 0 disables it
+    presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt/output tokens
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -35,6 +40,17 @@ class SamplingOptions:
             raise BadRequestError("top_p must be in (0, 1]", param="top_p")
         if self.top_k < 0:
             raise BadRequestError("top_k must be >= 0 (0 disables it)", param="top_k")
+        if not 0 <= self.min_p <= 1:
+            raise BadRequestError("min_p must be in [0, 1]", param="min_p")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise BadRequestError(f"{name} must be in [-2, 2]", param=name)
+        if self.repetition_penalty <= 0:
+            raise BadRequestError("repetition_penalty must be > 0 (1 disables it)", param="repetition_penalty")
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 @dataclass(frozen=True)
@@ -44,7 +60,21 @@ class GenerationRequest:
     sampling: SamplingOptions = field(default_factory=SamplingOptions)
     stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+    def __post_init__(self) -> None:
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise BadRequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities (of the model's distribution before sampling filters) for one generated token."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs, most likely first
 
 
 @dataclass
@@ -54,6 +84,7 @@ class GenerationChunk:
     tokens_generated: int  # so far, in total
     finish_reason: FinishReason | None = None
     error: str | None = None  # set with finish_reason "error"
+    logprobs: list[TokenLogprobs] | None = None  # one per token in token_ids, when the request asked
 
 
 class OutputStream:
