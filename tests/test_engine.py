@@ -14,6 +14,7 @@ from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
 from jaxserver.errors import OverloadedError
+from jaxserver.model import llama
 from jaxserver.model.loader import load_model
 
 GREEDY = SamplingOptions(greedy=True)
@@ -154,3 +155,69 @@ def test_engine_failure_reaches_every_waiting_client(make_engine, model):
         t.join(timeout=30)
     assert [reason for _, _, reason in results] == ["error"] * 3
     assert not engine.alive and "device lost" in engine.stats()["engine_error"]
+
+
+def next_token_logits(model, ids: list[int]) -> np.ndarray:
+    """The model's logits after `ids`, from a full forward pass with a fresh cache (no engine)."""
+    cfg, params, _ = model
+    cache = llama.init_cache(cfg, 1, len(ids), jnp.float32)
+    zero = jnp.zeros((1,), jnp.int32)
+    logits, _ = llama.forward(
+        params,
+        cfg,
+        jnp.asarray([ids]),
+        cache,
+        write_pos=zero,
+        start=zero,
+        attn_len=len(ids),
+        logit_index=jnp.asarray([len(ids) - 1]),
+    )
+    return np.asarray(logits[0], np.float64)
+
+
+def test_penalized_greedy_answer_matches_a_direct_reference(make_engine, model):
+    """Repetition, presence and frequency penalties, checked step by step against numpy on full-forward
+    logits; a penalized request beside unpenalized ones leaves both unchanged."""
+    engine = make_engine()
+    prompt = prompts(1, model[0].vocab_size)[0][:12]
+    options = SamplingOptions(
+        greedy=True, repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.3
+    )
+    tokens, _, _ = run(engine, GenerationRequest(prompt, 10, options, ignore_eos=True))
+    expected: list[int] = []
+    for _ in range(10):
+        logits = next_token_logits(model, prompt + expected)
+        counts = np.bincount(expected, minlength=logits.size)
+        seen = (counts > 0) | np.isin(np.arange(logits.size), prompt)
+        logits = np.where(seen, np.where(logits > 0, logits / 1.3, logits * 1.3), logits)
+        logits = logits - 0.3 * counts - 0.4 * (counts > 0)
+        expected.append(int(np.argmax(logits)))
+    assert tokens == expected
+    plain = GenerationRequest(prompt, 10, GREEDY, ignore_eos=True)
+    assert run(engine, plain)[0] != expected  # the penalties changed the answer
+    with ThreadPoolExecutor(4) as pool:
+        mixed = list(
+            pool.map(
+                lambda r: run(engine, r)[0],
+                [plain, GenerationRequest(prompt, 10, options, ignore_eos=True)] * 2,
+            )
+        )
+    assert mixed == [run(engine, plain)[0], expected] * 2
+
+
+def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):
+    engine = make_engine()
+    prompt = prompts(2, model[0].vocab_size)[1][:20]
+    chunks = list(engine.submit(GenerationRequest(prompt, 6, GREEDY, ignore_eos=True, logprobs=3)))
+    tokens = [t for c in chunks for t in c.token_ids]
+    logprobs = [lp for c in chunks for lp in c.logprobs or []]
+    assert [lp.token_id for lp in logprobs] == tokens and len(tokens) == 6
+    for i, lp in enumerate(logprobs):
+        logits = next_token_logits(model, prompt + tokens[:i])
+        reference = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        assert lp.logprob == pytest.approx(reference[lp.token_id], abs=1e-4)
+        assert [t for t, _ in lp.top] == np.argsort(-reference)[:3].tolist()
+        assert lp.top[0][0] == lp.token_id  # greedy picks the most likely token
+    no_logprobs = list(engine.submit(GenerationRequest(prompt, 6, GREEDY, ignore_eos=True)))
+    assert all(c.logprobs is None for c in no_logprobs)
+    assert [t for c in no_logprobs for t in c.token_ids] == tokens

@@ -32,10 +32,19 @@ import time
 from collections import Counter, deque
 from typing import Any
 
-from jaxserver.engine.request import FinishReason, GenerationChunk, GenerationRequest, OutputStream
+import numpy as np
+
+from jaxserver.engine.request import (
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    OutputStream,
+    TokenLogprobs,
+)
 from jaxserver.engine.runner import Runner, idle_state, prompt_bucket, sampling_rows, set_slot
 from jaxserver.engine.scheduler import Scheduler, Sequence
 from jaxserver.errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
+from jaxserver.model.sampling import LogprobArrays
 from jaxserver.model.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -196,13 +205,14 @@ class Engine:
         budget = self.prefill_chunk_tokens
         while self.scheduler.prefilling and (budget > 0 or not self.scheduler.decoding):
             seq = self.scheduler.prefilling[0]
-            written, token = self._prefill_piece(seq)
+            written, token, logprobs = self._prefill_piece(seq)
             budget -= written
             if seq.prefill_done:
-                self._start_decoding(seq, token)
+                self._start_decoding(seq, token, logprobs)
 
-    def _prefill_piece(self, seq: Sequence) -> tuple[int, int]:
-        """Write the next piece of the prompt; return (prompt tokens written, token sampled after them)."""
+    def _prefill_piece(self, seq: Sequence) -> tuple[int, int, list[TokenLogprobs] | None]:
+        """Write the next piece of the prompt; return (prompt tokens written, token sampled after them,
+        its logprobs if the request asked and this was the last piece)."""
         request = seq.request
         prompt, pad = request.prompt_ids, self.tokenizer.pad_token_id
         sampling = sampling_rows(1, **vars(request.sampling))
@@ -218,13 +228,22 @@ class Engine:
             padded = prompt_bucket(len(part), self.prefill_chunk_tokens)
             tokens, write_pos, logit_index = part + [pad] * (padded - len(part)), seq.prefilled, len(part) - 1
             piece = len(part)
-        token = self.runner.prefill(
-            seq.slot, tokens, write_pos=write_pos, start=seq.start, logit_index=logit_index, sampling=sampling
+        last = seq.prefilled + piece >= len(prompt)
+        want_logprobs = last and request.logprobs is not None
+        token, logprobs = self.runner.prefill(
+            seq.slot,
+            tokens,
+            write_pos=write_pos,
+            start=seq.start,
+            logit_index=logit_index,
+            sampling=sampling,
+            penalize_prompt=prompt if last and request.sampling.penalized else None,
+            want_logprobs=want_logprobs,
         )
         seq.prefilled += piece
-        return piece, token
+        return piece, token, _listed([token], logprobs, request.logprobs) if want_logprobs else None
 
-    def _start_decoding(self, seq: Sequence, first_token: int) -> None:
+    def _start_decoding(self, seq: Sequence, first_token: int, logprobs: list[TokenLogprobs] | None) -> None:
         request = seq.request
         self.scheduler.start_decoding(seq)
         set_slot(
@@ -237,19 +256,32 @@ class Engine:
             stop_at_eos=not request.ignore_eos,
             sampling=sampling_rows(1, **vars(request.sampling)),
         )
-        self._emit(seq, [first_token])
+        self._emit(seq, [first_token], logprobs)
 
     def _decode(self) -> None:
-        longest = max(int(self.state.lengths[slot]) for slot in self.scheduler.decoding)
+        decoding = self.scheduler.decoding
+        longest = max(int(self.state.lengths[slot]) for slot in decoding)
         admitting = self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots)
         steps = ADMISSION_CHUNK_STEPS if admitting else self.runner.steps_per_call
-        tokens, emitted, self.state = self.runner.decode(self.state, longest, steps)
-        for slot, seq in list(self.scheduler.decoding.items()):
-            new = tokens[slot][emitted[slot]].tolist()
-            if new:
-                self._emit(seq, new)
+        outputs, self.state = self.runner.decode(
+            self.state,
+            longest,
+            steps,
+            penalize=any(seq.request.sampling.penalized for seq in decoding.values()),
+            want_logprobs=any(seq.request.logprobs is not None for seq in decoding.values()),
+        )
+        for slot, seq in list(decoding.items()):
+            emitted = outputs.emitted[slot]
+            new = outputs.tokens[slot][emitted].tolist()
+            if not new:
+                continue
+            logprobs = None
+            if seq.request.logprobs is not None:
+                row = LogprobArrays(*(column[slot][emitted] for column in outputs.logprobs))
+                logprobs = _listed(new, row, seq.request.logprobs)
+            self._emit(seq, new, logprobs)
 
-    def _emit(self, seq: Sequence, new_tokens: list[int]) -> None:
+    def _emit(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> None:
         """Detokenize new tokens, apply stop conditions, send the chunk; finish the request if it ended."""
         request = seq.request
         self._recent_tokens.append((time.monotonic(), len(new_tokens)))
@@ -277,7 +309,7 @@ class Engine:
                 held_back = longest_stop - 1  # could be the start of a stop string
         end = max(seq.emitted_chars, len(text) - held_back)
         delta, seq.emitted_chars = text[seq.emitted_chars : end], end
-        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason)
+        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason, logprobs=logprobs)
         if reason:
             self._finish(seq, reason, last=chunk)
         else:
@@ -301,3 +333,14 @@ class Engine:
             return
         self.state.active[item.slot] = False
         item.stream.put(last or GenerationChunk("", [], len(item.generated), reason, error=error))
+
+
+def _listed(tokens: list[int], arrays: LogprobArrays, top: int) -> list[TokenLogprobs]:
+    """Host logprob arrays (one row per token in `tokens`) as TokenLogprobs with `top` alternatives."""
+    chosen, top_ids, top_values = (np.asarray(column) for column in arrays)
+    return [
+        TokenLogprobs(
+            token, float(chosen[i]), list(zip(top_ids[i, :top].tolist(), top_values[i, :top].tolist()))
+        )
+        for i, token in enumerate(tokens)
+    ]

@@ -46,7 +46,9 @@ class SamplingOptions:
             if not -2 <= getattr(self, name) <= 2:
                 raise BadRequestError(f"{name} must be in [-2, 2]", param=name)
         if self.repetition_penalty <= 0:
-            raise BadRequestError("repetition_penalty must be > 0 (1 disables it)", param="repetition_penalty")
+            raise BadRequestError(
+                "repetition_penalty must be > 0 (1 disables it)", param="repetition_penalty"
+            )
 
     @property
     def penalized(self) -> bool:

@@ -21,10 +21,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserver.engine.request import MAX_TOP_LOGPROBS
 from jaxserver.model import llama
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import KVCache, Params
-from jaxserver.model.sampling import SamplingParams, sample
+from jaxserver.model.sampling import (
+    LogprobArrays,
+    Penalties,
+    SamplingParams,
+    apply_penalties,
+    count_tokens,
+    sample,
+    token_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,18 +72,23 @@ class DecodeState(NamedTuple):
 def _prefill(
     params: Params,
     cache: KVCache,
+    penalties: Penalties | None,
     tokens: jax.Array,
     slot: jax.Array,
     write_pos: jax.Array,
     start: jax.Array,
     logit_index: jax.Array,
     sampling: SamplingParams,
+    in_prompt: jax.Array | None,
     *,
     cfg: ModelConfig,
     attn_len: int,
-) -> tuple[jax.Array, KVCache]:
-    """A piece of one prompt, tokens [1, P], into cache row `slot` from index `write_pos`, attending to
-    everything before it. Returns the token sampled after position `logit_index` of the piece [1]."""
+    want_logprobs: bool,
+) -> tuple[jax.Array, LogprobArrays | None, Penalties | None, KVCache]:
+    """A piece of one prompt, tokens [1, P], into cache row `slot` [1] from index `write_pos`, attending
+    to everything before it. Returns the token sampled after position `logit_index` of the piece [1] (and
+    its logprobs when wanted). With `penalties` (all rows), the slot's row starts afresh from `in_prompt`
+    [V] (which tokens the whole prompt holds), penalizes the sampled token and counts it."""
     logits, cache = llama.forward(
         params,
         cfg,
@@ -87,12 +101,32 @@ def _prefill(
         logit_index=logit_index,
     )
     tokens_before_next = write_pos + logit_index + 1 - start
-    return sample(logits, sampling, positions=tokens_before_next), cache
+    raw_logits = logits
+    if penalties is not None:
+        row = Penalties(jnp.zeros_like(penalties.counts[slot]), in_prompt[None, :])
+        logits = apply_penalties(logits, sampling, row)
+    token = sample(logits, sampling, positions=tokens_before_next)
+    if penalties is not None:
+        row = count_tokens(row, token, jnp.ones_like(token, bool))
+        penalties = Penalties(
+            penalties.counts.at[slot].set(row.counts), penalties.in_prompt.at[slot].set(row.in_prompt)
+        )
+    logprobs = token_logprobs(raw_logits, token, MAX_TOP_LOGPROBS) if want_logprobs else None
+    return token, logprobs, penalties, cache
+
+
+class ChunkOutputs(NamedTuple):
+    """What a decode chunk produced, per row and step: [B, max_steps] (logprobs: [B, max_steps, ...])."""
+
+    tokens: jax.Array  # int32
+    emitted: jax.Array  # bool: False where the row had finished or the chunk ended
+    logprobs: LogprobArrays | None  # when asked for
 
 
 def _decode_chunk(
     params: Params,
     cache: KVCache,
+    penalties: Penalties | None,
     state: DecodeState,
     eos_ids: jax.Array,
     steps: jax.Array,
@@ -102,16 +136,17 @@ def _decode_chunk(
     cfg: ModelConfig,
     max_steps: int,
     attn_len: int,
-) -> tuple[jax.Array, jax.Array, DecodeState, KVCache]:
+    want_logprobs: bool,
+) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
-    `state` holds their B rows). Returns tokens [B, max_steps], an emitted mask [B, max_steps] (False
-    where a row had finished or the chunk ended), the new state and the cache. `layers` holds the
-    per-layer weights from `llama.decode_params`; the loop works on the rows' first `attn_len` cache
-    entries, cut out once per chunk and written back at its end."""
+    `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
+    `layers` holds the per-layer weights from `llama.decode_params`; the loop works on the rows' first
+    `attn_len` cache entries, cut out once per chunk and written back at its end. `penalties` (all rows)
+    is given only when some row uses repetition penalties: it costs a [B, vocab] pass per step."""
     cache_len = cache.length
 
     def step(carry):
-        i, state, (k_windows, v_windows), tokens, emitted = carry
+        i, state, (k_windows, v_windows), rows_penalties, outputs = carry
         # Inactive slots write out of bounds (dropped): their rows may hold a prompt being prefilled.
         write_pos = jnp.where(state.active, state.lengths, cache_len)
         logits, k_windows, v_windows = llama.decode_step(
@@ -119,7 +154,18 @@ def _decode_chunk(
         )
         live = state.active
         lengths = state.lengths + live
+        raw_logits = logits
+        if rows_penalties is not None:
+            logits = apply_penalties(logits, state.sampling, rows_penalties)
         new_tokens = sample(logits, state.sampling, positions=lengths - state.starts)
+        if rows_penalties is not None:
+            rows_penalties = count_tokens(rows_penalties, new_tokens, live)
+        logprobs = outputs.logprobs
+        if want_logprobs:
+            step_logprobs = token_logprobs(raw_logits, new_tokens, MAX_TOP_LOGPROBS)
+            logprobs = jax.tree.map(
+                lambda all_steps, now: all_steps.at[:, i].set(now), logprobs, step_logprobs
+            )
         remaining = state.remaining - live
         finished = (
             (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
@@ -130,27 +176,34 @@ def _decode_chunk(
             remaining=remaining,
             active=live & ~finished,
         )
-        return (
-            i + 1,
-            state,
-            (k_windows, v_windows),
-            tokens.at[:, i].set(new_tokens),
-            emitted.at[:, i].set(live),
+        outputs = ChunkOutputs(
+            outputs.tokens.at[:, i].set(new_tokens), outputs.emitted.at[:, i].set(live), logprobs
         )
+        return i + 1, state, (k_windows, v_windows), rows_penalties, outputs
 
     def keep_going(carry) -> jax.Array:
         i, state = carry[0], carry[1]
         return (i < steps) & jnp.any(state.active)
 
     # A while loop rather than a scan: it stops as soon as every slot has finished.
-    slots = state.tokens.shape[0]
-    tokens = jnp.zeros((slots, max_steps), jnp.int32)
-    emitted = jnp.zeros((slots, max_steps), bool)
-    windows = llama.cache_windows(cache, slot_ids, attn_len)
-    _, state, windows, tokens, emitted = jax.lax.while_loop(
-        keep_going, step, (0, state, windows, tokens, emitted)
+    rows = state.tokens.shape[0]
+    logprobs = None
+    if want_logprobs:
+        top = (rows, max_steps, MAX_TOP_LOGPROBS)
+        logprobs = LogprobArrays(
+            jnp.zeros((rows, max_steps)), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)
+        )
+    outputs = ChunkOutputs(
+        jnp.zeros((rows, max_steps), jnp.int32), jnp.zeros((rows, max_steps), bool), logprobs
     )
-    return tokens, emitted, state, llama.store_windows(cache, slot_ids, *windows)
+    rows_penalties = None if penalties is None else jax.tree.map(lambda table: table[slot_ids], penalties)
+    windows = llama.cache_windows(cache, slot_ids, attn_len)
+    _, state, windows, rows_penalties, outputs = jax.lax.while_loop(
+        keep_going, step, (0, state, windows, rows_penalties, outputs)
+    )
+    if penalties is not None:
+        penalties = jax.tree.map(lambda table, rows: table.at[slot_ids].set(rows), penalties, rows_penalties)
+    return outputs, state, penalties, llama.store_windows(cache, slot_ids, *windows)
 
 
 class Runner:
@@ -179,13 +232,19 @@ class Runner:
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype)
         if cache_sharding is not None:
             self.cache = jax.device_put(self.cache, cache_sharding)
+        # Only rows of requests with repetition penalties are kept up to date (see Engine).
+        self.penalties = Penalties(
+            jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
+        )
         self._prefill = jax.jit(
-            functools.partial(_prefill, cfg=cfg), static_argnames=("attn_len",), donate_argnums=(1,)
+            functools.partial(_prefill, cfg=cfg),
+            static_argnames=("attn_len", "want_logprobs"),
+            donate_argnums=(1, 2),
         )
         self._decode = jax.jit(
             functools.partial(_decode_chunk, cfg=cfg),
-            static_argnames=("max_steps", "attn_len"),
-            donate_argnums=(1,),
+            static_argnames=("max_steps", "attn_len", "want_logprobs"),
+            donate_argnums=(1, 2),
         )
 
     @property
@@ -201,34 +260,54 @@ class Runner:
         start: int,
         logit_index: int,
         sampling: SamplingParams,
-    ) -> int:
+        penalize_prompt: list[int] | None = None,
+        want_logprobs: bool = False,
+    ) -> tuple[int, LogprobArrays | None]:
         """Write a (padded) piece of a prompt into `slot` at `write_pos`; return the token sampled after
-        the piece's position `logit_index` (meaningful for the prompt's last piece)."""
+        the piece's position `logit_index` (meaningful for the prompt's last piece) and, if wanted, its
+        logprobs ([1]-row host arrays). `penalize_prompt` (the whole prompt) starts the slot's
+        repetition-penalty row and applies it to this token."""
         attn_len = bucket(write_pos + len(tokens), MIN_PROMPT_BUCKET, self.cache_len)
-        first, self.cache = self._prefill(
+        in_prompt = None
+        if penalize_prompt is not None:
+            in_prompt = np.zeros((self.cfg.vocab_size,), bool)
+            in_prompt[penalize_prompt] = True
+        first, logprobs, penalties, self.cache = self._prefill(
             self.params,
             self.cache,
+            self.penalties if penalize_prompt is not None else None,
             np.asarray([tokens], np.int32),
             np.asarray([slot], np.int32),
             np.asarray([write_pos], np.int32),
             np.asarray([start], np.int32),
             np.asarray([logit_index], np.int32),
             sampling,
+            in_prompt,
             attn_len=attn_len,
+            want_logprobs=want_logprobs,
         )
-        return int(first[0])
+        if penalties is not None:
+            self.penalties = penalties
+        return int(first[0]), jax.device_get(logprobs)
 
     def decode_shape(self, active: int, longest: int, steps: int) -> tuple[int, int]:
         """The compiled shape a decode chunk uses: (batch rows, attended cache length)."""
         return bucket(max(active, 1), 1, self.slots), bucket(longest + steps, MIN_ATTN_BUCKET, self.cache_len)
 
     def decode(
-        self, state: DecodeState, longest: int, steps: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray, DecodeState]:
+        self,
+        state: DecodeState,
+        longest: int,
+        steps: int | None = None,
+        *,
+        penalize: bool = False,
+        want_logprobs: bool = False,
+    ) -> tuple[ChunkOutputs, DecodeState]:
         """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for the active slots;
         `longest` is the largest cache length among them. Takes and returns the state of all slots as
-        host (numpy) arrays, so the caller may edit rows between chunks; tokens and emitted are
-        [slots, steps_per_call].
+        host (numpy) arrays, so the caller may edit rows between chunks; the outputs are host arrays of
+        [slots, steps_per_call]. `penalize` applies the slots' repetition penalties; `want_logprobs`
+        returns every token's logprobs and the top MAX_TOP_LOGPROBS.
 
         Only the active slots are computed, gathered into a batch padded to a power of two with idle
         slots, so a lone request costs a batch of one, not `slots` rows."""
@@ -238,9 +317,10 @@ class Runner:
         rows, attn_len = self.decode_shape(len(active), longest, steps)
         slot_ids = np.concatenate([active, idle[: rows - len(active)]]).astype(np.int32)
         sub_state = jax.tree.map(lambda column: column[slot_ids], state)
-        tokens, emitted, sub_state, self.cache = self._decode(
+        outputs, sub_state, penalties, self.cache = self._decode(
             self.params,
             self.cache,
+            self.penalties if penalize else None,
             sub_state,
             self.eos_ids,
             np.int32(steps),
@@ -248,15 +328,21 @@ class Runner:
             slot_ids,
             max_steps=self.steps_per_call,
             attn_len=attn_len,
+            want_logprobs=want_logprobs,
         )
-        tokens, emitted, sub_state = jax.device_get((tokens, emitted, sub_state))
-        all_tokens = np.zeros((self.slots, self.steps_per_call), np.int32)
-        all_emitted = np.zeros((self.slots, self.steps_per_call), bool)
-        all_tokens[slot_ids], all_emitted[slot_ids] = tokens, emitted
+        if penalties is not None:
+            self.penalties = penalties
+        outputs, sub_state = jax.device_get((outputs, sub_state))
+
+        def scatter(rows_values: np.ndarray) -> np.ndarray:
+            all_rows = np.zeros((self.slots, *rows_values.shape[1:]), rows_values.dtype)
+            all_rows[slot_ids] = rows_values
+            return all_rows
+
         new_state = jax.tree.map(np.array, state)  # writable host copies the caller may edit
         for column, rows_after in zip(jax.tree.leaves(new_state), jax.tree.leaves(sub_state), strict=True):
             column[slot_ids] = rows_after
-        return all_tokens, all_emitted, new_state
+        return jax.tree.map(scatter, outputs), new_state
 
     def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> None:
         """Compile the common shapes now rather than on the first requests: the given prompt buckets;
@@ -282,6 +368,7 @@ class Runner:
         *_, self.cache = self._decode(
             self.params,
             self.cache,
+            None,
             idle,
             self.eos_ids,
             np.int32(1),
@@ -289,11 +376,22 @@ class Runner:
             slot_ids,
             max_steps=self.steps_per_call,
             attn_len=attn_len,
+            want_logprobs=False,
         )
 
 
 def sampling_rows(
-    rows: int, *, temperature: float, top_p: float, top_k: int, greedy: bool, seed: int
+    rows: int,
+    *,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    greedy: bool,
+    seed: int,
+    min_p: float = 0.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    repetition_penalty: float = 1.0,
 ) -> SamplingParams:
     key = np.asarray(jax.random.key_data(jax.random.key(seed, impl="threefry2x32")), np.uint32)
     return SamplingParams(
@@ -302,6 +400,10 @@ def sampling_rows(
         top_k=np.full((rows,), top_k, np.int32),
         greedy=np.full((rows,), greedy),
         key=np.tile(key, (rows, 1)),
+        min_p=np.full((rows,), min_p, np.float32),
+        presence_penalty=np.full((rows,), presence_penalty, np.float32),
+        frequency_penalty=np.full((rows,), frequency_penalty, np.float32),
+        repetition_penalty=np.full((rows,), repetition_penalty, np.float32),
     )
 
 
