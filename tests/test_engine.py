@@ -163,7 +163,8 @@ def next_token_logits(model, ids: list[int]) -> np.ndarray:
     cache = llama.init_cache(cfg, 1, len(ids), jnp.float32)
     zero = jnp.zeros((1,), jnp.int32)
     logits, _ = llama.forward(
-        params,
+        llama.head_params(params),
+        llama.layer_params(params, cfg),
         cfg,
         jnp.asarray([ids]),
         cache,

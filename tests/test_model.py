@@ -32,7 +32,16 @@ def full_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
     batch, seq = ids.shape
     cache = llama.init_cache(cfg, batch, seq, jnp.float32)
     zeros = jnp.zeros((batch,), jnp.int32)
-    logits, _ = llama.forward(params, cfg, jnp.asarray(ids), cache, zeros, zeros, attn_len=seq)
+    logits, _ = llama.forward(
+        llama.head_params(params),
+        llama.layer_params(params, cfg),
+        cfg,
+        jnp.asarray(ids),
+        cache,
+        zeros,
+        zeros,
+        attn_len=seq,
+    )
     return np.asarray(logits)
 
 
@@ -67,9 +76,11 @@ def test_cached_decode_equals_recompute(tiny_model):
     expected = full_logits(cfg, params, ids)[0]
     cache = llama.init_cache(cfg, 1, 32, jnp.float32)
     zero = jnp.zeros((1,), jnp.int32)
+    head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     for pos in range(ids.shape[1]):
         logits, cache = llama.forward(
-            params,
+            head,
+            layers,
             cfg,
             jnp.asarray(ids[:, pos : pos + 1]),
             cache,

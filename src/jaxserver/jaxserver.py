@@ -152,7 +152,7 @@ class JAXServer:
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         assert self.params is not None and self.mesh is not None, "call shard_params first"
         slots = cfg.max_batch_size
-        cache_shape = (model.num_layers, slots, cfg.max_length, model.num_kv_heads, model.head_dim)
+        cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
         runner = Runner(
             model,
             self.params,

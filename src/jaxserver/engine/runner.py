@@ -71,6 +71,7 @@ class DecodeState(NamedTuple):
 
 def _prefill(
     params: Params,
+    layers: list[Params],
     cache: KVCache,
     penalties: Penalties | None,
     tokens: jax.Array,
@@ -91,6 +92,7 @@ def _prefill(
     [V] (which tokens the whole prompt holds), penalizes the sampled token and counts it."""
     logits, cache = llama.forward(
         params,
+        layers,
         cfg,
         tokens,
         cache,
@@ -125,12 +127,12 @@ class ChunkOutputs(NamedTuple):
 
 def _decode_chunk(
     params: Params,
+    layers: list[Params],
     cache: KVCache,
     penalties: Penalties | None,
     state: DecodeState,
     eos_ids: jax.Array,
     steps: jax.Array,
-    layers: list[Params],
     slot_ids: jax.Array,
     *,
     cfg: ModelConfig,
@@ -140,17 +142,26 @@ def _decode_chunk(
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
-    `layers` holds the per-layer weights from `llama.decode_params`; the loop works on the rows' first
-    `attn_len` cache entries, cut out once per chunk and written back at its end. `penalties` (all rows)
-    is given only when some row uses repetition penalties: it costs a [B, vocab] pass per step."""
+    Attention reads the rows' first `attn_len` cache entries in place. `penalties` (all rows) is given
+    only when some row uses repetition penalties: it costs a [B, vocab] pass per step."""
     cache_len = cache.length
+    first = jnp.zeros_like(slot_ids)
 
     def step(carry):
-        i, state, (k_windows, v_windows), rows_penalties, outputs = carry
+        i, state, cache, rows_penalties, outputs = carry
         # Inactive slots write out of bounds (dropped): their rows may hold a prompt being prefilled.
         write_pos = jnp.where(state.active, state.lengths, cache_len)
-        logits, k_windows, v_windows = llama.decode_step(
-            params, layers, cfg, state.tokens, k_windows, v_windows, write_pos=write_pos, start=state.starts
+        logits, cache = llama.forward(
+            params,
+            layers,
+            cfg,
+            state.tokens[:, None],
+            cache,
+            write_pos=write_pos,
+            start=state.starts,
+            attn_len=attn_len,
+            slot_ids=slot_ids,
+            logit_index=first,
         )
         live = state.active
         lengths = state.lengths + live
@@ -179,7 +190,7 @@ def _decode_chunk(
         outputs = ChunkOutputs(
             outputs.tokens.at[:, i].set(new_tokens), outputs.emitted.at[:, i].set(live), logprobs
         )
-        return i + 1, state, (k_windows, v_windows), rows_penalties, outputs
+        return i + 1, state, cache, rows_penalties, outputs
 
     def keep_going(carry) -> jax.Array:
         i, state = carry[0], carry[1]
@@ -197,13 +208,12 @@ def _decode_chunk(
         jnp.zeros((rows, max_steps), jnp.int32), jnp.zeros((rows, max_steps), bool), logprobs
     )
     rows_penalties = None if penalties is None else jax.tree.map(lambda table: table[slot_ids], penalties)
-    windows = llama.cache_windows(cache, slot_ids, attn_len)
-    _, state, windows, rows_penalties, outputs = jax.lax.while_loop(
-        keep_going, step, (0, state, windows, rows_penalties, outputs)
+    _, state, cache, rows_penalties, outputs = jax.lax.while_loop(
+        keep_going, step, (0, state, cache, rows_penalties, outputs)
     )
     if penalties is not None:
         penalties = jax.tree.map(lambda table, rows: table.at[slot_ids].set(rows), penalties, rows_penalties)
-    return outputs, state, penalties, llama.store_windows(cache, slot_ids, *windows)
+    return outputs, state, penalties, cache
 
 
 class Runner:
@@ -222,16 +232,13 @@ class Runner:
         cache_sharding: jax.sharding.Sharding | None = None,
     ):
         self.cfg = cfg
-        self.params = params
-        # A second, per-layer copy of the weights for decoding (see llama.decode_params).
-        self.decode_layers = llama.decode_params(params, cfg)
+        self.params = llama.head_params(params)
+        self.layers = llama.layer_params(params, cfg)
         self.slots = slots
         self.cache_len = cache_len
         self.steps_per_call = steps_per_call
         self.eos_ids = jnp.asarray(eos_ids, jnp.int32)
-        self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype)
-        if cache_sharding is not None:
-            self.cache = jax.device_put(self.cache, cache_sharding)
+        self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
@@ -239,12 +246,12 @@ class Runner:
         self._prefill = jax.jit(
             functools.partial(_prefill, cfg=cfg),
             static_argnames=("attn_len", "want_logprobs"),
-            donate_argnums=(1, 2),
+            donate_argnums=(2, 3),
         )
         self._decode = jax.jit(
             functools.partial(_decode_chunk, cfg=cfg),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
-            donate_argnums=(1, 2),
+            donate_argnums=(2, 3),
         )
 
     @property
@@ -274,6 +281,7 @@ class Runner:
             in_prompt[penalize_prompt] = True
         first, logprobs, penalties, self.cache = self._prefill(
             self.params,
+            self.layers,
             self.cache,
             self.penalties if penalize_prompt is not None else None,
             np.asarray([tokens], np.int32),
@@ -319,12 +327,12 @@ class Runner:
         sub_state = jax.tree.map(lambda column: column[slot_ids], state)
         outputs, sub_state, penalties, self.cache = self._decode(
             self.params,
+            self.layers,
             self.cache,
             self.penalties if penalize else None,
             sub_state,
             self.eos_ids,
             np.int32(steps),
-            self.decode_layers,
             slot_ids,
             max_steps=self.steps_per_call,
             attn_len=attn_len,
@@ -367,12 +375,12 @@ class Runner:
         idle = jax.tree.map(lambda column: column[slot_ids], idle_state(self.slots))
         *_, self.cache = self._decode(
             self.params,
+            self.layers,
             self.cache,
             None,
             idle,
             self.eos_ids,
             np.int32(1),
-            self.decode_layers,
             slot_ids,
             max_steps=self.steps_per_call,
             attn_len=attn_len,

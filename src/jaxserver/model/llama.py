@@ -1,7 +1,8 @@
 """A Llama-family decoder as pure functions over a parameter pytree, with an explicit KV cache.
 
 Parameters (a plain dict; linear weights are stored [in, out] so layers compute `x @ w`; the per-layer
-weights are stacked on a leading `layers` axis so the layer loop is one `lax.scan`):
+weights are stacked on a leading `layers` axis, the layout loaders and checkpoints use; `layer_params`
+splits them into the per-layer buffers the forward pass runs on):
 
     embed        [vocab, hidden]
     final_norm   [hidden]
@@ -34,21 +35,33 @@ MASK_VALUE = -1e30
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # [layers, slots, length, kv_heads, head_dim]
-    v: jax.Array  # [layers, slots, length, kv_heads, head_dim]
+    """Keys and values per layer, each [slots, kv_heads, length, head_dim]: a row's entries for one head
+    are contiguous, so attention reads the rows it needs without copies or transposes."""
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @property
     def length(self) -> int:
-        return self.k.shape[2]
+        return self.k[0].shape[2]
 
     @property
     def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+        return sum(a.nbytes for a in (*self.k, *self.v))
 
 
-def init_cache(cfg: ModelConfig, slots: int, length: int, dtype: Any) -> KVCache:
-    shape = (cfg.num_layers, slots, length, cfg.num_kv_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+def init_cache(
+    cfg: ModelConfig, slots: int, length: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
+) -> KVCache:
+    shape = (slots, cfg.num_kv_heads, length, cfg.head_dim)
+
+    def zeros() -> jax.Array:
+        array = jnp.zeros(shape, dtype)
+        return array if sharding is None else jax.device_put(array, sharding)
+
+    return KVCache(
+        tuple(zeros() for _ in range(cfg.num_layers)), tuple(zeros() for _ in range(cfg.num_layers))
+    )
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -89,11 +102,14 @@ def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate query/key pairs (first half, second half) of each head. x: [B, S, heads, hd]; positions [B, S]."""
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, hd/2]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
+def rotary(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of the rotation angles at positions [B, S]: [B, S, 1, hd/2] each, shared by layers."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(rope_inverse_frequencies(cfg))
+    return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate query/key pairs (first half, second half) of each head. x: [B, S, heads, hd]."""
     x32 = x.astype(jnp.float32)
     first, second = jnp.split(x32, 2, axis=-1)
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
@@ -103,103 +119,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
     """Grouped-query attention without copying K/V per query head.
 
-    q [B, S, kv_heads, group, hd]; k, v [B, T, kv_heads, hd]; mask [B, S, T] -> [B, S, kv_heads*group*hd]
+    q [B, S, kv_heads, group, hd]; k, v [B, kv_heads, T, hd]; mask [B, S, T] -> [B, S, kv_heads*group*hd]
     """
     scale = q.shape[-1] ** -0.5
-    scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bskgd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,bktd->bskgd", probs, v)
     return out.reshape(*out.shape[:2], -1)
 
 
-def mlp(x: jax.Array, layer: Params) -> jax.Array:
-    return (jax.nn.silu(x @ layer["w_gate"]) * (x @ layer["w_up"])) @ layer["w_down"]
-
-
 # --- the forward pass ---------------------------------------------------------------------------------
-
-
-def forward(
-    params: Params,
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    cache: KVCache,
-    write_pos: jax.Array,
-    start: jax.Array,
-    attn_len: int,
-    slot_ids: jax.Array | None = None,
-    logit_index: jax.Array | None = None,
-) -> tuple[jax.Array, KVCache]:
-    """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
-
-    Row b's tokens go to cache row `slot_ids[b]` (all rows in order when None) at indices
-    write_pos[b] .. write_pos[b]+S-1, and attend to that row's cache indices [start[b], own index] within
-    the first `attn_len` (static) entries. Returns logits [B, V] at `logit_index` [B] (or [B, S, V] for
-    every position when None) in float32, and the updated cache.
-    """
-    batch, seq = tokens.shape
-    inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
-    query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
-    positions = query_index - start[:, None]
-    key_index = jnp.arange(attn_len)
-    mask = (key_index[None, None, :] <= query_index[:, :, None]) & (
-        key_index[None, None, :] >= start[:, None, None]
-    )  # [B, S, T]
-    rows = jnp.arange(batch) if slot_ids is None else slot_ids
-    group = cfg.num_heads // cfg.num_kv_heads
-    hd = cfg.head_dim
-
-    def layer_step(carry, layer_and_index):
-        x, k_cache, v_cache = carry
-        layer, i = layer_and_index
-        h = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps)
-        q, k, v = h @ layer["wq"], h @ layer["wk"], h @ layer["wv"]
-        if cfg.attention_bias:
-            q, k, v = q + layer["bq"], k + layer["bk"], v + layer["bv"]
-        q = apply_rope(q.reshape(batch, seq, cfg.num_heads, hd), positions, inv_freq)
-        k = apply_rope(k.reshape(batch, seq, cfg.num_kv_heads, hd), positions, inv_freq)
-        v = v.reshape(batch, seq, cfg.num_kv_heads, hd)
-        layer_index = jnp.broadcast_to(i, query_index.shape)
-        k_cache = k_cache.at[layer_index, rows[:, None], query_index].set(
-            k.astype(k_cache.dtype), mode="drop"
-        )
-        v_cache = v_cache.at[layer_index, rows[:, None], query_index].set(
-            v.astype(v_cache.dtype), mode="drop"
-        )
-        k_layer, v_layer = k_cache[i], v_cache[i]  # [slots, length, kv_heads, hd]
-        if slot_ids is None:
-            k_seen, v_seen = k_layer[:, :attn_len], v_layer[:, :attn_len]
-        else:
-            k_seen, v_seen = k_layer[slot_ids, :attn_len], v_layer[slot_ids, :attn_len]
-        q = q.reshape(batch, seq, cfg.num_kv_heads, group, hd)
-        x = x + attention(q, k_seen, v_seen, mask) @ layer["wo"]
-        x = x + mlp(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer)
-        return (x, k_cache, v_cache), None
-
-    x = params["embed"][tokens]
-    layer_ids = jnp.arange(cfg.num_layers)
-    (x, k_cache, v_cache), _ = jax.lax.scan(layer_step, (x, cache.k, cache.v), (params["layers"], layer_ids))
-    if logit_index is not None:
-        x = x[jnp.arange(batch), logit_index]  # [B, hidden]
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-    return logits, KVCache(k_cache, v_cache)
-
-
-# --- the decode step -----------------------------------------------------------------------------------
 #
-# Decoding one token per slot is bound by reading the weights and the cache, so the decode path avoids
-# every copy XLA would otherwise make inside the step loop: the layers are unrolled over per-layer weight
-# buffers (indexing a stacked weight with the scan counter copies it every layer), and attention reads
-# per-layer K/V "windows" [slots, kv_heads, attn_len, head_dim] that the decode chunk cuts from the cache
-# once (slicing the first `attn_len` entries of the big cache inside the loop copies and transposes them
-# every layer of every step).
+# The layers are unrolled over per-layer weight buffers (`layer_params`) rather than scanned over the
+# stacked ones: indexing a stacked weight with a loop counter copies it every layer, and for decoding,
+# which is bound by reading the weights, that copy would double the traffic.
 
 
-def decode_params(params: Params, cfg: ModelConfig) -> list[Params]:
-    """Per-layer weights as separate buffers, with Q/K/V and gate/up concatenated, for `decode_step`."""
+def layer_params(params: Params, cfg: ModelConfig) -> list[Params]:
+    """Per-layer weights as separate buffers, with Q/K/V and gate/up concatenated (one matmul each)."""
     stacked = params["layers"]
     layers = []
     for i in range(cfg.num_layers):
@@ -212,86 +150,72 @@ def decode_params(params: Params, cfg: ModelConfig) -> list[Params]:
     return layers
 
 
-def cache_windows(
-    cache: KVCache, slot_ids: jax.Array, attn_len: int
-) -> tuple[list[jax.Array], list[jax.Array]]:
-    """The first `attn_len` entries of cache rows `slot_ids` [B] (distinct), per layer, as
-    [B, kv_heads, attn_len, head_dim] arrays."""
-    num_layers = cache.k.shape[0]
-    k = [jnp.swapaxes(cache.k[i, slot_ids, :attn_len], 1, 2) for i in range(num_layers)]
-    v = [jnp.swapaxes(cache.v[i, slot_ids, :attn_len], 1, 2) for i in range(num_layers)]
-    return k, v
-
-
-def store_windows(cache: KVCache, slot_ids: jax.Array, k: list[jax.Array], v: list[jax.Array]) -> KVCache:
-    """Write windows from `cache_windows` back into their cache rows."""
-    attn_len = k[0].shape[2]
-    k_cache, v_cache = cache
-    for i, (k_window, v_window) in enumerate(zip(k, v, strict=True)):  # layer by layer: no stacked temporary
-        k_cache = k_cache.at[i, slot_ids, :attn_len].set(jnp.swapaxes(k_window, 1, 2))
-        v_cache = v_cache.at[i, slot_ids, :attn_len].set(jnp.swapaxes(v_window, 1, 2))
-    return KVCache(k_cache, v_cache)
-
-
-def decode_step(
+def forward(
     params: Params,
     layers: list[Params],
     cfg: ModelConfig,
     tokens: jax.Array,
-    k_windows: list[jax.Array],
-    v_windows: list[jax.Array],
+    cache: KVCache,
     write_pos: jax.Array,
     start: jax.Array,
-) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
-    """One token per row: tokens [B] go to window index write_pos [B] and attend to [start, write_pos].
+    attn_len: int,
+    slot_ids: jax.Array | None = None,
+    logit_index: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache]:
+    """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
-    Computes what `forward` computes for one token per row (all rows, in order); `layers` comes from
-    `decode_params`, the windows from `cache_windows`. Returns logits [B, V] float32 and the windows.
+    `params` holds the embedding, final norm and head; `layers` comes from `layer_params`. Row b's tokens
+    go to cache row `slot_ids[b]` (rows 0..B-1 when None) at indices write_pos[b] .. write_pos[b]+S-1
+    (indices past the cache are dropped: an idle row writes nothing), and attend to that row's cache
+    indices [start[b], own index] within the first `attn_len` (static) entries. Rotary positions are
+    `index - start`. Returns logits [B, V] at `logit_index` [B] (or [B, S, V] for every position when
+    None) in float32, and the updated cache.
     """
-    batch = tokens.shape[0]
+    batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    group = heads // kv_heads
-    attn_len = k_windows[0].shape[2]
-    angles = (write_pos - start).astype(jnp.float32)[:, None] * jnp.asarray(rope_inverse_frequencies(cfg))
-    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]  # [B, 1, hd/2], shared by layers
-
-    def rope(x: jax.Array) -> jax.Array:  # [B, n, hd]
-        x32 = x.astype(jnp.float32)
-        first, second = jnp.split(x32, 2, axis=-1)
-        return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], -1).astype(x.dtype)
-
+    query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
+    cos, sin = rotary(query_index - start[:, None], cfg)
     key_index = jnp.arange(attn_len)
-    mask = (key_index[None, :] <= write_pos[:, None]) & (key_index[None, :] >= start[:, None])
-    mask = mask[:, None, None, :]  # [B, 1, 1, T]
-    rows = jnp.arange(batch)
-    scale = hd**-0.5
-    x = params["embed"][tokens]  # [B, hidden]
+    mask = (key_index[None, None, :] <= query_index[:, :, None]) & (
+        key_index[None, None, :] >= start[:, None, None]
+    )  # [B, S, T]
+    rows = jnp.arange(batch) if slot_ids is None else slot_ids
+    x = params["embed"][tokens]
     new_k, new_v = [], []
-    for layer, k_cache, v_cache in zip(layers, k_windows, v_windows, strict=True):
+    for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
         qkv = rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps) @ layer["wqkv"]
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
-        q = rope(q.reshape(batch, heads, hd)).reshape(batch, kv_heads, group, hd)
-        k = rope(k.reshape(batch, kv_heads, hd))
-        k_cache = k_cache.at[rows, :, write_pos].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, :, write_pos].set(
-            v.reshape(batch, kv_heads, hd).astype(v_cache.dtype), mode="drop"
-        )
+        q = apply_rope(q.reshape(batch, seq, heads, hd), cos, sin)
+        k = apply_rope(k.reshape(batch, seq, kv_heads, hd), cos, sin)
+        v = v.reshape(batch, seq, kv_heads, hd)
+        # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
+        k_cache = k_cache.at[rows[:, None], :, query_index].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows[:, None], :, query_index].set(v.astype(v_cache.dtype), mode="drop")
         new_k.append(k_cache)
         new_v.append(v_cache)
-        scores = jnp.einsum("bkgd,bktd->bkgt", q, k_cache, preferred_element_type=jnp.float32) * scale
-        probs = jax.nn.softmax(jnp.where(mask, scores, MASK_VALUE), axis=-1).astype(v_cache.dtype)
-        out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache).reshape(batch, heads * hd)
+        if slot_ids is None:
+            k_seen, v_seen = k_cache[:batch, :, :attn_len], v_cache[:batch, :, :attn_len]
+        else:
+            k_seen, v_seen = k_cache[slot_ids, :, :attn_len], v_cache[slot_ids, :, :attn_len]
+        out = attention(q.reshape(batch, seq, kv_heads, heads // kv_heads, hd), k_seen, v_seen, mask)
         x = x + out.astype(x.dtype) @ layer["wo"]
         gate, up = jnp.split(
             rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps) @ layer["w_gate_up"], 2, axis=-1
         )
         x = x + (jax.nn.silu(gate) * up) @ layer["w_down"]
+    if logit_index is not None:
+        x = x[jnp.arange(batch), logit_index]  # [B, hidden]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
     logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
-    return logits, new_k, new_v
+    return logits, KVCache(tuple(new_k), tuple(new_v))
+
+
+def head_params(params: Params) -> Params:
+    """Everything but the stacked layers: what `forward` takes as `params`."""
+    return {name: value for name, value in params.items() if name != "layers"}
 
 
 # --- parameters ---------------------------------------------------------------------------------------

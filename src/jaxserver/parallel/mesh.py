@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxserver.model.llama import KVCache, Params
+from jaxserver.model.llama import Params
 
 # Logical axes of each parameter (layer weights carry a leading "layers" axis).
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
@@ -34,7 +34,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # one layer's keys or values
 
 
 def logical_rules(axis_names: Sequence[str]) -> dict[str, str]:
@@ -91,6 +91,6 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
     return jax.device_put(params, param_shardings(params, mesh))
 
 
-def cache_sharding(cache_shape: Sequence[int], mesh: Mesh) -> KVCache:
-    sharding = NamedSharding(mesh, spec_for(cache_shape, CACHE_AXES, mesh))
-    return KVCache(sharding, sharding)
+def cache_sharding(layer_cache_shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    """The sharding of each layer's key (or value) cache."""
+    return NamedSharding(mesh, spec_for(layer_cache_shape, CACHE_AXES, mesh))
