@@ -31,6 +31,16 @@ def _flag_type(annotation: Any):
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in JAXServerConfig.model_fields.items():
+        if name == "cors_origins":  # a repeatable --cors-origin instead, as CORS settings usually read
+            parser.add_argument(
+                "--cors-origin",
+                dest=name,
+                action="append",
+                metavar="ORIGIN",
+                default=argparse.SUPPRESS,
+                help=f"{field.description} Repeat the flag for several origins (default: none)",
+            )
+            continue
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
         parser.add_argument(
@@ -38,7 +48,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             dest=name,
             type=_flag_type(field.annotation),
             default=argparse.SUPPRESS,
-            help=f"{field.description or ''} (default: {shown})".strip(),
+            help=(
+                (field.description or "") + ("" if field.default_factory else f" (default: {shown})")
+            ).strip(),
         )
 
 

@@ -6,10 +6,11 @@ whose message names the field and what is allowed.
 
 from __future__ import annotations
 
+import os
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DTYPE_ALIASES = {
     "fp32": "float32",
@@ -80,6 +81,17 @@ class JAXServerConfig(BaseModel):
         30.0, ge=0, description="On SIGTERM: how long running requests may finish before they are aborted."
     )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Larger request bodies get 413.")
+    api_key: SecretStr | None = Field(
+        default_factory=lambda: os.environ.get("JAXSERVER_API_KEY") or None,
+        validate_default=True,
+        description=(
+            "When set, every route but /health needs `Authorization: Bearer <key>`. Defaults to the "
+            "environment variable JAXSERVER_API_KEY. Shown as '**********' in /status."
+        ),
+    )
+    cors_origins: tuple[str, ...] = Field(
+        (), description="Origins allowed to call the API from a browser (CORS); '*' allows any."
+    )
     warm_up: bool = Field(True, description="Compile the common prompt shapes before reporting ready.")
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
