@@ -50,3 +50,17 @@ class OverloadedError(JAXServerError):
 
 class EngineError(JAXServerError):
     """The engine failed while running a request."""
+
+
+class AuthenticationError(JAXServerError):
+    """A missing or wrong API key."""
+
+    status_code = 401
+    error_type = "authentication_error"
+
+
+class NotFoundError(JAXServerError):
+    """An unknown model name (or another named thing that does not exist)."""
+
+    status_code = 404
+    error_type = "invalid_request_error"  # OpenAI's type for an unknown model

@@ -1,68 +1,46 @@
-"""The FastAPI app: the seed's /instruct, /chat and /status routes over a `JAXServer`.
+"""The FastAPI app: the seed's /instruct, /chat and /status routes over a `JAXServer`, the OpenAI-compatible
+routes (`openai_api`), vLLM's tokenizer routes (`tokenizer_api`), /health and /metrics.
 
 Routes stay thin: they build the prompt through the server (so overrides of `forward_instruct` /
-`forward_chat` apply), check it before any token is generated, and map errors to one JSON body.
+`forward_chat` apply), check it before any token is generated, and map errors to one JSON body. Every
+route reaches the engine through one `EngineClient` (streaming.py), which aborts what a client leaves.
+Middleware, outermost first: CORS (when origins are configured), request counting, the API key (when
+set), the body size limit. All of it is plain ASGI: Starlette's BaseHTTPMiddleware would hide client
+disconnects from the handlers.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import json
 import logging
-import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 
 from jaxserver.engine.request import OutputStream
-from jaxserver.errors import EngineError, JAXServerError, NotReadyError, OverloadedError
+from jaxserver.errors import EngineError, JAXServerError
+from jaxserver.server.auth import ApiKeyAuth
+from jaxserver.server.metrics import Metrics, RequestCounter
+from jaxserver.server.openai_api import openai_router
+from jaxserver.server.responses import error_body, error_response, sse, validation_response
 from jaxserver.server.schemas import ChatRequest, GenerationResponse, InstructRequest
+from jaxserver.server.streaming import ClientDisconnected, EngineClient
+from jaxserver.server.tokenizer_api import tokenizer_router
 
 if TYPE_CHECKING:
     from jaxserver.jaxserver import JAXServer
 
 log = logging.getLogger(__name__)
 
-# How often a non-streaming request checks whether its client is still there.
-DISCONNECT_POLL_S = 0.25
-
-
-def error_body(
-    message: str, error_type: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def error_response(exc: JAXServerError) -> JSONResponse:
-    body = error_body(exc.message, exc.error_type, exc.param, exc.code)
-    headers = {}
-    if isinstance(exc, NotReadyError):
-        body["status"] = "down"  # the seed's answer while the model is not up
-    if isinstance(exc, OverloadedError):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
-
-
-def validation_response(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
-    if first.get("type") == "json_invalid":
-        return JSONResponse(
-            error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error"), 400
-        )
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = f"{param or 'body'}: {first.get('msg')}"
-    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=422)
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {data}\n\n"
+# The seed routes keep FastAPI's 422 for an invalid field, which their clients know; OpenAI's and vLLM's
+# routes answer 400, as those servers do.
+SEED_PATHS = frozenset({"/instruct", "/chat"})
 
 
 class BodySizeLimit:
@@ -97,15 +75,32 @@ def create_app(server: JAXServer) -> FastAPI:
         lifespan=lifespan,
     )
 
-    app.add_middleware(BodySizeLimit, max_bytes=server.config.max_body_bytes)
+    config = server.config
+    metrics = Metrics(lambda: server.engine.stats() if server.engine is not None else None)
+    client = EngineClient(server, metrics)
+    # add_middleware wraps what is there: the last added is the outermost.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if config.api_key is not None:
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key.get_secret_value())
+    app.add_middleware(RequestCounter, metrics=metrics)
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
 
     @app.exception_handler(JAXServerError)
     async def _known_error(_: Request, exc: JAXServerError) -> JSONResponse:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_body(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return validation_response(exc)
+    async def _invalid_body(http: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_response(exc, 422 if http.url.path in SEED_PATHS else 400)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(http: Request, exc: HTTPException) -> JSONResponse:
+        message = f"{http.method} {http.url.path}: {exc.detail}"
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(message, kind), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -129,36 +124,25 @@ def create_app(server: JAXServer) -> FastAPI:
             seed=data.seed,
             ignore_eos=data.ignore_eos,
         )
-        chunks = server.submit(request, asyncio.get_running_loop())
+        streams = client.submit([request])
         if data.stream:
-            return StreamingResponse(stream_events(chunks), media_type="text/event-stream")
+            return client.event_stream(stream_events(streams), streams)
         response, used = "", 0
-        checked_at = time.monotonic()
         try:
-            while True:
-                chunk = await chunks.next(timeout_s=DISCONNECT_POLL_S)
-                if time.monotonic() - checked_at >= DISCONNECT_POLL_S:
-                    checked_at = time.monotonic()
-                    if await http.is_disconnected():
-                        server.abort(request.request_id)
-                        return Response(status_code=499)  # client closed the request; nobody reads this
-                if chunk is None:
-                    continue
-                if chunk.finish_reason == "error":
-                    raise EngineError(chunk.error or "the engine failed")
-                response, used = response + chunk.text, chunk.tokens_generated
-                if chunk.finish_reason:
-                    break
-        except asyncio.CancelledError:
-            server.abort(request.request_id)
-            raise
+            async with contextlib.aclosing(client.chunks(streams, http)) as chunks:
+                async for _, chunk in chunks:
+                    if chunk.finish_reason == "error":
+                        raise EngineError(chunk.error or "the engine failed")
+                    response, used = response + chunk.text, chunk.tokens_generated
+        except ClientDisconnected:
+            return Response(status_code=499)  # client closed the request; nobody reads this
         server.count_request()
         return {"input": string, "response": response, "tokens_used": used}
 
-    async def stream_events(chunks: OutputStream) -> AsyncIterator[str]:
+    async def stream_events(streams: Sequence[OutputStream]) -> AsyncIterator[str]:
         response, finished = "", False
-        try:
-            async for chunk in chunks:
+        async with contextlib.aclosing(client.chunks(streams)) as chunks:
+            async for _, chunk in chunks:
                 if chunk.finish_reason == "error":
                     yield sse(error_body(chunk.error or "the engine failed", "server_error"))
                     break
@@ -172,9 +156,6 @@ def create_app(server: JAXServer) -> FastAPI:
                         "finish_reason": chunk.finish_reason,
                     }
                 )
-        finally:
-            if not finished:  # the client went away (or the engine failed): free the slot
-                server.abort(chunks.request.request_id)
         if finished:
             server.count_request()
         yield sse("[DONE]")
@@ -201,5 +182,19 @@ def create_app(server: JAXServer) -> FastAPI:
     def status() -> dict[str, Any]:
         """Model, devices, uptime, counters and the configuration."""
         return server.status()
+
+    @app.get("/health")
+    def health() -> Response:
+        """200 once the model is loaded and compiled and the engine runs; else 503. Needs no API key."""
+        return Response(status_code=200 if server.ready else 503)
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests by route and status, tokens, latency histograms, engine load."""
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(openai_router(server, client))
+    app.include_router(tokenizer_router(server))
 
     return app

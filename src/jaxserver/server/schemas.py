@@ -1,8 +1,13 @@
-"""Request bodies of the seed routes. Field names follow the seed; the optional extras are ours."""
+"""Request and response bodies: the seed routes (field names follow the seed; the optional extras are ours),
+the OpenAI-compatible routes and vLLM's tokenizer routes."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from jaxserver.engine.request import MAX_TOP_LOGPROBS
 
 
 class _GenerationFields(BaseModel):
@@ -34,3 +39,274 @@ class GenerationResponse(BaseModel):
     input: str
     response: str
     tokens_used: int
+
+
+# --- the OpenAI-compatible routes -----------------------------------------------------------------------
+# Field names, ranges and defaults follow OpenAI's API; top_k, min_p, repetition_penalty and ignore_eos are
+# vLLM's extensions. A field OpenAI treats as an optional hint (user, metadata, store, ...) is accepted and
+# ignored; a feature we lack is accepted only with its neutral value (no tools, no logit bias, text only),
+# so that a request relying on it fails with a 400 naming the field instead of being answered wrongly.
+# Omitted sampling fields take the server config's defaults.
+
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
+MAX_CHOICES = 128
+
+
+def _neutral(name: str, what: str):
+    """A validator that lets only an empty / None value of the field `name` through."""
+
+    def check(value):
+        if value:
+            raise ValueError(f"{what} is not supported by this server")
+        return value
+
+    return field_validator(name)(check)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(
+        False, description="Send one more chunk, with usage and no choices, before [DONE]."
+    )
+    include_obfuscation: bool | None = None  # a hint for OpenAI's own transport; ignored
+
+
+class OpenAISampling(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        None, description="The served model's name (GET /v1/models); omitted: that one."
+    )
+    max_tokens: int | None = Field(
+        None, ge=1, description="Omitted: the server's max_new_tokens, within the context."
+    )
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0 picks the most likely token.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1, description="0 or -1 disables top-k.")
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    seed: int | None = Field(
+        None, **SEED_RANGE, description="Choice i samples with seed + i; omitted: random."
+    )
+    stop: str | list[str] | None = Field(
+        None, description="Up to any number of stop strings; never in the answer."
+    )
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt, generated as a batch.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+    logit_bias: dict[str, float] | None = None
+
+    _no_logit_bias = _neutral("logit_bias", "logit_bias")
+
+    @field_validator("stop")
+    @classmethod
+    def _nonempty_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and any(not s for s in ([value] if isinstance(value, str) else value)):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; only {"type": "text", "text": ...} can be served."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart]
+    name: str | None = None  # a hint; ignored
+    refusal: str | None = None  # sent back by clients that echo an earlier answer; ignored
+    tool_calls: list[dict[str, Any]] | None = None
+
+    _no_tool_calls = _neutral("tool_calls", "tool_calls")
+
+
+class ChatCompletionRequest(OpenAISampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="Preferred over max_tokens when both are set."
+    )
+    logprobs: bool = Field(False, description="Return the log-probability of each generated token.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS, description="Needs logprobs: true.")
+    metadata: dict[str, Any] | None = None  # hints: accepted and ignored
+    store: bool | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    parallel_tool_calls: bool | None = None
+    modalities: list[Literal["text"]] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+
+    _no_tools = _neutral("tools", "tools (function calling)")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise ValueError(f"response_format {value.get('type')!r} is not supported; only 'text'")
+        return value
+
+
+class CompletionRequest(OpenAISampling):
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of such lists."
+    )
+    logprobs: int | None = Field(
+        None, ge=0, le=MAX_TOP_LOGPROBS, description="Return the chosen token's and this many top logprobs."
+    )
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_CHOICES, description="Only best_of == n is supported.")
+    suffix: str | None = None
+
+    _no_echo = _neutral("echo", "echo")
+    _no_suffix = _neutral("suffix", "suffix")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A whole answer, or (streaming, with `usage` None until the last) one chunk of it."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "jaxserver"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- vLLM's tokenizer routes ----------------------------------------------------------------------------
+
+
+class TokenizeRequest(BaseModel):
+    """Either `prompt` (tokenized as /v1/completions does) or `messages` (rendered and tokenized as
+    /v1/chat/completions does)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

@@ -1,0 +1,48 @@
+"""The one JSON error body every route answers with, and server-sent events."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from jaxserver.errors import AuthenticationError, JAXServerError, NotReadyError, OverloadedError
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(exc: JAXServerError) -> JSONResponse:
+    body = error_body(exc.message, exc.error_type, exc.param, exc.code)
+    headers = {}
+    if isinstance(exc, NotReadyError):
+        body["status"] = "down"  # the seed's answer while the model is not up
+    if isinstance(exc, OverloadedError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def validation_response(exc: RequestValidationError, status_code: int) -> JSONResponse:
+    """Malformed JSON is 400; a wrong field is `status_code` with `param` naming the field."""
+    first = exc.errors()[0]
+    if first.get("type") == "json_invalid":
+        return JSONResponse(
+            error_body(f"the body is not valid JSON: {first.get('msg')}", "invalid_request_error"), 400
+        )
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    reason = "this field is not supported" if first.get("type") == "extra_forbidden" else first.get("msg")
+    message = f"{param or 'body'}: {reason}"
+    return JSONResponse(error_body(message, "invalid_request_error", param), status_code=status_code)
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
