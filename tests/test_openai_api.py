@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserver import JAXServer
+from jaxserver.engine.request import GenerationChunk, OutputStream
 from jaxserver.launch import free_port
 from tests import tiny
 
@@ -245,6 +246,9 @@ def test_context_errors_and_malformed_json(live):
     ids = [5] * (server.config.max_length - 1)
     answer = post(url, "/v1/completions", {"prompt": ids, "max_tokens": 1, "ignore_eos": True}).json()
     assert answer["usage"]["completion_tokens"] == 1
+    # RELIABILITY 5: without max_tokens, the answer may fill the room the context leaves
+    answer = post(url, "/v1/completions", {"prompt": ids[:-5], "ignore_eos": True}).json()
+    assert answer["usage"]["completion_tokens"] == 6 and answer["choices"][0]["finish_reason"] == "length"
 
 
 def test_auth_rejects_and_generates_nothing(live):
@@ -288,6 +292,23 @@ def test_stream_disconnect_aborts_the_request(live):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     assert server.engine.stats()["requests_finished"]["abort"] == aborted + 1
+
+
+def test_engine_error_is_500_or_an_error_event_then_done(live, monkeypatch):
+    server, url = live
+
+    def failing_submit(request, loop=None):
+        stream = OutputStream(request, loop)
+        stream.put(GenerationChunk("", [], 0, "error", error="boom"))
+        return stream
+
+    monkeypatch.setattr(server, "submit", failing_submit)
+    body = {"messages": HELLO, "max_tokens": 4}
+    whole = post(url, "/v1/chat/completions", body)
+    assert whole.status_code == 500 and "boom" in whole.json()["error"]["message"]
+    streamed = post(url, "/v1/chat/completions", body | {"stream": True})
+    events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["error"]["type"] == "server_error" and events[1:] == ["[DONE]"]
 
 
 def test_metrics_count_requests_tokens_and_latency(complete, live):
