@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
             )
             sub.add_argument("--greedy", action="store_true")
             sub.add_argument("--max-tokens", type=int, default=None, help="new tokens at most")
+        if name == "serve":
+            sub.add_argument(
+                "--no-ui",
+                dest="ui",
+                action="store_false",
+                default=argparse.SUPPRESS,
+                help="serve only the HTTP API, without the Gradio pages and the landing page",
+            )
         add_config_flags(sub)
     return parser
 

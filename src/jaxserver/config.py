@@ -96,6 +96,9 @@ class JAXServerConfig(BaseModel):
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
     )
+    ui: bool = Field(
+        True, description="Serve the Gradio pages (/gradio_instruct, /gradio_chat) and a landing page at /."
+    )
 
     @field_validator("dtype")
     @classmethod

@@ -80,8 +80,11 @@ def create_app(server: JAXServer) -> FastAPI:
     client = EngineClient(server, metrics)
     # add_middleware wraps what is there: the last added is the outermost.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    if config.ui:
+        from jaxserver.server import ui  # Gradio takes seconds to import: only when asked
     if config.api_key is not None:
-        app.add_middleware(ApiKeyAuth, api_key=config.api_key.get_secret_value())
+        browser_pages = ui.PAGE_PATHS if config.ui else ()
+        app.add_middleware(ApiKeyAuth, api_key=config.api_key.get_secret_value(), browser_pages=browser_pages)
     app.add_middleware(RequestCounter, metrics=metrics)
     if config.cors_origins:
         app.add_middleware(
@@ -197,4 +200,6 @@ def create_app(server: JAXServer) -> FastAPI:
     app.include_router(openai_router(server, client))
     app.include_router(tokenizer_router(server))
 
+    if config.ui:
+        ui.mount_ui(app, server)
     return app

@@ -1,0 +1,274 @@
+"""Gradio pages on the API's FastAPI app: an instruct page, a chat page and a landing page at `/`.
+
+The pages are thin clients of the engine. Each answer is a request submitted to the same engine as the
+HTTP API's (no second copy of the model), so UI and API users share the batch and its limits. An answer
+streams chunk by chunk; when Gradio stops the event (the stop or clear button, a closed tab) the stream is
+closed and the request aborted, which frees its slot within one decode chunk. Errors the user can act on
+(a prompt longer than the context, a busy or loading server) become Gradio messages, not tracebacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import html
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+
+from jaxserver.engine.request import GenerationRequest
+from jaxserver.errors import JAXServerError
+from jaxserver.server.auth import browser_login
+
+if TYPE_CHECKING:
+    from jaxserver.jaxserver import JAXServer
+
+INSTRUCT_PATH = "/gradio_instruct"
+CHAT_PATH = "/gradio_chat"
+PAGE_PATHS = (INSTRUCT_PATH, CHAT_PATH)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """The sampling controls' values, in the order `settings_column` lays them out."""
+
+    temperature: float
+    top_p: float
+    top_k: float  # Gradio sliders give floats
+    max_new_tokens: float
+    greedy: bool
+
+    def prepare(self, server: JAXServer, string: str) -> GenerationRequest:
+        """A request for `string`. The answer ends after `max_new_tokens` or when the context is full,
+        whichever comes first: a chat grows, and a slider that must track the room left would be a chore."""
+        request = server.prepare(
+            string, self.greedy, None, temperature=self.temperature, top_p=self.top_p, top_k=int(self.top_k)
+        )
+        room = server.config.max_length - len(request.prompt_ids)
+        return dataclasses.replace(request, max_new_tokens=min(int(self.max_new_tokens), room))
+
+
+def settings_column(server: JAXServer) -> tuple[gr.Textbox, list[gr.Component]]:
+    """The right-hand column of both pages: the system prompt, then temperature, top-p, top-k, max new
+    tokens and greedy, each starting at the server config's default."""
+    cfg = server.config
+    with gr.Column(scale=1, min_width=260):
+        system = gr.Textbox(
+            cfg.system,
+            lines=3,
+            label="system prompt",
+            placeholder="empty: the model's default",
+            elem_id="system",
+        )
+        controls = [
+            gr.Slider(0.0, max(2.0, cfg.temperature), cfg.temperature, step=0.05, label="temperature"),
+            gr.Slider(0.01, 1.0, cfg.top_p, step=0.01, label="top_p", elem_id="top-p"),
+            gr.Slider(0, max(200, cfg.top_k), cfg.top_k, step=1, label="top_k", info="0 turns it off"),
+            gr.Slider(
+                1,
+                cfg.max_length,
+                min(cfg.max_new_tokens, cfg.max_length),
+                step=1,
+                label="max new tokens",
+                info=f"the answer also ends when the context ({cfg.max_length} tokens) is full",
+                elem_id="max-new-tokens",
+            ),
+            gr.Checkbox(False, label="greedy", info="always take the most likely token", elem_id="greedy"),
+        ]
+    return system, controls
+
+
+async def stream_answer(
+    server: JAXServer, prompt: Callable[[], str], sampling: Sampling
+) -> AsyncIterator[str]:
+    """The answer to `prompt()` as it grows: "" once the engine has the request, then after every chunk.
+    Closing this generator before the last chunk aborts the request."""
+    try:
+        request = sampling.prepare(server, prompt())
+        chunks = server.submit(request, asyncio.get_running_loop())
+    except JAXServerError as exc:
+        raise gr.Error(exc.message, print_exception=False) from None
+    answer, finished = "", False
+    try:
+        yield answer
+        async for chunk in chunks:
+            if chunk.finish_reason == "error":
+                raise gr.Error(chunk.error or "the engine failed", print_exception=False)
+            answer += chunk.text
+            finished = chunk.finish_reason is not None
+            yield answer
+    finally:
+        if not finished:  # stopped, cleared, the tab closed, or the engine failed: free the slot
+            server.abort(request.request_id)
+    server.count_request()
+
+
+def page_header(title: str) -> gr.HTML:
+    """The page title and links to the other pages, opening in the same tab (Markdown links open new ones)."""
+    links = [
+        ("home", "../"),
+        ("instruct", f"..{INSTRUCT_PATH}/"),
+        ("chat", f"..{CHAT_PATH}/"),
+        ("API docs", "../docs"),
+    ]
+    anchors = " · ".join(f'<a href="{href}" target="_self">{name}</a>' for name, href in links)
+    return gr.HTML(f"<h2>jaxserver · {title}</h2><p>{anchors}</p>", js_on_load=None)
+
+
+def instruct_blocks(server: JAXServer) -> gr.Blocks:
+    with gr.Blocks(title="jaxserver · instruct", analytics_enabled=False) as blocks:
+        page_header("instruct")
+        with gr.Row():
+            with gr.Column(scale=3):
+                instruction = gr.Textbox(
+                    lines=4,
+                    label="instruction",
+                    placeholder="What should the model do? (Shift+Enter sends)",
+                    elem_id="instruction",
+                )
+                with gr.Row():
+                    generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                answer = gr.Textbox(
+                    lines=12, label="answer", interactive=False, buttons=["copy"], elem_id="answer"
+                )
+            system, controls = settings_column(server)
+
+        async def respond(system: str, instruction: str, *values: Any) -> AsyncIterator[str]:
+            prompt = lambda: server.build_instruct_prompt(instruction, system)
+            async with contextlib.aclosing(stream_answer(server, prompt, Sampling(*values))) as answers:
+                async for text in answers:
+                    yield text
+
+        generation = gr.on(
+            [instruction.submit, generate.click],
+            respond,
+            [system, instruction, *controls],
+            answer,
+            show_progress="minimal",
+            concurrency_limit=None,  # the engine batches and applies its own limits
+        )
+        stop.click(None, cancels=[generation])
+    return blocks
+
+
+def history_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """[(user, assistant), ...] from the chat window's messages (whose content is a list of parts)."""
+    pairs: list[tuple[str, str]] = []
+    for message in messages:
+        content = message["content"]
+        text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content)
+        if message["role"] == "user":
+            pairs.append((text, ""))
+        elif message["role"] == "assistant" and pairs:
+            pairs[-1] = (pairs[-1][0], pairs[-1][1] + text)
+    return pairs
+
+
+def chat_blocks(server: JAXServer) -> gr.Blocks:
+    with gr.Blocks(title="jaxserver · chat", analytics_enabled=False) as blocks:
+        page_header("chat")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(
+                    height=480, label="chat", elem_id="chatbot", feedback_options=None, buttons=["copy_all"]
+                )
+                with gr.Row():
+                    message = gr.Textbox(
+                        scale=4,
+                        show_label=False,
+                        placeholder="Type a message and press Enter",
+                        autofocus=True,
+                        elem_id="message",
+                    )
+                    send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
+                    stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
+                    clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
+            system, controls = settings_column(server)
+
+        async def respond(
+            text: str, messages: list[dict[str, Any]], system: str, *values: Any
+        ) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+            if not text.strip():
+                gr.Warning("Type a message first.")
+                yield messages, text
+                return
+            history = history_pairs(messages)
+            prompt = lambda: server.build_chat_prompt(text, history, system)
+            asked = [*messages, {"role": "user", "content": text}]
+            async with contextlib.aclosing(stream_answer(server, prompt, Sampling(*values))) as answers:
+                async for answer in answers:
+                    yield [*asked, {"role": "assistant", "content": answer}], ""
+
+        generation = gr.on(
+            [message.submit, send.click],
+            respond,
+            [message, chatbot, system, *controls],
+            [chatbot, message],
+            show_progress="minimal",
+            concurrency_limit=None,  # the engine batches and applies its own limits
+        )
+        stop.click(None, cancels=[generation])
+        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=[generation], queue=False)
+        chatbot.clear(None, cancels=[generation])  # the chat window's own clear icon
+    return blocks
+
+
+LANDING_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>jaxserver</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 40rem; margin: 3rem auto; padding: 0 1rem; color: #222; }}
+a {{ color: #c2410c; }} li {{ margin: 0.6rem 0; }} .muted {{ color: #666; }}
+</style></head>
+<body>
+<h1>jaxserver</h1>
+<p class="muted">{model} &middot; {state}</p>
+<ul>
+<li><a href="{instruct}/">Instruct</a>: a system prompt and one instruction, answered as it is written.</li>
+<li><a href="{chat}/">Chat</a>: a conversation with history, a stop button and a clear button.</li>
+<li><a href="docs">API docs</a>: <code>/instruct</code>, <code>/chat</code> and the rest of the HTTP API.</li>
+<li><a href="status">Status</a>: the model, the engine's slots and counters, the configuration.</li>
+</ul>
+</body></html>
+"""
+
+
+def mount_ui(app: FastAPI, server: JAXServer) -> None:
+    """Serve the instruct page at /gradio_instruct, the chat page at /gradio_chat and a landing page at /."""
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def landing_page() -> str:
+        status = server.status()
+        state = f"{status['status']}: {status['error']}" if status["error"] else status["status"]
+        return LANDING_PAGE.format(
+            model=html.escape(server.model_name),
+            state=html.escape(state),
+            instruct=INSTRUCT_PATH.lstrip("/"),
+            chat=CHAT_PATH.lstrip("/"),
+        )
+
+    theme = gr.themes.Default(primary_hue="orange")
+    api_key = server.config.api_key
+    login = (
+        {}
+        if api_key is None
+        else {
+            "auth": browser_login(api_key.get_secret_value()),
+            "auth_message": "This server has an API key: sign in with any user name and the key as the password.",
+        }
+    )
+    for path, blocks in ((INSTRUCT_PATH, instruct_blocks(server)), (CHAT_PATH, chat_blocks(server))):
+        gr.mount_gradio_app(
+            app,
+            blocks,
+            path,
+            footer_links=["api", "gradio", "settings"],
+            run_history=False,
+            theme=theme,
+            **login,
+        )
