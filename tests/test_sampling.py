@@ -1,8 +1,11 @@
 """On-device sampling: greedy, filters, penalties, logprobs, per-row settings and seeded reproducibility."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxserver.model.sampling import Penalties, SamplingParams, apply_penalties, count_tokens, token_logprobs
 from jaxserver.model.sampling import sample as sample_eager
@@ -29,7 +32,7 @@ def rows(
         top_p=jnp.full((n,), top_p, jnp.float32),
         top_k=jnp.full((n,), top_k, jnp.int32),
         greedy=jnp.full((n,), greedy),
-        key=jnp.stack([jax.random.PRNGKey(s) for s in seeds]),
+        key=jax.vmap(jax.random.PRNGKey)(jnp.asarray(seeds)),
         min_p=jnp.full((n,), min_p, jnp.float32),
         presence_penalty=jnp.full((n,), presence, jnp.float32),
         frequency_penalty=jnp.full((n,), frequency, jnp.float32),
@@ -126,3 +129,93 @@ def test_token_logprobs_are_the_log_softmax_and_its_top_entries():
     np.testing.assert_allclose(
         np.asarray(arrays.top_values), np.sort(reference, -1)[:, ::-1][:, :5], atol=1e-5
     )
+
+
+# --- a vocabulary larger than the sampler's candidates, so both of its paths run ------------------------
+
+BIG_VOCAB = 1000  # > CANDIDATES
+BIG_LOGITS = jax.random.normal(jax.random.PRNGKey(11), (1, BIG_VOCAB)) * 1.5
+
+
+def kept_by_sorting(logits: np.ndarray, temperature=1.0, top_p=1.0, top_k=0, min_p=0.0) -> set[int]:
+    """The tokens top-k, top-p and min-p keep, by the textbook definition over a full sort (float64)."""
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    keep = mass_before < top_p
+    if top_k:
+        keep &= np.arange(len(order)) < top_k
+    keep &= probs[order] >= min_p * probs.max()
+    return set(order[keep].tolist())
+
+
+def draws(n=3000, **settings) -> np.ndarray:
+    params = rows(n, **settings)
+    logits = jnp.tile(BIG_LOGITS, (n, 1))
+    return np.asarray(sample(logits, params, jnp.zeros((n,), jnp.int32)))
+
+
+def test_the_candidates_come_from_a_partial_sort():
+    """XLA's CPU backend sorts the whole vocabulary when later slices of a top-k get folded into it."""
+    from jaxserver.model.sampling import _draw
+
+    logits = jnp.tile(BIG_LOGITS, (4, 1))
+    hlo = jax.jit(_draw).lower(logits, rows(4, top_p=0.9), jnp.zeros((4,))).compile().as_text()
+    assert re.findall(r'custom_call_target="([^"]+)"', hlo) == ["TopK"]
+    assert not re.findall(r" sort\(", hlo)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"top_k": 40},  # within the candidates
+        {"top_p": 0.6},  # a nucleus of some hundred tokens: more than the candidates
+        {"top_k": 600},  # top-k beyond the candidates
+        {"top_p": 0.97, "top_k": 700, "temperature": 0.7},
+        {"min_p": 0.05, "temperature": 2.0},  # min-p keeps more than the candidates
+        {"top_p": 0.5, "min_p": 0.3},
+    ],
+)
+def test_filters_keep_what_a_full_sort_keeps(settings):
+    kept = kept_by_sorting(np.asarray(BIG_LOGITS[0]), **settings)
+    drawn = draws(**settings)
+    assert set(drawn.tolist()) <= kept
+    # Draws reach deep into the kept set when it is large: the second path ran where it had to.
+    ranks = np.argsort(np.argsort(-np.asarray(BIG_LOGITS[0])))
+    if len(kept) > 256:
+        assert ranks[drawn].max() >= 256, (len(kept), ranks[drawn].max())
+
+
+def test_unfiltered_and_nucleus_sampling_follow_the_distribution():
+    logits = np.asarray(BIG_LOGITS[0]).astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    head = np.argsort(-probs)[:20]
+    for settings, support in (({}, probs), ({"top_p": 0.6}, None)):
+        if support is None:
+            kept = sorted(kept_by_sorting(logits, **settings))
+            support = np.zeros_like(probs)
+            support[kept] = probs[kept] / probs[kept].sum()
+        counts = np.bincount(draws(n=20000, **settings), minlength=BIG_VOCAB) / 20000
+        # the 20 likeliest tokens one by one, and the mass of the rest
+        np.testing.assert_allclose(counts[head], support[head], atol=0.012)
+        np.testing.assert_allclose(1 - counts[head].sum(), 1 - support[head].sum(), atol=0.02)
+
+
+def test_a_rows_token_does_not_depend_on_its_neighbours_settings():
+    """One row needing the whole vocabulary sends the batch down the second path; the others must draw
+    what they draw alone."""
+    n = 6
+    settings = [{"top_k": 40}, {"top_p": 0.6}, {}, {"top_p": 0.9, "top_k": 30}, {"top_k": 600}, {}]
+    logits = jax.random.normal(jax.random.PRNGKey(5), (n, BIG_VOCAB)) * 1.5
+    positions = jnp.arange(n) * 3
+    alone = [
+        int(sample(logits[i : i + 1], rows(1, seeds=[9], **settings[i]), positions[i : i + 1])[0])
+        for i in range(n)
+    ]
+    batch = jax.tree.map(
+        lambda *columns: jnp.concatenate(columns), *(rows(1, seeds=[9], **s) for s in settings)
+    )
+    assert np.asarray(sample(logits, batch, positions)).tolist() == alone

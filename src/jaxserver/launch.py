@@ -27,7 +27,9 @@ class ServerProcess:
     log_path: Path
 
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        """The end of the log, without the access lines of our own readiness polls."""
+        lines = self.log_path.read_text(errors="replace").splitlines(keepends=True)
+        return "".join(line for line in lines if '"GET /status HTTP' not in line)[-chars:]
 
     def stop(self, timeout_s: float = 30) -> int:
         self.process.terminate()

@@ -260,12 +260,10 @@ class Engine:
 
     def _decode(self) -> None:
         decoding = self.scheduler.decoding
-        longest = max(int(self.state.lengths[slot]) for slot in decoding)
         admitting = self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots)
         steps = ADMISSION_CHUNK_STEPS if admitting else self.runner.steps_per_call
         outputs, self.state = self.runner.decode(
             self.state,
-            longest,
             steps,
             penalize=any(seq.request.sampling.penalized for seq in decoding.values()),
             want_logprobs=any(seq.request.logprobs is not None for seq in decoding.values()),

@@ -5,9 +5,10 @@ samples its first token; `decode_chunk` advances every active slot by up to `ste
 compiled loop, so Python is entered once per chunk. Stop conditions that need no text (EOS, the token
 budget, the end of the cache) are evaluated on device; stop strings are the caller's job.
 
-Shapes are bucketed so the number of compilations stays small: prompts are padded to a power of two
-(at least `MIN_PROMPT_BUCKET`), and decode attends only over the first `attn_len` cache entries, the
-smallest bucket that covers the longest active sequence after the chunk.
+Shapes are bucketed so the number of compilations stays small: prompts are padded to a power of two or
+1.5 times one (at least `MIN_PROMPT_BUCKET`), and decode attends only over the first `attn_len` cache
+entries, the smallest such bucket (at least `MIN_ATTN_BUCKET`) that covers what the active rows can reach
+by the end of the chunk.
 """
 
 from __future__ import annotations
@@ -49,12 +50,27 @@ def bucket(n: int, minimum: int, cap: int) -> int:
     return min(size, cap)
 
 
-def prompt_bucket(n: int, cap: int) -> int:
-    """Padded length of an n-token prompt piece: a power of two or 1.5 times one (16, 24, 32, 48, 64,
-    96, ...), so padding wastes at most a third of the prefill compute; never above cap."""
-    size = bucket(n, MIN_PROMPT_BUCKET, cap)
+def fine_bucket(n: int, minimum: int, cap: int) -> int:
+    """Smallest power of two or 1.5 times one (16, 24, 32, 48, 64, 96, ...) >= n and >= minimum, never
+    above cap: padding wastes at most a third of the work, for twice the shapes of `bucket`."""
+    size = bucket(n, minimum, cap)
     three_quarters = size * 3 // 4
-    return three_quarters if n <= three_quarters and three_quarters >= MIN_PROMPT_BUCKET else size
+    return three_quarters if n <= three_quarters and three_quarters >= minimum else size
+
+
+def fine_buckets(minimum: int, cap: int) -> list[int]:
+    """Every value `fine_bucket(n, minimum, cap)` can take, ascending."""
+    sizes = {cap}
+    size = minimum
+    while size < cap:
+        sizes |= {size, size * 3 // 2} if size * 3 // 2 < cap else {size}
+        size *= 2
+    return sorted(sizes)
+
+
+def prompt_bucket(n: int, cap: int) -> int:
+    """Padded length of an n-token prompt piece."""
+    return fine_bucket(n, MIN_PROMPT_BUCKET, cap)
 
 
 class DecodeState(NamedTuple):
@@ -274,7 +290,7 @@ class Runner:
         the piece's position `logit_index` (meaningful for the prompt's last piece) and, if wanted, its
         logprobs ([1]-row host arrays). `penalize_prompt` (the whole prompt) starts the slot's
         repetition-penalty row and applies it to this token."""
-        attn_len = bucket(write_pos + len(tokens), MIN_PROMPT_BUCKET, self.cache_len)
+        attn_len = fine_bucket(write_pos + len(tokens), MIN_PROMPT_BUCKET, self.cache_len)
         in_prompt = None
         if penalize_prompt is not None:
             in_prompt = np.zeros((self.cfg.vocab_size,), bool)
@@ -298,21 +314,27 @@ class Runner:
             self.penalties = penalties
         return int(first[0]), jax.device_get(logprobs)
 
-    def decode_shape(self, active: int, longest: int, steps: int) -> tuple[int, int]:
-        """The compiled shape a decode chunk uses: (batch rows, attended cache length)."""
-        return bucket(max(active, 1), 1, self.slots), bucket(longest + steps, MIN_ATTN_BUCKET, self.cache_len)
+    def decode_shape(self, state: DecodeState, steps: int) -> tuple[int, int]:
+        """The compiled shape a decode chunk over `state`'s active rows uses: (batch rows, attended cache
+        length). A row reaches at most its length plus the tokens it may still write in this chunk, so a
+        row about to finish does not push the whole batch into a longer bucket."""
+        active = state.active
+        reach = state.lengths[active] + np.minimum(state.remaining[active], steps)
+        furthest = int(reach.max()) if reach.size else 0
+        return bucket(max(int(active.sum()), 1), 1, self.slots), fine_bucket(
+            furthest, MIN_ATTN_BUCKET, self.cache_len
+        )
 
     def decode(
         self,
         state: DecodeState,
-        longest: int,
         steps: int | None = None,
         *,
         penalize: bool = False,
         want_logprobs: bool = False,
     ) -> tuple[ChunkOutputs, DecodeState]:
-        """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for the active slots;
-        `longest` is the largest cache length among them. Takes and returns the state of all slots as
+        """One chunk of up to `steps` (default and at most `steps_per_call`) tokens for the active slots.
+        Takes and returns the state of all slots as
         host (numpy) arrays, so the caller may edit rows between chunks; the outputs are host arrays of
         [slots, steps_per_call]. `penalize` applies the slots' repetition penalties; `want_logprobs`
         returns every token's logprobs and the top MAX_TOP_LOGPROBS.
@@ -322,7 +344,7 @@ class Runner:
         steps = self.steps_per_call if steps is None else min(steps, self.steps_per_call)
         active = np.flatnonzero(state.active)
         idle = np.flatnonzero(~state.active)
-        rows, attn_len = self.decode_shape(len(active), longest, steps)
+        rows, attn_len = self.decode_shape(state, steps)
         slot_ids = np.concatenate([active, idle[: rows - len(active)]]).astype(np.int32)
         sub_state = jax.tree.map(lambda column: column[slot_ids], state)
         outputs, sub_state, penalties, self.cache = self._decode(
@@ -361,8 +383,7 @@ class Runner:
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
-        lengths.append(self.cache_len)
+        lengths = fine_buckets(MIN_ATTN_BUCKET, self.cache_len)
         batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
         shapes = {(1, n) for n in lengths} | {(b, n) for b in batches for n in lengths if n <= common_len}
         for rows, attn_len in sorted(shapes):

@@ -71,23 +71,115 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> LogprobArr
     return LogprobArrays(chosen, top_ids.astype(jnp.int32), top_values)
 
 
-def _filtered_logits(logits: jax.Array, params: SamplingParams) -> jax.Array:
-    """Scale by temperature and mask tokens outside top-k / top-p / min-p with -inf. logits [B, V] float32."""
-    vocab = logits.shape[-1]
-    scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]
-    sorted_logits = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B, V] descending
+# Sampling looks first at the CANDIDATES most likely tokens of each row: a top-k partial sort of the
+# vocabulary is some 50x cheaper on the CPU than a full sort, and the tokens that top-k, top-p or min-p
+# keep almost always lie among them. Rows whose kept set reaches further (a flat distribution under
+# top-p, top_k above CANDIDATES, or no filter at all) are sampled over the whole vocabulary instead.
+CANDIDATES = 256
+THRESHOLD_SEARCH_STEPS = 24  # bisection halvings: the cutoff to about 1e-7 of the logits' range
+
+
+def _inverse_cdf(probs: jax.Array, uniform: jax.Array, block: int = 256) -> jax.Array:
+    """Index drawn from unnormalised probs [B, N] with one uniform [B] in [0, 1) per row. Over more than
+    `block` entries it picks a block by its mass, then an entry inside it: a running sum over the whole
+    vocabulary is slow on the CPU (30 ms at 32 x 49k, against 3 ms for this)."""
+    rows, n = probs.shape
+    if n <= block:
+        return _first_crossing(probs, uniform)
+    blocks = jnp.pad(probs, ((0, 0), (0, -n % block))).reshape(rows, -1, block)
+    block_mass = blocks.sum(axis=-1)
+    chosen = _first_crossing(block_mass, uniform)
+    mass_before = jnp.sum(jnp.where(jnp.arange(block_mass.shape[1]) < chosen[:, None], block_mass, 0.0), -1)
+    inside = jnp.take_along_axis(blocks, chosen[:, None, None], axis=1)[:, 0]
+    total = block_mass.sum(axis=-1)
+    picked_mass = jnp.take_along_axis(block_mass, chosen[:, None], axis=1)[:, 0]
+    # Where the uniform fell inside the chosen block, rescaled to [0, 1).
+    rest = jnp.clip((uniform * total - mass_before) / picked_mass, 0.0, 1.0)
+    return chosen * block + _first_crossing(inside, rest)
+
+
+def _first_crossing(probs: jax.Array, uniform: jax.Array) -> jax.Array:
+    """The first index whose cumulative mass exceeds uniform * total, or the last nonzero one when
+    rounding overshoots. probs [B, N], uniform [B]."""
+    cumulative = jnp.cumsum(probs, axis=-1)
+    crossed = cumulative > (uniform * cumulative[:, -1])[:, None]
+    last_kept = probs.shape[-1] - 1 - jnp.argmax(probs[:, ::-1] > 0, axis=-1)
+    return jnp.where(crossed.any(axis=-1), jnp.argmax(crossed, axis=-1), last_kept).astype(jnp.int32)
+
+
+def _search_cutoffs(
+    scaled: jax.Array, probs: jax.Array, top_p: jax.Array, k: jax.Array, upper: jax.Array
+) -> jax.Array:
+    """Per row, the largest logit t with mass(scaled >= t) >= top_p or count(scaled >= t) >= k: the
+    stricter of the top-p and top-k cutoffs of a full sort, found by bisection below `upper`, a value
+    where neither holds. scaled and probs [B, V]; the rest [B]."""
+
+    def holds(t: jax.Array) -> jax.Array:
+        kept = scaled >= t[:, None]
+        mass = jnp.sum(jnp.where(kept, probs, 0.0), axis=-1)
+        # Either cutoff alone would keep everything above t, so the stricter one is the larger t where
+        # either holds. top_p 1 sets no cutoff, whatever the rounding of the mass.
+        return ((mass >= top_p) & (top_p < 1)) | (jnp.sum(kept, axis=-1) >= k)
+
+    def halve(_: int, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        low, high = bounds
+        middle = (low + high) / 2
+        ok = holds(middle)
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
+
+    low = jnp.min(scaled, axis=-1)  # keeps everything, so the predicate holds
+    low, _ = jax.lax.fori_loop(0, THRESHOLD_SEARCH_STEPS, halve, (low, upper))
+    return low
+
+
+def _draw(scaled: jax.Array, params: SamplingParams, uniform: jax.Array) -> jax.Array:
+    """One token per row from temperature-scaled logits [B, V], keeping only what top-k, top-p and
+    min-p allow (all three: the shortest of their prefixes of the sorted vocabulary)."""
+    vocab = scaled.shape[-1]
+    n = min(CANDIDATES, vocab)
+    top_values, top_ids = jax.lax.top_k(scaled, n)  # [B, n], most likely first
+    # The first and last candidates are taken with max and min, not slices: XLA folds a slice of the
+    # values into the top-k, and the CPU backend then sorts the whole vocabulary (40x slower, measured).
+    best, last_candidate = top_values.max(axis=-1), top_values.min(axis=-1)
+    log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    top_probs = jnp.exp(top_values - log_norm)
     k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    kth_value = jnp.take_along_axis(sorted_logits, (k - 1)[:, None], axis=-1)  # [B, 1]
-    sorted_probs = jax.nn.softmax(sorted_logits, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: a token stays if the mass before it is < top_p.
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = (mass_before < params.top_p[:, None]) & (jnp.arange(vocab)[None, :] < k[:, None])
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
     # min-p: a token stays if its probability is at least min_p times the largest one.
-    min_p_floor = sorted_logits[:, :1] + jnp.log(jnp.maximum(params.min_p, 1e-30))[:, None]
-    min_p_floor = jnp.where(params.min_p[:, None] > 0, min_p_floor, -jnp.inf)
-    threshold = jnp.maximum(jnp.maximum(cutoff, kth_value), min_p_floor)
-    return jnp.where(scaled >= threshold, scaled, -jnp.inf)
+    floor = best + jnp.log(jnp.maximum(params.min_p, 1e-30))
+    floor = jnp.where(params.min_p > 0, floor, -jnp.inf)
+
+    # A token stays in the top-p prefix if the mass before it is < top_p.
+    mass_before = jnp.cumsum(top_probs, axis=-1) - top_probs
+    keep = (mass_before < params.top_p[:, None]) & (jnp.arange(n) < k[:, None])
+    keep &= top_values >= floor[:, None]
+    candidate_tokens = jnp.take_along_axis(
+        top_ids, _inverse_cdf(jnp.where(keep, top_probs, 0.0), uniform)[:, None], axis=-1
+    )[:, 0]
+    covered = (
+        (k <= n)
+        | ((params.top_p < 1) & (jnp.sum(top_probs, axis=-1) >= params.top_p))
+        | (last_candidate < floor)
+    )
+    if n == vocab:
+        return candidate_tokens
+
+    def whole_vocabulary(_: None) -> jax.Array:
+        probs = jnp.exp(scaled - log_norm)
+        # Only rows that are not covered need a cutoff below their candidates; the rest keep everything
+        # here (their token comes from the candidates).
+        searched = ~covered & ((params.top_p < 1) | (k < vocab))
+        cutoff = jax.lax.cond(
+            jnp.any(searched),
+            lambda _: _search_cutoffs(scaled, probs, params.top_p, k, last_candidate),
+            lambda _: jnp.full(uniform.shape, -jnp.inf),
+            None,
+        )
+        threshold = jnp.maximum(jnp.where(searched, cutoff, -jnp.inf), floor)
+        return _inverse_cdf(jnp.where(scaled >= threshold[:, None], probs, 0.0), uniform)
+
+    # A row's token depends only on its own logits and settings, whichever branch the batch takes.
+    full_tokens = jax.lax.cond(jnp.all(covered), lambda _: candidate_tokens, whole_vocabulary, None)
+    return jnp.where(covered, candidate_tokens, full_tokens)
 
 
 def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array) -> jax.Array:
@@ -96,10 +188,11 @@ def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array) -> j
 
     def draw(_: None) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(params.key, positions)
-        filtered = _filtered_logits(logits, params)
-        drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        uniform = jax.vmap(jax.random.uniform)(keys)
+        scaled = logits / jnp.maximum(params.temperature, 1e-6)[:, None]
+        drawn = _draw(scaled, params, uniform)
         return jnp.where(params.greedy | (params.temperature <= 0), greedy_tokens, drawn)
 
-    # Sorting the vocabulary costs far more than argmax: skip it when every row is greedy.
+    # Greedy rows need only the argmax: skip the rest when every row is greedy.
     all_greedy = jnp.all(params.greedy | (params.temperature <= 0))
     return jax.lax.cond(all_greedy, lambda _: greedy_tokens, draw, None)
