@@ -7,8 +7,9 @@ budget, the end of the cache) are evaluated on device; stop strings are the call
 
 Shapes are bucketed so the number of compilations stays small: prompts are padded to a power of two or
 1.5 times one (at least `MIN_PROMPT_BUCKET`), and decode attends only over the first `attn_len` cache
-entries, the smallest such bucket (at least `MIN_ATTN_BUCKET`) that covers what the active rows can reach
-by the end of the chunk.
+entries, the smallest power of two (at least `MIN_ATTN_BUCKET`) that covers what the active rows can
+reach by the end of the chunk. Decode buckets stay coarse because each decode shape is warmed up at
+start, at some seconds of compilation each.
 """
 
 from __future__ import annotations
@@ -56,16 +57,6 @@ def fine_bucket(n: int, minimum: int, cap: int) -> int:
     size = bucket(n, minimum, cap)
     three_quarters = size * 3 // 4
     return three_quarters if n <= three_quarters and three_quarters >= minimum else size
-
-
-def fine_buckets(minimum: int, cap: int) -> list[int]:
-    """Every value `fine_bucket(n, minimum, cap)` can take, ascending."""
-    sizes = {cap}
-    size = minimum
-    while size < cap:
-        sizes |= {size, size * 3 // 2} if size * 3 // 2 < cap else {size}
-        size *= 2
-    return sorted(sizes)
 
 
 def prompt_bucket(n: int, cap: int) -> int:
@@ -321,7 +312,7 @@ class Runner:
         active = state.active
         reach = state.lengths[active] + np.minimum(state.remaining[active], steps)
         furthest = int(reach.max()) if reach.size else 0
-        return bucket(max(int(active.sum()), 1), 1, self.slots), fine_bucket(
+        return bucket(max(int(active.sum()), 1), 1, self.slots), bucket(
             furthest, MIN_ATTN_BUCKET, self.cache_len
         )
 
@@ -383,7 +374,8 @@ class Runner:
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        lengths = fine_buckets(MIN_ATTN_BUCKET, self.cache_len)
+        lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
+        lengths.append(self.cache_len)
         batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
         shapes = {(1, n) for n in lengths} | {(b, n) for b in batches for n in lengths if n <= common_len}
         for rows, attn_len in sorted(shapes):
