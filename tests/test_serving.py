@@ -154,7 +154,7 @@ def served_tiny(tiny_llama_dir, tmp_path):
         "--compilation-cache-dir",
         str(tmp_path / "xla"),
     ]
-    server = start_server(flags, tmp_path / "serve.log", timeout_s=120, env=os.environ | {"XLA_FLAGS": ""})
+    server = start_server(flags, tmp_path / "serve.log", timeout_s=300, env=os.environ | {"XLA_FLAGS": ""})
     yield server.process, server.url
     server.process.kill()
     assert "Traceback" not in server.log_tail(10**6)
