@@ -6,7 +6,7 @@ splits them into the per-layer buffers the forward pass runs on):
 
     embed        [vocab, hidden]
     final_norm   [hidden]
-    lm_head      [hidden, vocab]                    (absent when embeddings are tied)
+    lm_head      [hidden, vocab]                    (absent when embeddings are tied; `head_params` adds it)
     layers/attn_norm [L, hidden]       layers/mlp_norm [L, hidden]
     layers/wq    [L, hidden, heads*hd]  layers/wk, wv [L, hidden, kv_heads*hd]  layers/wo [L, heads*hd, hidden]
     layers/bq, bk, bv                               (only with attention bias, Qwen2)
@@ -208,14 +208,18 @@ def forward(
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.matmul(x, head, preferred_element_type=jnp.float32)
+    logits = jnp.matmul(x, params["lm_head"], preferred_element_type=jnp.float32)
     return logits, KVCache(tuple(new_k), tuple(new_v))
 
 
 def head_params(params: Params) -> Params:
-    """Everything but the stacked layers: what `forward` takes as `params`."""
-    return {name: value for name, value in params.items() if name != "layers"}
+    """Everything but the stacked layers: what `forward` takes as `params`. A tied head gets its own
+    [hidden, vocab] copy: multiplying by the transposed embedding made XLA copy the whole table (113 MB
+    for SmolLM2) on every decode step."""
+    head = {name: value for name, value in params.items() if name != "layers"}
+    if "lm_head" not in head:
+        head["lm_head"] = params["embed"].T  # eager, so a new row-major array
+    return head
 
 
 # --- parameters ---------------------------------------------------------------------------------------
