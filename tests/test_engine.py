@@ -12,7 +12,7 @@ import pytest
 
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
-from jaxserver.engine.runner import Runner
+from jaxserver.engine.runner import Runner, idle_state, sampling_rows, set_slot
 from jaxserver.errors import OverloadedError
 from jaxserver.model import llama
 from jaxserver.model.loader import load_model
@@ -222,3 +222,36 @@ def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):
     no_logprobs = list(engine.submit(GenerationRequest(prompt, 6, GREEDY, ignore_eos=True)))
     assert all(c.logprobs is None for c in no_logprobs)
     assert [t for c in no_logprobs for t in c.token_ids] == tokens
+
+
+def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
+    """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs."""
+    cfg, params, tokenizer = model
+    runner = Runner(
+        cfg,
+        params,
+        slots=4,
+        cache_len=256,
+        steps_per_call=4,
+        eos_ids=tokenizer.eos_token_ids,
+        cache_dtype=jnp.float32,
+    )
+    state = idle_state(4)
+    greedy = sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
+    for slot in range(4):
+        set_slot(state, slot, token=5, length=150, start=0, remaining=100, stop_at_eos=False, sampling=greedy)
+    runner.decode(idle_state(4))  # an earlier call donated the first cache arrays
+    assert runner.decode_shape(state, 4) == (4, 256)
+    compilations: list[str] = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, seconds, **_: (
+            compilations.append(event) if event.endswith("backend_compile_duration") else None
+        )
+    )
+    ahead = threading.Thread(target=runner.compile_ahead, args=([(4, 256)],))
+    ahead.start()
+    ahead.join()
+    assert len(compilations) == 1
+    outputs, after = runner.decode(state)
+    assert len(compilations) == 1
+    assert outputs.emitted.all() and (after.lengths == 154).all()

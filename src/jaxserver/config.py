@@ -92,7 +92,11 @@ class JAXServerConfig(BaseModel):
     cors_origins: tuple[str, ...] = Field(
         (), description="Origins allowed to call the API from a browser (CORS); '*' allows any."
     )
-    warm_up: bool = Field(True, description="Compile the common prompt shapes before reporting ready.")
+    warm_up: bool = Field(
+        True,
+        description="Compile the common prompt and decode shapes before reporting ready, the rarer decode "
+        "shapes on a background thread after.",
+    )
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
     )

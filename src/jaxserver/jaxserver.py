@@ -166,9 +166,10 @@ class JAXServer:
         log.info(
             "KV cache: %.1f MiB for %d slots x %d tokens", runner.cache_bytes / 2**20, slots, cfg.max_length
         )
+        later_shapes = []
         if cfg.warm_up:
             started = time.perf_counter()
-            runner.warm_up(
+            later_shapes = runner.warm_up(
                 [b for b in WARM_PROMPT_BUCKETS if b <= min(cfg.prefill_chunk_tokens, cfg.max_length)]
             )
             log.info("warmed up in %.1f s", time.perf_counter() - started)
@@ -182,6 +183,10 @@ class JAXServer:
             left_pad=cfg.use_prefix_tokenizer,
         )
         self.engine.start()
+        if later_shapes:
+            threading.Thread(
+                target=compile_ahead, args=(runner, later_shapes), name="jaxserver-compile-ahead", daemon=True
+            ).start()
         self._funcs_generated = True
 
     @property
@@ -457,3 +462,12 @@ class JAXServer:
 
 def _sampling_fields(data: Any) -> dict[str, Any]:
     return {name: getattr(data, name, None) for name in ("temperature", "top_p", "top_k", "seed")}
+
+
+def compile_ahead(runner: Runner, shapes: list[tuple[int, int]]) -> None:
+    """Compile the rarer decode shapes while the server already serves; a failure here costs only a
+    compilation at first use, so it is logged, not raised."""
+    try:
+        runner.compile_ahead(shapes)
+    except Exception:
+        log.warning("compiling decode shapes ahead failed", exc_info=True)

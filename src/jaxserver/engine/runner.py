@@ -383,9 +383,10 @@ class Runner:
             column[slot_ids] = rows_after
         return jax.tree.map(scatter, outputs), new_state
 
-    def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> None:
+    def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> list[tuple[int, int]]:
         """Compile the common shapes now rather than on the first requests: the given prompt buckets;
-        decode for one request at every context length; and every batch size up to `common_len`."""
+        decode for one request at every context length; and every batch size up to `common_len`.
+        Returns the decode shapes (rows, attended length) left out, for `compile_ahead`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         for size in prompt_buckets:
             started = time.perf_counter()
@@ -395,24 +396,47 @@ class Runner:
         lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
         lengths.append(self.cache_len)
         batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
-        shapes = {(1, n) for n in lengths} | {(b, n) for b in batches for n in lengths if n <= common_len}
-        for rows, attn_len in sorted(shapes):
+        every = {(b, n) for b in batches for n in lengths}
+        common = {(b, n) for b, n in every if b == 1 or n <= common_len}
+        for rows, attn_len in sorted(common):
             self._compile_decode(rows, attn_len)
-        log.info("compiled %d decode shapes in %.1f s", len(shapes), time.perf_counter() - started)
+        log.info("compiled %d decode shapes in %.1f s", len(common), time.perf_counter() - started)
+        return sorted(every - common)
+
+    def compile_ahead(self, shapes: list[tuple[int, int]]) -> None:
+        """Compile decode chunks of these (rows, attended length) shapes without running them, so that
+        their first use does not stall every stream for a compilation (about 12 s per shape on 2 cores).
+        It may run on a thread of its own beside the engine: lowering reads only the arrays' shapes,
+        shardings and layouts, which the cache arrays keep even once the engine has donated them.
+        (Abstract ShapeDtypeStructs lowered to a different program, so the engine's calls missed it.)"""
+        started = time.perf_counter()
+        for rows, attn_len in shapes:
+            self._decode.lower(
+                self.params,
+                self.layers,
+                self.cache,
+                None,
+                idle_state(rows),
+                self.eos_ids,
+                np.int32(1),
+                np.arange(rows, dtype=np.int32),
+                max_steps=self.steps_per_call,
+                attn_len=attn_len,
+                want_logprobs=False,
+            ).compile()
+        log.info("compiled %d more decode shapes ahead in %.1f s", len(shapes), time.perf_counter() - started)
 
     def _compile_decode(self, rows: int, attn_len: int) -> None:
         """Run the decode chunk for `rows` idle slots: the loop exits at once, leaving the compiled code."""
-        slot_ids = np.arange(rows, dtype=np.int32)
-        idle = jax.tree.map(lambda column: column[slot_ids], idle_state(self.slots))
         *_, self.cache = self._decode(
             self.params,
             self.layers,
             self.cache,
             None,
-            idle,
+            idle_state(rows),
             self.eos_ids,
             np.int32(1),
-            slot_ids,
+            np.arange(rows, dtype=np.int32),
             max_steps=self.steps_per_call,
             attn_len=attn_len,
             want_logprobs=False,
