@@ -4,20 +4,18 @@ auth and CORS."""
 
 import functools
 import json
-import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxserver import JAXServer
 from jaxserver.engine.request import GenerationChunk, OutputStream
-from jaxserver.launch import free_port
 from tests import tiny
+from tests.live import serving
 
 KEY = "test-key-0123"
 HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
@@ -25,17 +23,11 @@ HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    config = tiny.test_config(max_length=256, max_batch_size=8, max_waiting_requests=8, api_key=KEY)
-    server = JAXServer.load(tiny_llama_dir, config=config)
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{http.config.port}"
-    http.should_exit = True
-    thread.join(timeout=10)
-    server.shutdown(drain_timeout_s=0)
+    with serving(
+        tiny_llama_dir,
+        tiny.test_config(max_length=256, max_batch_size=8, max_waiting_requests=8, api_key=KEY),
+    ) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

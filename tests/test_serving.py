@@ -10,42 +10,23 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import uvicorn
 
-from jaxserver import JAXServer
-from jaxserver.launch import free_port, start_server
+from jaxserver.launch import start_server
 from tests import tiny
+from tests.live import engine_stats, serving, wait_until_idle
 
 LONG = {"prompt": "Tell me everything.", "max_new_tokens": 4000, "ignore_eos": True, "greedy": True}
 
 
 @pytest.fixture(scope="module")
 def live(tiny_llama_dir):
-    config = tiny.test_config(
-        max_length=4096, max_batch_size=2, max_waiting_requests=1, max_compile_tokens=4, warm_up=True
-    )
-    server = JAXServer.load(tiny_llama_dir, config=config)
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{http.config.port}"
-    http.should_exit = True
-    thread.join(timeout=10)
-    server.shutdown(drain_timeout_s=0)
-
-
-def engine_stats(url: str) -> dict:
-    return requests.get(f"{url}/status", timeout=5).json()["engine"]
-
-
-def wait_until_idle(url: str, timeout_s: float = 5.0) -> float:
-    started = time.monotonic()
-    while engine_stats(url)["active_slots"] or engine_stats(url)["waiting_requests"]:
-        assert time.monotonic() - started < timeout_s, engine_stats(url)
-        time.sleep(0.02)
-    return time.monotonic() - started
+    with serving(
+        tiny_llama_dir,
+        tiny.test_config(
+            max_length=4096, max_batch_size=2, max_waiting_requests=1, max_compile_tokens=4, warm_up=True
+        ),
+    ) as served:
+        yield served
 
 
 def test_disconnect_mid_stream_aborts_and_frees_the_slot(live):
@@ -123,6 +104,8 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
         "20",
         "--output-len",
         "12",
+        "--temperature",
+        "0.8",
         "--json",
         str(out),
         "--plot",

@@ -9,19 +9,17 @@ follows its history. Screenshots go to a tmp dir, or to $JAXSERVER_SCREENSHOT_DI
 
 import os
 import re
-import threading
 import time
 from pathlib import Path
 
 import pytest
-import requests
-import uvicorn
 from fastapi.testclient import TestClient
 from playwright.sync_api import expect, sync_playwright
 
 from jaxserver import JAXServer, JAXServerConfig
-from jaxserver.launch import free_port, start_server
+from jaxserver.launch import start_server
 from tests import tiny
+from tests.live import engine_stats, serving, wait_until_idle
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -127,31 +125,19 @@ def send(page, text: str, turn: int) -> str:
     return bot_texts(page)[-1]
 
 
-def engine(url: str) -> dict:
-    return requests.get(f"{url}/status", timeout=10).json()["engine"]
-
-
-def wait_until_idle(url: str, timeout_s: float = 10.0) -> float:
-    started = time.monotonic()
-    while engine(url)["active_slots"] or engine(url)["waiting_requests"]:
-        assert time.monotonic() - started < timeout_s, engine(url)
-        time.sleep(0.02)
-    return time.monotonic() - started
-
-
 def stop_while_streaming(page, url: str, text_of) -> str:
     """Wait until the answer has grown twice while the engine holds the request, press Stop, and check
     that the request was aborted and its slot freed. Returns the partial answer."""
-    aborted = engine(url)["requests_finished"].get("abort", 0)
+    aborted = engine_stats(url)["requests_finished"].get("abort", 0)
     lengths: set[int] = set()
     deadline = time.monotonic() + 60
-    while len(lengths - {0}) < 2 or not engine(url)["active_slots"]:
-        assert time.monotonic() < deadline, (lengths, engine(url))
+    while len(lengths - {0}) < 2 or not engine_stats(url)["active_slots"]:
+        assert time.monotonic() < deadline, (lengths, engine_stats(url))
         lengths.add(len(text_of()))
         time.sleep(0.05)
     page.locator("#stop").click()
     assert wait_until_idle(url) < 5
-    assert engine(url)["requests_finished"]["abort"] == aborted + 1
+    assert engine_stats(url)["requests_finished"]["abort"] == aborted + 1
     return text_of()
 
 
@@ -162,17 +148,11 @@ def stop_while_streaming(page, url: str, text_of) -> str:
 def live(tiny_llama_dir):
     """One slot and no waiting room (so a second request is refused), one token per decode call (so a
     long answer streams for seconds)."""
-    config = tiny.test_config(max_length=2048, max_batch_size=1, max_waiting_requests=0, max_compile_tokens=1)
-    server = JAXServer.load(tiny_llama_dir, config=config)
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
-    thread = threading.Thread(target=http.run, daemon=True)
-    thread.start()
-    while not http.started:
-        time.sleep(0.05)
-    yield server, f"http://127.0.0.1:{http.config.port}"
-    http.should_exit = True
-    thread.join(timeout=10)
-    server.shutdown(drain_timeout_s=0)
+    with serving(
+        tiny_llama_dir,
+        tiny.test_config(max_length=2048, max_batch_size=1, max_waiting_requests=0, max_compile_tokens=1),
+    ) as served:
+        yield served
 
 
 def test_landing_page_links_both_pages(live, page, shots):

@@ -47,14 +47,18 @@ def make_prompt(rng: random.Random, tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(tokens))
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: str, output_len: int) -> RequestResult:
+async def one_request(
+    client: httpx.AsyncClient, url: str, prompt: str, output_len: int, temperature: float = 0.0
+) -> RequestResult:
     body = {
         "prompt": prompt,
         "max_new_tokens": output_len,
         "ignore_eos": True,
         "stream": True,
-        "greedy": True,
+        "greedy": temperature == 0.0,
     }
+    if temperature > 0.0:
+        body["temperature"] = temperature  # top_p and top_k: the server's defaults
     started = time.perf_counter()
     last, result = started, RequestResult(ok=False)
     try:
@@ -91,6 +95,7 @@ async def run_load(
     output_len: int,
     rate: float | None,
     seed: int,
+    temperature: float = 0.0,
 ) -> tuple[list[RequestResult], float]:
     rng = random.Random(seed)
     prompts = [make_prompt(rng, input_len) for _ in range(num_requests)]
@@ -104,7 +109,7 @@ async def run_load(
         async def limited(prompt: str, delay: float) -> RequestResult:
             await asyncio.sleep(delay)
             async with limit:
-                result = await one_request(client, url, prompt, output_len)
+                result = await one_request(client, url, prompt, output_len, temperature)
             bar.update(1)
             return result
 
@@ -204,6 +209,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals per second")
     parser.add_argument("--input-len", type=int, default=128, help="prompt words (about one token each)")
     parser.add_argument("--output-len", type=int, default=128, help="new tokens per request")
+    parser.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy; above 0: sampled (server's top_p, top_k)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--plot", type=Path, default=None, help="with --sweep: a PNG of the sweep")
@@ -222,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
                 args.output_len,
                 args.request_rate,
                 args.seed,
+                args.temperature,
             )
         )
         rows.append(summarize(results, duration, concurrency))
