@@ -34,7 +34,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # one layer's keys or values
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # one layer's values; keys swap the unsharded last two
 
 
 def logical_rules(axis_names: Sequence[str]) -> dict[str, str]:
@@ -92,5 +92,5 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
 
 
 def cache_sharding(layer_cache_shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    """The sharding of each layer's key (or value) cache."""
+    """The sharding of each layer's key and value caches (only their first two axes are sharded)."""
     return NamedSharding(mesh, spec_for(layer_cache_shape, CACHE_AXES, mesh))
