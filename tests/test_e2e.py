@@ -14,7 +14,8 @@ pytestmark = pytest.mark.e2e
 def base_url(tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     env = os.environ | {"XLA_FLAGS": ""}  # one device, as a user's machine would have
-    server = start_server(["--max-length", "1024"], log, env=env)
+    # Four slots keep the warm-up's decode shapes few; a cold compile cache still takes minutes here.
+    server = start_server(["--max-length", "1024", "--max-batch-size", "4"], log, env=env, timeout_s=600)
     yield server.url
     server.stop()
     print(server.log_tail())
