@@ -87,7 +87,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print time by XLA operation kind")
+    parser.add_argument(
+        "--xla-defaults", action="store_true", help="compile without the engine's CPU compiler options"
+    )
     args = parser.parse_args()
+    if args.xla_defaults:
+        engine_runner.CPU_COMPILER_OPTIONS = {}
     batches = [int(b) for b in args.batch.split(",")]
 
     params = llama.init_params(SMOLLM2_135M, jax.random.key(0))

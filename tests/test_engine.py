@@ -243,15 +243,19 @@ def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     runner.decode(idle_state(4))  # an earlier call donated the first cache arrays
     assert runner.decode_shape(state, 4) == (4, 256)
     compilations: list[str] = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, seconds, **_: (
-            compilations.append(event) if event.endswith("backend_compile_duration") else None
-        )
-    )
-    ahead = threading.Thread(target=runner.compile_ahead, args=([(4, 256)],))
-    ahead.start()
-    ahead.join()
-    assert len(compilations) == 1
-    outputs, after = runner.decode(state)
-    assert len(compilations) == 1
+
+    def count(event: str, seconds: float, **_) -> None:
+        if event.endswith("backend_compile_duration"):
+            compilations.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(count)
+    try:
+        ahead = threading.Thread(target=runner.compile_ahead, args=([(4, 256)],))
+        ahead.start()
+        ahead.join()
+        assert len(compilations) == 1
+        outputs, after = runner.decode(state)
+        assert len(compilations) == 1
+    finally:
+        jax.monitoring.unregister_event_duration_listener(count)
     assert outputs.emitted.all() and (after.lengths == 154).all()

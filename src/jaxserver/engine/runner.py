@@ -8,8 +8,8 @@ budget, the end of the cache) are evaluated on device; stop strings are the call
 Shapes are bucketed so the number of compilations stays small: prompts are padded to a power of two or
 1.5 times one (at least `MIN_PROMPT_BUCKET`), and decode attends only over the first `attn_len` cache
 entries, the smallest power of two (at least `MIN_ATTN_BUCKET`) that covers what the active rows can
-reach by the end of the chunk. Decode buckets stay coarse because each decode shape is warmed up at
-start, at some seconds of compilation each.
+reach by the end of the chunk. Decode buckets stay coarse because every decode shape is compiled in
+advance (the common ones before the server is ready, the rest beside it), at some seconds each.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ MIN_PROMPT_BUCKET = 16
 MIN_ATTN_BUCKET = 64
 
 # XLA:CPU hands dots and reductions to YNNPACK fusions by default (jaxlib 0.10); on a 2-core AVX2 EPYC
-# they made this decode step about 20% slower at batch 32 than XLA's own emitters (benchmarks/step.py).
+# they made this decode step about 20% slower at batch 32 than XLA's own emitters
+# (benchmarks/decode_step.py, with and without --xla-defaults).
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -404,31 +405,20 @@ class Runner:
         return sorted(every - common)
 
     def compile_ahead(self, shapes: list[tuple[int, int]]) -> None:
-        """Compile decode chunks of these (rows, attended length) shapes without running them, so that
-        their first use does not stall every stream for a compilation (about 12 s per shape on 2 cores).
-        It may run on a thread of its own beside the engine: lowering reads only the arrays' shapes,
-        shardings and layouts, which the cache arrays keep even once the engine has donated them.
-        (Abstract ShapeDtypeStructs lowered to a different program, so the engine's calls missed it.)"""
+        """Compile decode chunks of these (rows, attended length) shapes, so that their first use does
+        not stall every stream for a compilation (about 12 s per shape on 2 cores). It may run on a
+        thread of its own beside the engine (see `_compile_decode`)."""
         started = time.perf_counter()
         for rows, attn_len in shapes:
-            self._decode.lower(
-                self.params,
-                self.layers,
-                self.cache,
-                None,
-                idle_state(rows),
-                self.eos_ids,
-                np.int32(1),
-                np.arange(rows, dtype=np.int32),
-                max_steps=self.steps_per_call,
-                attn_len=attn_len,
-                want_logprobs=False,
-            ).compile()
+            self._compile_decode(rows, attn_len)
         log.info("compiled %d more decode shapes ahead in %.1f s", len(shapes), time.perf_counter() - started)
 
     def _compile_decode(self, rows: int, attn_len: int) -> None:
-        """Run the decode chunk for `rows` idle slots: the loop exits at once, leaving the compiled code."""
-        *_, self.cache = self._decode(
+        """Compile the decode chunk for `rows` rows attending `attn_len` entries, without running it.
+        Lowering reads only the arrays' shapes, shardings and layouts, which the cache arrays keep even
+        once the engine has donated them. (Abstract ShapeDtypeStructs lowered to a different program,
+        which the engine's calls then missed.)"""
+        self._decode.lower(
             self.params,
             self.layers,
             self.cache,
@@ -440,7 +430,7 @@ class Runner:
             max_steps=self.steps_per_call,
             attn_len=attn_len,
             want_logprobs=False,
-        )
+        ).compile()
 
 
 def sampling_rows(
