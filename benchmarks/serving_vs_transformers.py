@@ -1,7 +1,8 @@
 """Aggregate throughput of `jaxserver serve` under concurrent streams, beside Hugging Face transformers'
 batched `generate` on the same dequantized weights, in one run on this machine.
 
-1. starts `jaxserver serve` (default model, float32) on a free port and waits until it is ready;
+1. starts `jaxserver serve` (default model, float32) on a free port and waits until it is ready and has
+   compiled its rarer decode shapes in the background;
 2. drives it with `jaxserver bench` at each concurrency of --sweep (same prompts for every level);
 3. stops it, then times transformers (torch CPU, float32) `generate` at batch 1 and at the largest
    concurrency, greedy, exactly --output-len new tokens, on the same chat-formatted prompts.
@@ -21,6 +22,8 @@ import os
 import random
 import time
 from pathlib import Path
+
+import httpx
 
 from jaxserver.bench import make_prompt, plot, print_table, run_load, summarize
 from jaxserver.launch import start_server
@@ -60,6 +63,16 @@ def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int) -
     return batch * output_len / elapsed
 
 
+def wait_for_compile_ahead(url: str, timeout_s: float = 900) -> None:
+    """Wait until the server has compiled its rarer decode shapes in the background: meanwhile that
+    compilation takes a core, and the figures would measure it too."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/status", timeout=5).json()["engine"]["decode_shapes_compiling"]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server was still compiling decode shapes after {timeout_s} s")
+        time.sleep(1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -78,6 +91,7 @@ def main() -> None:
     server = start_server(flags, RESULTS / "serve.log", timeout_s=600)
     rows = []
     try:
+        wait_for_compile_ahead(server.url)
         for concurrency in levels:
             n = max(4, args.requests_per_level * concurrency)
             results, duration = asyncio.run(

@@ -225,7 +225,8 @@ def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):
 
 
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
-    """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs."""
+    """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs,
+    counting the shapes it has yet to compile (what /status reports) down to zero."""
     cfg, params, tokenizer = model
     runner = Runner(
         cfg,
@@ -243,10 +244,12 @@ def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     runner.decode(idle_state(4))  # an earlier call donated the first cache arrays
     assert runner.decode_shape(state, 4) == (4, 256)
     compilations: list[str] = []
+    pending_while_compiling: list[int] = []
 
     def count(event: str, seconds: float, **_) -> None:
         if event.endswith("backend_compile_duration"):
             compilations.append(event)
+            pending_while_compiling.append(runner.shapes_to_compile)
 
     jax.monitoring.register_event_duration_secs_listener(count)
     try:
@@ -254,6 +257,7 @@ def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
         ahead.start()
         ahead.join()
         assert len(compilations) == 1
+        assert pending_while_compiling == [1] and runner.shapes_to_compile == 0
         outputs, after = runner.decode(state)
         assert len(compilations) == 1
     finally:

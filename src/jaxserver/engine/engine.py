@@ -150,6 +150,7 @@ class Engine:
             "requests_finished": dict(self.finished),
             "tokens_generated": self.tokens_generated,
             "kv_cache_bytes": self.runner.cache_bytes,
+            "decode_shapes_compiling": self.runner.shapes_to_compile,
             "engine_error": self.error,
         }
 

@@ -262,6 +262,7 @@ class Runner:
         self.cache_len = cache_len
         self.steps_per_call = steps_per_call
         self.eos_ids = jnp.asarray(eos_ids, jnp.int32)
+        self.shapes_to_compile = 0  # decode shapes `compile_ahead` has yet to compile
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
@@ -409,8 +410,13 @@ class Runner:
         not stall every stream for a compilation (about 12 s per shape on 2 cores). It may run on a
         thread of its own beside the engine (see `_compile_decode`)."""
         started = time.perf_counter()
-        for rows, attn_len in shapes:
-            self._compile_decode(rows, attn_len)
+        self.shapes_to_compile = len(shapes)
+        try:
+            for rows, attn_len in shapes:
+                self._compile_decode(rows, attn_len)
+                self.shapes_to_compile -= 1
+        finally:
+            self.shapes_to_compile = 0
         log.info("compiled %d more decode shapes ahead in %.1f s", len(shapes), time.perf_counter() - started)
 
     def _compile_decode(self, rows: int, attn_len: int) -> None:
