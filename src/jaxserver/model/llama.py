@@ -134,9 +134,10 @@ def attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> ja
 
 # Decoding attends a few rows at a time: XLA:CPU materialises the query-times-key products before
 # reducing them (see README, Performance), and for 32 rows of 256 tokens those are 19 MB per layer; in
-# pieces of about this many (row, token) pairs, 2.4 MB, they stay in the caches. 30 layers, 32 rows, 256
-# tokens, 2-core AVX2 EPYC: 350-450 ms/step with all rows gathered at once, 70-100 ms this way.
-DECODE_GROUP_TOKENS = 1024
+# pieces of about this many (row, token) pairs, 4.7 MB, they stay in the caches. 30 layers, 32 rows, 256
+# tokens, 2-core AVX2 EPYC: 350-450 ms/step with all rows gathered at once, 70-100 ms in pieces of 2, 4 or
+# 8 rows; this size keeps 8 rows of 256 tokens in one piece, as fast as before at 8 rows.
+DECODE_GROUP_TOKENS = 2048
 
 
 def decode_attention(
