@@ -1,9 +1,10 @@
 """Where a decode step's time goes: milliseconds per step of the engine's compiled decode chunk, by batch
 size, at the default model's shapes (SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocabulary 49152),
 with random weights (speed does not depend on their values) and EOS ignored, so every chunk runs all its
-steps. With --profile, a JAX profiler trace of one chunk per batch size, summed by XLA operation kind.
+steps. With --profile, a JAX profiler trace of one chunk per batch size, summed by XLA operation kind;
+with --no-attention, the step without decode attention (so the difference is attention's cost).
 
-    python benchmarks/decode_step.py [--batch 1,8,32] [--context 200] [--profile]
+    python benchmarks/decode_step.py [--batch 1,8,32] [--context 200] [--profile] [--no-attention]
 
 The figures come from the same `Runner.decode` the engine calls, so they include the gather of the
 active rows' cache, sampling and the host round trip at the chunk's end, but no prefill or HTTP.
@@ -60,6 +61,11 @@ def busy_state(rows: int, slots: int, context: int, greedy: bool) -> engine_runn
     return state
 
 
+def skip_attention(q: jax.Array, *_) -> jax.Array:
+    """Stands in for `llama.decode_attention` under --no-attention: the queries, shaped like its output."""
+    return q.reshape(q.shape[0], 1, -1)
+
+
 def op_kinds(trace_dir: Path) -> collections.Counter[str]:
     """Microseconds per XLA operation kind (instruction names without their numeric suffix)."""
     trace_file = max(trace_dir.rglob("*perfetto_trace.json.gz"), key=lambda path: path.stat().st_mtime)
@@ -90,9 +96,16 @@ def main() -> None:
     parser.add_argument(
         "--xla-defaults", action="store_true", help="compile without the engine's CPU compiler options"
     )
+    parser.add_argument(
+        "--no-attention",
+        action="store_true",
+        help="replace decode attention by passing the queries through: what the rest of the step costs",
+    )
     args = parser.parse_args()
     if args.xla_defaults:
         engine_runner.CPU_COMPILER_OPTIONS = {}
+    if args.no_attention:
+        llama.decode_attention = skip_attention
     batches = [int(b) for b in args.batch.split(",")]
 
     params = llama.init_params(SMOLLM2_135M, jax.random.key(0))

@@ -36,9 +36,9 @@ MASK_VALUE = -1e30
 
 class KVCache(NamedTuple):
     """Keys and values per layer: keys [slots, kv_heads, head_dim, length], values [slots, kv_heads,
-    length, head_dim]. Keys are stored transposed so that decoding computes a query's scores as a
-    reduction over head_dim with the cache positions along the fast axis, the layout XLA:CPU's loops
-    vectorise; at 8 rows this step ran 165 -> 117 ms (benchmarks/decode_step.py)."""
+    length, head_dim]. Keys are stored transposed so that decoding multiplies a query by the keys with
+    the cache positions along the fast axis, in elementwise loops XLA:CPU vectorises, before reducing
+    over head_dim; at 8 rows the step ran 165 -> 117 ms (benchmarks/decode_step.py)."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -157,8 +157,8 @@ def decode_attention(
         ids = jax.lax.dynamic_slice_in_dim(slot_ids, first, rows)
         queries = jax.lax.dynamic_slice_in_dim(q, first, rows)  # [R, K, G, D]
         keys, values = k_cache[ids, ..., :attn_len], v_cache[ids, :, :attn_len]
-        # Multiply-and-reduce with the cache positions along the fast axis: the loops XLA:CPU
-        # vectorises; batched dots of these small shapes ran slower.
+        # Multiply-and-reduce, the products along the cache positions (the fast axis of both caches as
+        # read here): batched dots of these small shapes ran slower, as each slice was copied first.
         scores = (queries[..., None] * keys[:, :, None]).sum(axis=-2) * scale  # [R, K, G, T]
         seen = jax.lax.dynamic_slice_in_dim(mask, first, rows)[:, None, None]
         probs = jax.nn.softmax(jnp.where(seen, scores, MASK_VALUE), axis=-1).astype(values.dtype)
