@@ -16,7 +16,6 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import random
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from jaxserver.bench import make_prompt, plot, print_table, run_load, summarize
+from jaxserver.bench import make_prompt, measure, plot, print_table
 from jaxserver.launch import start_server
 
 RESULTS = Path("benchmarks/results")
@@ -94,18 +93,7 @@ def main() -> None:
         wait_for_compile_ahead(server.url)
         for concurrency in levels:
             n = max(4, args.requests_per_level * concurrency)
-            results, duration = asyncio.run(
-                run_load(
-                    server.url,
-                    n,
-                    concurrency,
-                    args.input_len,
-                    args.output_len,
-                    None,
-                    seed=0,
-                )
-            )
-            rows.append(summarize(results, duration, concurrency))
+            rows.append(measure(server.url, n, concurrency, args.input_len, args.output_len, None, seed=0))
     finally:
         server.stop(timeout_s=60)
     print_table(rows)

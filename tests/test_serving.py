@@ -118,6 +118,16 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
         assert row["completed"] == 6 and row["failed"] == 0
         assert row["output_tokens_per_s"] > 0 and 0 < row["ttft_s"]["p50"] <= row["e2e_latency_s"]["p50"]
         assert row["itl_s"]["p99"] >= row["itl_s"]["p50"] > 0
+        # The engine's profile over the level, from /status: a share of the wall time, and at concurrency 1
+        # never more than one row generating per step.
+        engine = row["engine"]
+        assert 0 < engine["prefill_share"] + engine["decode_share"] <= 1
+        assert (
+            0
+            < engine["decode_rows_per_step"]
+            <= min(row["concurrency"], engine["decode_rows_computed_per_step"])
+        )
+    assert rows[0]["engine"]["decode_rows_per_step"] == 1
     assert png.stat().st_size > 10_000
 
 

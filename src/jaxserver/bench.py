@@ -125,6 +125,53 @@ async def run_load(
     return list(results), duration
 
 
+def step_totals(url: str) -> dict[str, float] | None:
+    """The server's engine step totals from /status, or None when it does not report them."""
+    try:
+        engine = httpx.get(f"{url}/status", timeout=10).json().get("engine") or {}
+    except (httpx.HTTPError, ValueError):
+        return None
+    return engine.get("step_totals")
+
+
+def engine_profile(before: dict[str, float], after: dict[str, float], duration_s: float) -> dict[str, float]:
+    """Where the engine's time went between two readings of its step totals."""
+    d = {key: after[key] - before[key] for key in after}
+    steps = max(d["decode_steps"], 1)
+    return {
+        "prefill_share": d["prefill_seconds"] / duration_s,
+        "decode_share": d["decode_seconds"] / duration_s,
+        "prompt_padding_share": 1 - d["prompt_tokens"] / max(d["prompt_tokens_computed"], 1),
+        "prefill_tokens_per_s": d["prompt_tokens_computed"] / max(d["prefill_seconds"], 1e-9),
+        "decode_ms_per_step": 1000 * d["decode_seconds"] / steps,
+        "decode_rows_per_step": d["decode_tokens"] / steps,
+        "decode_rows_computed_per_step": d["decode_rows_computed"] / steps,
+        "decode_steps_per_call": d["decode_steps"] / max(d["decode_calls"], 1),
+    }
+
+
+def measure(
+    url: str,
+    num_requests: int,
+    concurrency: int,
+    input_len: int,
+    output_len: int,
+    rate: float | None,
+    seed: int,
+    temperature: float = 0.0,
+) -> dict:
+    """One load level, summarized, with the engine's profile over it when the server reports one."""
+    before = step_totals(url)
+    results, duration = asyncio.run(
+        run_load(url, num_requests, concurrency, input_len, output_len, rate, seed, temperature)
+    )
+    row = summarize(results, duration, concurrency)
+    after = step_totals(url)
+    if before and after:
+        row["engine"] = engine_profile(before, after, duration)
+    return row
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
@@ -166,6 +213,23 @@ def print_table(rows: list[dict]) -> None:
             f"{ms['ttft_s']['p99']:>5.0f}ms {ms['itl_s']['p50']:>7.1f}ms {ms['itl_s']['p90']:>5.1f}ms "
             f"{ms['itl_s']['p99']:>5.1f}ms"
         )
+    profiled = [r for r in rows if "engine" in r]
+    if profiled:
+        print("\nengine profile (share of wall time; decode rows: generating / computed per step)")
+        header = (
+            f"{'conc':>5} {'prefill':>8} {'decode':>7} {'padding':>8} {'prefill tok/s':>14} "
+            f"{'ms/step':>8} {'rows':>12} {'steps/call':>11}"
+        )
+        print(header)
+        print("-" * len(header))
+        for r in profiled:
+            e = r["engine"]
+            rows_text = f"{e['decode_rows_per_step']:.1f}/{e['decode_rows_computed_per_step']:.1f}"
+            print(
+                f"{r['concurrency']:>5} {e['prefill_share']:>8.0%} {e['decode_share']:>7.0%} "
+                f"{e['prompt_padding_share']:>8.0%} {e['prefill_tokens_per_s']:>14.0f} "
+                f"{e['decode_ms_per_step']:>8.1f} {rows_text:>12} {e['decode_steps_per_call']:>11.1f}"
+            )
     for r in rows:
         for error in r["errors"]:
             print(f"  concurrency {r['concurrency']}: {error}")
@@ -221,8 +285,8 @@ def run(args: argparse.Namespace) -> int:
     levels = [int(c) for c in args.sweep.split(",")] if args.sweep else [args.concurrency]
     rows = []
     for concurrency in levels:
-        results, duration = asyncio.run(
-            run_load(
+        rows.append(
+            measure(
                 args.url,
                 args.num_requests,
                 concurrency,
@@ -233,7 +297,6 @@ def run(args: argparse.Namespace) -> int:
                 args.temperature,
             )
         )
-        rows.append(summarize(results, duration, concurrency))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
     print_table(rows)
     if args.json:

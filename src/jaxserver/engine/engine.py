@@ -30,6 +30,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,22 @@ RATE_WINDOW_S = 60.0
 ADMISSION_CHUNK_STEPS = 8
 
 
+@dataclass
+class StepTotals:
+    """Where the engine thread's time went since it started, summed over its calls to the runner; read by
+    /status, /metrics and the benchmarks, whose profile is the difference between two readings."""
+
+    prefill_seconds: float = 0.0
+    prefill_calls: int = 0
+    prompt_tokens: int = 0  # prompt tokens written into the cache
+    prompt_tokens_computed: int = 0  # the same with the padding of their buckets
+    decode_seconds: float = 0.0
+    decode_calls: int = 0
+    decode_steps: int = 0  # forward passes of the decode batch
+    decode_tokens: int = 0  # tokens those steps generated
+    decode_rows_computed: int = 0  # rows those steps computed, idle padding rows included
+
+
 class Engine:
     def __init__(
         self,
@@ -76,6 +93,7 @@ class Engine:
         self.error: str | None = None
         self.finished: Counter[str] = Counter()  # finish reason -> requests
         self.tokens_generated = 0
+        self.totals = StepTotals()
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._outstanding = 0  # submitted and not yet finished
         self._outstanding_lock = threading.Lock()
@@ -151,6 +169,7 @@ class Engine:
             "tokens_generated": self.tokens_generated,
             "kv_cache_bytes": self.runner.cache_bytes,
             "decode_shapes_compiling": self.runner.shapes_to_compile,
+            "step_totals": asdict(self.totals),
             "engine_error": self.error,
         }
 
@@ -231,6 +250,7 @@ class Engine:
             piece = len(part)
         last = seq.prefilled + piece >= len(prompt)
         want_logprobs = last and request.logprobs is not None
+        started = time.perf_counter()
         token, logprobs = self.runner.prefill(
             seq.slot,
             tokens,
@@ -242,6 +262,10 @@ class Engine:
             want_logprobs=want_logprobs,
         )
         seq.prefilled += piece
+        self.totals.prefill_seconds += time.perf_counter() - started
+        self.totals.prefill_calls += 1
+        self.totals.prompt_tokens += piece
+        self.totals.prompt_tokens_computed += len(tokens)
         return piece, token, _listed([token], logprobs, request.logprobs) if want_logprobs else None
 
     def _start_decoding(self, seq: Sequence, first_token: int, logprobs: list[TokenLogprobs] | None) -> None:
@@ -263,12 +287,20 @@ class Engine:
         decoding = self.scheduler.decoding
         admitting = self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots)
         steps = ADMISSION_CHUNK_STEPS if admitting else self.runner.steps_per_call
+        rows, _ = self.runner.decode_shape(self.state, steps)
+        started = time.perf_counter()
         outputs, self.state = self.runner.decode(
             self.state,
             steps,
             penalize=any(seq.request.sampling.penalized for seq in decoding.values()),
             want_logprobs=any(seq.request.logprobs is not None for seq in decoding.values()),
         )
+        steps_run = int(outputs.emitted.any(axis=0).sum())
+        self.totals.decode_seconds += time.perf_counter() - started
+        self.totals.decode_calls += 1
+        self.totals.decode_steps += steps_run
+        self.totals.decode_tokens += int(outputs.emitted.sum())
+        self.totals.decode_rows_computed += rows * steps_run
         for slot, seq in list(decoding.items()):
             emitted = outputs.emitted[slot]
             new = outputs.tokens[slot][emitted].tolist()
