@@ -2,12 +2,13 @@
 size, at the default model's shapes (SmolLM2-135M: 30 layers, hidden 576, 9/3 heads, vocabulary 49152),
 with random weights (speed does not depend on their values) and EOS ignored, so every chunk runs all its
 steps. With --profile, a JAX profiler trace of one chunk per batch size, summed by XLA operation kind;
-with --no-attention, the step without decode attention (so the difference is attention's cost).
+with --no-attention, the step without decode attention (so the difference is attention's cost); with
+--xla-attention, attention by XLA's ops instead of the CPU kernel (model/cpu_kernels.py).
 
     python benchmarks/decode_step.py [--batch 1,8,32] [--context 200] [--profile] [--no-attention]
 
-The figures come from the same `Runner.decode` the engine calls, so they include the gather of the
-active rows' cache, sampling and the host round trip at the chunk's end, but no prefill or HTTP.
+The figures come from the same `Runner.decode` the engine calls, so they include sampling and the host
+round trip at the chunk's end, but no prefill or HTTP.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def main() -> None:
     parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print time by XLA operation kind")
     parser.add_argument(
-        "--xla-defaults", action="store_true", help="compile without the engine's CPU compiler options"
+        "--xla-attention", action="store_true", help="attend with XLA's ops instead of the CPU kernel"
     )
     parser.add_argument(
         "--no-attention",
@@ -102,8 +103,6 @@ def main() -> None:
         help="replace decode attention by passing the queries through: what the rest of the step costs",
     )
     args = parser.parse_args()
-    if args.xla_defaults:
-        engine_runner.CPU_COMPILER_OPTIONS = {}
     if args.no_attention:
         llama.decode_attention = skip_attention
     batches = [int(b) for b in args.batch.split(",")]
@@ -117,8 +116,10 @@ def main() -> None:
         steps_per_call=args.steps,
         eos_ids=(0,),
         cache_dtype=jnp.float32,
+        decode_kernel=None if not (args.xla_attention or args.no_attention) else False,
     )
-    print(f"jax {jax.__version__}, compiler options {engine_runner.compiler_options()}")
+    attention = "none" if args.no_attention else "CPU kernel" if runner.decode_kernel else "XLA"
+    print(f"jax {jax.__version__}, decode attention: {attention}")
     print(f"{'rows':>5} {'attended':>9} {'ms/step':>8} {'tok/s':>7} {'cores busy':>10}")
     for rows in batches:
         state = busy_state(rows, runner.slots, args.context, greedy=not args.sample)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserver.engine.request import MAX_TOP_LOGPROBS
-from jaxserver.model import llama
+from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import KVCache, Params
 from jaxserver.model.sampling import (
@@ -41,23 +41,6 @@ log = logging.getLogger(__name__)
 
 MIN_PROMPT_BUCKET = 16
 MIN_ATTN_BUCKET = 64
-
-# XLA:CPU hands dots and reductions to YNNPACK fusions by default (jaxlib 0.10); on a 2-core AVX2 EPYC
-# they made this decode step about 20% slower at batch 32 than XLA's own emitters
-# (benchmarks/decode_step.py, with and without --xla-defaults).
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
-@functools.cache
-def compiler_options() -> dict[str, str]:
-    """CPU_COMPILER_OPTIONS on the CPU backend when this jaxlib knows them; otherwise none."""
-    if jax.default_backend() != "cpu":
-        return {}
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=CPU_COMPILER_OPTIONS)(np.int32(0))
-    except (TypeError, RuntimeError):  # an older jax without the argument, or a jaxlib without the option
-        return {}
-    return dict(CPU_COMPILER_OPTIONS)
 
 
 def bucket(n: int, minimum: int, cap: int) -> int:
@@ -163,6 +146,7 @@ def _decode_chunk(
     max_steps: int,
     attn_len: int,
     want_logprobs: bool,
+    decode_kernel: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
@@ -187,6 +171,7 @@ def _decode_chunk(
             attn_len=attn_len,
             slot_ids=slot_ids,
             logit_index=first,
+            decode_kernel=decode_kernel,
         )
         live = state.active
         lengths = state.lengths + live
@@ -254,7 +239,10 @@ class Runner:
         eos_ids: tuple[int, ...],
         cache_dtype: jnp.dtype,
         cache_sharding: jax.sharding.Sharding | None = None,
+        decode_kernel: bool | None = None,
     ):
+        """`decode_kernel`: attend through `cpu_kernels.decode_attention` while decoding; by default
+        wherever it can (the kernel is built, the cache is float32 and not split across devices)."""
         self.cfg = cfg
         self.params = llama.head_params(params)
         self.layers = llama.layer_params(params, cfg)
@@ -264,6 +252,9 @@ class Runner:
         self.eos_ids = jnp.asarray(eos_ids, jnp.int32)
         self.shapes_to_compile = 0  # decode shapes `compile_ahead` has yet to compile
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
+        if decode_kernel is None:
+            decode_kernel = kernel_fits(cache_dtype, cache_sharding)
+        self.decode_kernel = decode_kernel
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
@@ -272,13 +263,11 @@ class Runner:
             functools.partial(_prefill, cfg=cfg),
             static_argnames=("attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
-            compiler_options=compiler_options(),
         )
         self._decode = jax.jit(
-            functools.partial(_decode_chunk, cfg=cfg),
+            functools.partial(_decode_chunk, cfg=cfg, decode_kernel=decode_kernel),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
-            compiler_options=compiler_options(),
         )
 
     @property
@@ -328,13 +317,16 @@ class Runner:
     def decode_shape(self, state: DecodeState, steps: int) -> tuple[int, int]:
         """The compiled shape a decode chunk over `state`'s active rows uses: (batch rows, attended cache
         length). A row reaches at most its length plus the tokens it may still write in this chunk, so a
-        row about to finish does not push the whole batch into a longer bucket."""
+        row about to finish does not push the whole batch into a longer bucket. The decode kernel reads
+        each row's own range, so with it the attended length is always the whole cache: one shape per
+        batch size."""
         active = state.active
+        rows = bucket(max(int(active.sum()), 1), 1, self.slots)
+        if self.decode_kernel:
+            return rows, self.cache_len
         reach = state.lengths[active] + np.minimum(state.remaining[active], steps)
         furthest = int(reach.max()) if reach.size else 0
-        return bucket(max(int(active.sum()), 1), 1, self.slots), bucket(
-            furthest, MIN_ATTN_BUCKET, self.cache_len
-        )
+        return rows, bucket(furthest, MIN_ATTN_BUCKET, self.cache_len)
 
     def decode(
         self,
@@ -396,10 +388,12 @@ class Runner:
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
         lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
+        if self.decode_kernel:
+            lengths = []
         lengths.append(self.cache_len)
         batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
         every = {(b, n) for b in batches for n in lengths}
-        common = {(b, n) for b, n in every if b == 1 or n <= common_len}
+        common = {(b, n) for b, n in every if b == 1 or n <= common_len or self.decode_kernel}
         for rows, attn_len in sorted(common):
             self._compile_decode(rows, attn_len)
         log.info("compiled %d decode shapes in %.1f s", len(common), time.perf_counter() - started)
@@ -437,6 +431,15 @@ class Runner:
             attn_len=attn_len,
             want_logprobs=False,
         ).compile()
+
+
+def kernel_fits(cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None) -> bool:
+    """Whether decoding can use the CPU attention kernel: it is built, reads float32, and sees whole
+    cache rows (a cache split over devices would need the kernel run per shard)."""
+    split = isinstance(cache_sharding, jax.sharding.NamedSharding) and any(
+        axis is not None for axis in cache_sharding.spec
+    )
+    return jnp.dtype(cache_dtype) == jnp.float32 and not split and cpu_kernels.available()
 
 
 def sampling_rows(

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserver.model import cpu_kernels
 from jaxserver.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -209,6 +210,7 @@ def forward(
     attn_len: int,
     slot_ids: jax.Array | None = None,
     logit_index: jax.Array | None = None,
+    decode_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
@@ -217,7 +219,9 @@ def forward(
     (indices past the cache are dropped: an idle row writes nothing), and attend to that row's cache
     indices [start[b], own index] within the first `attn_len` (static) entries. Rotary positions are
     `index - start`. Returns logits [B, V] at `logit_index` [B] (or [B, S, V] for every position when
-    None) in float32, and the updated cache.
+    None) in float32, and the updated cache. With `decode_kernel` (float32 cache, `cpu_kernels.available()`),
+    single-token steps attend through the CPU kernel, which reads each row's own range and ignores
+    `attn_len`.
     """
     batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -244,7 +248,10 @@ def forward(
         new_k.append(k_cache)
         new_v.append(v_cache)
         q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
-        if seq == 1:
+        if seq == 1 and decode_kernel:
+            out = cpu_kernels.decode_attention(q[:, 0], k_cache, v_cache, rows, start, query_index[:, 0])
+            out = out.astype(x.dtype).reshape(batch, 1, -1)
+        elif seq == 1:
             out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
         else:
             out = attention(q, k_cache[rows, ..., :attn_len], v_cache[rows, :, :attn_len], mask)

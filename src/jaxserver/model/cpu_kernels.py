@@ -1,0 +1,116 @@
+"""Hand-written CPU kernels, compiled on first use and called from jitted code through XLA's FFI.
+
+XLA:CPU has no fused attention: for decoding it gathers each row's cache slice and writes out the
+query-times-key products before reducing them, which cost more than all the weight matmuls at 32 rows
+(README, Performance). `decode_attention` reads each row's cache in place, only the positions it attends.
+
+The C++ source ships in `kernels/`; it is compiled with the system's C++ compiler against the FFI headers
+jaxlib ships (`jax.ffi.include_dir()`) into `~/.cache/jaxserver/kernels` (or `$JAXSERVER_KERNEL_DIR`),
+once per source, compiler flags and CPU. Where that fails (no compiler, another backend), `available()`
+says so, the reason is logged once, and the model runs its pure-JAX attention instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "kernels" / "decode_attention.cc"
+TARGET_NAME = "jaxserver_decode_attention"
+# -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
+# -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            flags = next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _library_path(compiler: str) -> Path:
+    root = Path(os.environ.get("JAXSERVER_KERNEL_DIR", Path.home() / ".cache" / "jaxserver" / "kernels"))
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        compiler.encode(),
+        " ".join(COMPILE_FLAGS).encode(),
+        jax.ffi.include_dir().encode(),
+        _cpu_signature().encode(),
+    ):
+        key.update(part)
+    return root / f"decode_attention-{key.hexdigest()[:16]}.so"
+
+
+def _build() -> Path:
+    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    library = _library_path(compiler)
+    if library.exists():
+        return library
+    library.parent.mkdir(parents=True, exist_ok=True)
+    # Built under a temporary name and renamed, so concurrent processes never load a half-written file.
+    with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+        partial = Path(scratch) / library.name
+        command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+        os.replace(partial, library)
+    return library
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the decode-attention kernel is built and registered (CPU backend only)."""
+    if jax.default_backend() != "cpu":
+        return False
+    try:
+        library = ctypes.cdll.LoadLibrary(str(_build()))
+        handler = jax.ffi.pycapsule(library.JaxserverDecodeAttention)
+        jax.ffi.register_ffi_target(TARGET_NAME, handler, platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        log.warning("decode-attention kernel unavailable, using XLA's attention instead: %s", error)
+        return False
+    return True
+
+
+def decode_attention(
+    q: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    slot_ids: jax.Array,
+    starts: jax.Array,
+    ends: jax.Array,
+) -> jax.Array:
+    """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive).
+
+    q [B, kv_heads, group, hd] float32; k_cache [slots, kv_heads, hd, length]; v_cache [slots, kv_heads,
+    length, hd]; slot_ids, starts, ends [B] int32 -> [B, kv_heads, group, hd]. Call only when
+    `available()`.
+    """
+    return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+        q.astype(jnp.float32),
+        k_cache,
+        v_cache,
+        slot_ids.astype(jnp.int32),
+        starts.astype(jnp.int32),
+        ends.astype(jnp.int32),
+    )
