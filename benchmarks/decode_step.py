@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32, help="decode steps per compiled chunk")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--dtype", default="float32", help="weight dtype (float32 or bfloat16)")
     parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print time by XLA operation kind")
     parser.add_argument(
@@ -107,7 +108,7 @@ def main() -> None:
         llama.decode_attention = skip_attention
     batches = [int(b) for b in args.batch.split(",")]
 
-    params = llama.init_params(SMOLLM2_135M, jax.random.key(0))
+    params = llama.init_params(SMOLLM2_135M, jax.random.key(0), jnp.dtype(args.dtype))
     runner = engine_runner.Runner(
         SMOLLM2_135M,
         params,
@@ -115,11 +116,11 @@ def main() -> None:
         cache_len=args.max_length,
         steps_per_call=args.steps,
         eos_ids=(0,),
-        cache_dtype=jnp.float32,
+        cache_dtype=jnp.float32,  # as the server does for any weight dtype
         decode_kernel=None if not (args.xla_attention or args.no_attention) else False,
     )
     attention = "none" if args.no_attention else "CPU kernel" if runner.decode_kernel else "XLA"
-    print(f"jax {jax.__version__}, decode attention: {attention}")
+    print(f"jax {jax.__version__}, {args.dtype} weights, decode attention: {attention}")
     print(f"{'rows':>5} {'attended':>9} {'ms/step':>8} {'tok/s':>7} {'cores busy':>10}")
     for rows in batches:
         state = busy_state(rows, runner.slots, args.context, greedy=not args.sample)

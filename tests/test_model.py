@@ -135,3 +135,17 @@ def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, dec
     assert (
         engine_greedy(cfg, params, tokenizer, prompt, 12, left_pad, prefill_chunk, decode_kernel) == expected
     )
+
+
+def test_bfloat16_weights_track_float32(tiny_model):
+    """bfloat16 weights (float32 activations and accumulation): logits within bf16 rounding of the
+    float32 model's (5% of the largest logit: bf16 keeps 8 bits of mantissa, and the rounding compounds
+    over the layers), for a batch of rows and for a lone row (which `linear` pads to two)."""
+    cfg, params, _ = tiny_model
+    half = llama.cast_params(params, jnp.bfloat16)
+    for shape in [(2, 24), (1, 1)]:
+        ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=shape)
+        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids)
+        assert rounded.dtype == np.float32
+        scale = np.abs(exact).max()
+        assert 0 < np.abs(rounded - exact).max() < 0.05 * scale

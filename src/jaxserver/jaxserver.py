@@ -160,7 +160,9 @@ class JAXServer:
             cache_len=cfg.max_length,
             steps_per_call=cfg.max_compile_tokens,
             eos_ids=tokenizer.eos_token_ids,
-            cache_dtype=jnp.dtype(cfg.jax_dtype_name),
+            # float32 whatever the weights: the decode attention kernel reads float32, and with a bfloat16
+            # cache (XLA's attention) a 32-row step took 236 ms instead of 81 (decode_step.py).
+            cache_dtype=jnp.float32,
             cache_sharding=cache_sharding(cache_shape, self.mesh),
         )
         log.info(

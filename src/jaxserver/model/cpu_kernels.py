@@ -103,9 +103,11 @@ def decode_attention(
     """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive).
 
     q [B, kv_heads, group, hd] float32; k_cache [slots, kv_heads, hd, length]; v_cache [slots, kv_heads,
-    length, hd]; slot_ids, starts, ends [B] int32 -> [B, kv_heads, group, hd]. Call only when
-    `available()`.
+    length, hd]; slot_ids, starts, ends [B] int32 -> [B, kv_heads, group, hd]. A row whose end lies past
+    the cache (an idle row) gets zeros.
     """
+    if not available():
+        raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
     return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32),
         k_cache,
