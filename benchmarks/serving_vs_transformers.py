@@ -4,10 +4,12 @@ batched `generate` on the same dequantized weights, in one run on this machine.
 1. starts `jaxserver serve` (default model, float32) on a free port and waits until it is ready and has
    compiled its rarer decode shapes in the background;
 2. drives it with `jaxserver bench` at each concurrency of --sweep (same prompts for every level);
-3. stops it, then times transformers (torch CPU, float32) `generate` at batch 1 and at the largest
-   concurrency, greedy, exactly --output-len new tokens, on the same chat-formatted prompts.
+3. stops it, then times transformers (torch CPU, float32, and also bfloat16 when the server ran
+   bfloat16 weights) `generate` at batch 1 and at the largest concurrency, greedy, exactly --output-len
+   new tokens, on the same chat-formatted prompts.
 
     python benchmarks/serving_vs_transformers.py [--sweep 1,8,32] [--input-len 128] [--output-len 128]
+                                                 [--dtype fp32|bf16]
 
 Prints a table, the issue's targets as ratios, and writes JSON (and a PNG of the sweep) under
 benchmarks/results/.
@@ -30,7 +32,7 @@ from jaxserver.launch import start_server
 RESULTS = Path("benchmarks/results")
 
 
-def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int) -> float:
+def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int, dtype: str) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,7 +41,8 @@ def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int) -
     path = default_model_path()
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch_dtype)
     texts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
@@ -82,11 +85,12 @@ def main() -> None:
     parser.add_argument(
         "--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)"
     )
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's weights")
     args = parser.parse_args()
     levels = [int(c) for c in args.sweep.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    flags = ["--max-batch-size", str(max(levels)), "--max-length", "1024"]
+    flags = ["--max-batch-size", str(max(levels)), "--max-length", "1024", "--dtype", args.dtype]
     server = start_server(flags, RESULTS / "serve.log", timeout_s=600)
     rows = []
     try:
@@ -100,20 +104,29 @@ def main() -> None:
 
     rng = random.Random(0)
     prompts = [make_prompt(rng, args.input_len) for _ in range(max(levels))]
-    hf = {
-        batch: transformers_tokens_per_s(prompts, args.output_len, batch)
-        for batch in sorted({1, max(levels)})
-    }
-    ours = {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
     top = max(levels)
-    print(f"\ntransformers generate: batch 1 {hf[1]:.1f} tok/s, batch {top} {hf[top]:.1f} tok/s")
-    ratios = {
-        f"jaxserver {top} streams / jaxserver 1 stream (target >= 4)": ours[top] / ours[1]
-        if 1 in ours
-        else None,
-        f"jaxserver {top} streams / transformers batch {top} (target >= 2)": ours[top] / hf[top],
-        "jaxserver 1 stream / transformers batch 1 (target >= 2)": ours[1] / hf[1] if 1 in ours else None,
-    }
+    ours = {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
+    ratios: dict[str, float | None] = {}
+    hf: dict[str, dict[int, float]] = {}
+    for dtype in sorted({"fp32", args.dtype}, reverse=True):
+        hf[dtype] = {
+            batch: transformers_tokens_per_s(prompts, args.output_len, batch, dtype)
+            for batch in sorted({1, top})
+        }
+        print(
+            f"\ntransformers generate ({dtype}): batch 1 {hf[dtype][1]:.1f} tok/s, "
+            f"batch {top} {hf[dtype][top]:.1f} tok/s"
+        )
+        ratios[f"jaxserver {top} streams / transformers {dtype} batch {top} (target >= 2 vs fp32)"] = (
+            ours[top] / hf[dtype][top]
+        )
+        ratios[f"jaxserver 1 stream / transformers {dtype} batch 1 (target >= 2 vs fp32)"] = (
+            ours[1] / hf[dtype][1] if 1 in ours else None
+        )
+    ratios[f"jaxserver {top} streams / jaxserver 1 stream (target >= 4)"] = (
+        ours[top] / ours[1] if 1 in ours else None
+    )
+    print(f"\njaxserver ran {args.dtype} weights")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}" if value is not None else f"{name}: not measured")
     report = {
@@ -123,8 +136,8 @@ def main() -> None:
         "transformers_tokens_per_s": hf,
         "ratios": ratios,
     }
-    (RESULTS / "serving_vs_transformers.json").write_text(json.dumps(report, indent=2))
-    plot(rows, RESULTS / "serving_sweep.png")
+    (RESULTS / f"serving_vs_transformers_{args.dtype}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, RESULTS / f"serving_sweep_{args.dtype}.png")
 
 
 if __name__ == "__main__":
