@@ -12,7 +12,7 @@ import pytest
 
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
-from jaxserver.engine.runner import Runner, idle_state, sampling_rows, set_slot
+from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
 from jaxserver.errors import OverloadedError
 from jaxserver.model import llama
 from jaxserver.model.loader import load_model
@@ -263,3 +263,16 @@ def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert outputs.emitted.all() and (after.lengths == 154).all()
+
+
+@pytest.mark.parametrize("slots", [1, 6, 32, 256])
+def test_row_buckets_cover_every_batch_with_little_padding(slots):
+    """Every number of active rows fits its bucket; past 8 rows at most a fifth of a bucket is padding,
+    and the number of decode shapes grows by four per doubling of the slots."""
+    sizes = {row_bucket(n, slots) for n in range(1, slots + 1)}
+    for n in range(1, slots + 1):
+        rows = row_bucket(n, slots)
+        assert n <= rows <= slots and rows in sizes
+        if n > 8:
+            assert (rows - n) / rows <= 0.2
+    assert slots in sizes and len(sizes) <= 4 + 4 * max(0, (slots - 1).bit_length() - 3)
