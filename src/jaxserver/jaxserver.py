@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, SamplingOptions
-from jaxserver.engine.runner import MIN_PROMPT_BUCKET, Runner
+from jaxserver.engine.runner import Runner, prompt_buckets
 from jaxserver.errors import BadRequestError, ContextLengthError, EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint
 from jaxserver.model.config import ModelConfig
@@ -34,10 +34,8 @@ from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
 
 log = logging.getLogger(__name__)
 
+
 # Prompt buckets compiled before the server reports ready; longer prompts compile on first use.
-WARM_PROMPT_BUCKETS = (MIN_PROMPT_BUCKET, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
     return (
         tokenizer
@@ -171,9 +169,7 @@ class JAXServer:
         later_shapes = []
         if cfg.warm_up:
             started = time.perf_counter()
-            later_shapes = runner.warm_up(
-                [b for b in WARM_PROMPT_BUCKETS if b <= min(cfg.prefill_chunk_tokens, cfg.max_length)]
-            )
+            later_shapes = runner.warm_up(prompt_buckets(min(cfg.prefill_chunk_tokens, cfg.max_length)))
             log.info("warmed up in %.1f s", time.perf_counter() - started)
         if self.engine is not None:
             self.engine.shutdown(drain_timeout_s=0)
