@@ -35,9 +35,14 @@ def test_bad_sampling_values_raise_bad_request(tiny_server):
 
 
 def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
+    """Params sharded over 8 devices (the cache replicated, so decoding attends through the CPU kernel),
+    and params and cache split over data and model axes (attention by XLA's ops): both answer as one
+    device does."""
     assert len(jax.devices()) == 8
     assert tiny_server.mesh.shape["fsdp"] == 8  # params really sharded over the 8 simulated devices
     single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1)))
+    split = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(2, 2, 2)))
+    assert tiny_server.engine.runner.decode_kernel and not split.engine.runner.decode_kernel
     prompts = ["Hello", "The capital of France is", "def add(a, b):", "Numbers like 12345"]
 
     def answer(server: JAXServer, prompt: str) -> tuple[str, int]:
@@ -46,7 +51,9 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
     with ThreadPoolExecutor(len(prompts)) as pool:  # batched in the engine, on both meshes
         sharded = list(pool.map(lambda p: answer(tiny_server, p), prompts))
         assert list(pool.map(lambda p: answer(single, p), prompts)) == sharded
+        assert list(pool.map(lambda p: answer(split, p), prompts)) == sharded
     single.shutdown()
+    split.shutdown()
 
 
 def test_mesh_larger_than_the_machine_is_rejected(tiny_llama_dir):
