@@ -35,7 +35,6 @@ from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
 log = logging.getLogger(__name__)
 
 
-# Prompt buckets compiled before the server reports ready; longer prompts compile on first use.
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
     return (
         tokenizer

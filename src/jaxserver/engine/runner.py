@@ -5,11 +5,14 @@ samples its first token; `decode_chunk` advances every active slot by up to `ste
 compiled loop, so Python is entered once per chunk. Stop conditions that need no text (EOS, the token
 budget, the end of the cache) are evaluated on device; stop strings are the caller's job.
 
-Shapes are bucketed so the number of compilations stays small: prompts are padded to a power of two or
-1.5 times one (at least `MIN_PROMPT_BUCKET`), and decode attends only over the first `attn_len` cache
-entries, the smallest power of two (at least `MIN_ATTN_BUCKET`) that covers what the active rows can
-reach by the end of the chunk. Decode buckets stay coarse because every decode shape is compiled in
-advance (the common ones before the server is ready, the rest beside it), at some seconds each.
+Shapes are bucketed so the number of compilations stays small: prompts are padded by `prompt_bucket`.
+Decoding attends through the CPU kernel (`model/cpu_kernels.py`) wherever it can; the kernel reads each
+row's own cache range, so decode shapes differ only in their number of rows (`row_bucket`), and all are
+compiled before the server is ready. Otherwise (a cache split over devices) decode attends with XLA's ops
+over the first `attn_len` cache entries, the smallest power of two (at least `MIN_ATTN_BUCKET`) that
+covers what the active rows can reach by the end of the chunk; those buckets stay coarse because every
+decode shape is compiled in advance (the common ones before the server is ready, the rest beside it), at
+some seconds each.
 """
 
 from __future__ import annotations
@@ -401,24 +404,23 @@ class Runner:
 
     def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> list[tuple[int, int]]:
         """Compile the common shapes now rather than on the first requests: the given prompt buckets;
-        decode for one request at every context length; and every batch size up to `common_len`.
-        Returns the decode shapes (rows, attended length) left out, for `compile_ahead`."""
+        with the decode kernel, decode for every row bucket; without it, decode for one request at every
+        context length and every batch size up to `common_len`. Returns the decode shapes (rows,
+        attended length) left out, for `compile_ahead`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         for size in prompt_buckets:
             started = time.perf_counter()
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
         if self.decode_kernel:
-            lengths = []
-        lengths.append(self.cache_len)
-        if self.decode_kernel:
-            batches = sorted({row_bucket(n, self.slots) for n in range(1, self.slots + 1)})
+            every = {(row_bucket(n, self.slots), self.cache_len) for n in range(1, self.slots + 1)}
+            common = every
         else:
+            lengths = [MIN_ATTN_BUCKET * 2**i for i in range(16) if MIN_ATTN_BUCKET * 2**i < self.cache_len]
             batches = [2**i for i in range(16) if 2**i < self.slots] + [self.slots]
-        every = {(b, n) for b in batches for n in lengths}
-        common = {(b, n) for b, n in every if b == 1 or n <= common_len or self.decode_kernel}
+            every = {(b, n) for b in batches for n in [*lengths, self.cache_len]}
+            common = {(b, n) for b, n in every if b == 1 or n <= common_len}
         for rows, attn_len in sorted(common):
             self._compile_decode(rows, attn_len)
         log.info("compiled %d decode shapes in %.1f s", len(common), time.perf_counter() - started)
