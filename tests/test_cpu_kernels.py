@@ -17,6 +17,20 @@ def test_kernel_is_built_here():
     assert cpu_kernels.available()
 
 
+def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
+    """The Python limits match the C++ ones: the kernel itself rejects a group one past the limit."""
+    assert cpu_kernels.takes_heads(cpu_kernels.MAX_GROUP, cpu_kernels.MAX_HEAD_DIM)
+    assert not cpu_kernels.takes_heads(cpu_kernels.MAX_GROUP + 1, 64)
+    assert not cpu_kernels.takes_heads(1, cpu_kernels.MAX_HEAD_DIM + 1)
+    q = np.zeros((1, 1, cpu_kernels.MAX_GROUP + 1, 8), np.float32)
+    cache = np.zeros((1, 1, 8, 4), np.float32)
+    ids = np.zeros((1,), np.int32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
+        jax.block_until_ready(
+            cpu_kernels.decode_attention(q, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
+        )
+
+
 def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
     """Softmax attention per (row, kv head) over positions starts..ends, in float64; idle rows: zeros."""
     batch, head_dim = q.shape[0], q.shape[-1]

@@ -277,7 +277,7 @@ class Runner:
         self.shapes_to_compile = 0  # decode shapes `compile_ahead` has yet to compile
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
         if decode_kernel is None:
-            decode_kernel = kernel_fits(cache_dtype, cache_sharding)
+            decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
         self.decode_kernel = decode_kernel
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
@@ -460,13 +460,16 @@ class Runner:
         ).compile()
 
 
-def kernel_fits(cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None) -> bool:
-    """Whether decoding can use the CPU attention kernel: it is built, reads float32, and sees whole
-    cache rows (a cache split over devices would need the kernel run per shard)."""
+def kernel_fits(
+    cfg: ModelConfig, cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None
+) -> bool:
+    """Whether decoding can use the CPU attention kernel: it is built, reads float32, takes the model's
+    head shapes, and sees whole cache rows (a cache split over devices would need it run per shard)."""
     split = isinstance(cache_sharding, jax.sharding.NamedSharding) and any(
         axis is not None for axis in cache_sharding.spec
     )
-    return jnp.dtype(cache_dtype) == jnp.float32 and not split and cpu_kernels.available()
+    shapes_fit = cpu_kernels.takes_heads(cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+    return jnp.dtype(cache_dtype) == jnp.float32 and shapes_fit and not split and cpu_kernels.available()
 
 
 def sampling_rows(

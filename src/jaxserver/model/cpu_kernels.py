@@ -33,6 +33,14 @@ TARGET_NAME = "jaxserver_decode_attention"
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+# The kernel's stack accumulators (kMaxGroup, kMaxHeadDim in the source); larger heads are refused.
+MAX_GROUP = 16
+MAX_HEAD_DIM = 256
+
+
+def takes_heads(group: int, head_dim: int) -> bool:
+    """Whether the kernel handles `group` query heads per kv head of `head_dim` each."""
+    return group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM
 
 
 def _cpu_signature() -> str:
