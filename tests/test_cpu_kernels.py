@@ -71,3 +71,16 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length):
         *map(jnp.asarray, (q[live], k_cache, v_cache, slot_ids[live])), length, jnp.asarray(mask)
     )
     np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
+
+
+def test_without_a_compiler_the_kernel_is_unavailable_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("JAXSERVER_KERNEL_DIR", str(tmp_path / "kernels"))
+    cpu_kernels.available.cache_clear()
+    try:
+        assert not cpu_kernels.available()
+        assert "using XLA's attention instead" in caplog.text and "no-such-compiler" in caplog.text
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.available.cache_clear()
+    assert cpu_kernels.available()
