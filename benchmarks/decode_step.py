@@ -117,7 +117,7 @@ def main() -> None:
         steps_per_call=args.steps,
         eos_ids=(0,),
         cache_dtype=jnp.float32,  # as the server does for any weight dtype
-        decode_kernel=None if not (args.xla_attention or args.no_attention) else False,
+        decode_kernel=False if args.xla_attention or args.no_attention else None,
     )
     attention = "none" if args.no_attention else "CPU kernel" if runner.decode_kernel else "XLA"
     print(f"jax {jax.__version__}, {args.dtype} weights, decode attention: {attention}")

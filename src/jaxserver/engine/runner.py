@@ -266,7 +266,7 @@ class Runner:
         decode_kernel: bool | None = None,
     ):
         """`decode_kernel`: attend through `cpu_kernels.decode_attention` while decoding; by default
-        wherever it can (the kernel is built, the cache is float32 and not split across devices)."""
+        wherever it can (`kernel_fits`)."""
         self.cfg = cfg
         self.params = llama.head_params(params)
         self.layers = llama.layer_params(params, cfg)

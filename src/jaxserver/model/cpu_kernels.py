@@ -1,8 +1,8 @@
 """Hand-written CPU kernels, compiled on first use and called from jitted code through XLA's FFI.
 
-XLA:CPU has no fused attention: for decoding it gathers each row's cache slice and writes out the
-query-times-key products before reducing them, which cost more than all the weight matmuls at 32 rows
-(README, Performance). `decode_attention` reads each row's cache in place, only the positions it attends.
+XLA:CPU has no fused attention: for decoding it gathers each row's cache slice into a padded bucket and
+writes out the query-times-key products before reducing them (README, Performance). `decode_attention`
+reads each row's cache in place, only the positions it attends.
 
 The C++ source ships in `kernels/`; it is compiled with the system's C++ compiler against the FFI headers
 jaxlib ships (`jax.ffi.include_dir()`) into `~/.cache/jaxserver/kernels` (or `$JAXSERVER_KERNEL_DIR`),

@@ -58,9 +58,11 @@ void AttendOne(const Shapes& s, const float* q, const float* k_cache, const floa
   float* __restrict score_rows = scores.data();
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     const int64_t width = std::min(kBlock, n - t0);
-    float acc[kMaxGroup][kBlock] = {};
+    float acc[kMaxGroup][kBlock];
+    std::fill(&acc[0][0], &acc[0][0] + G * kBlock, 0.0f);  // only the group's rows, not all kMaxGroup
     for (int64_t d = 0; d < D; ++d) {
       const float* __restrict krow = keys + d * L + start + t0;
+      // A full block's constant trip count lets the compiler unroll it into whole vector registers.
       if (width == kBlock) {
         for (int64_t g = 0; g < G; ++g) {
           const float qd = q[g * D + d];
