@@ -243,9 +243,11 @@ def test_instruct_streams_an_answer_and_stops(live, page, shots):
     answer = page.locator("#answer textarea")
     set_sampling(page, max_new_tokens=2000)
     page.locator("#instruction textarea").fill(LONG_PROMPT)
-    page.locator("#generate").click()
-    assert stop_while_streaming(page, url, answer.input_value)
-    wait_until_done(page, "#answer")
+    for _ in range(5):  # Gradio's own `cancels` left the answer marked "Error" about one stop in eight
+        page.locator("#generate").click()
+        assert stop_while_streaming(page, url, answer.input_value)
+        wait_until_done(page, "#answer")
+        assert page.locator("#answer [data-testid=status-tracker]").first.inner_text() == ""
 
     set_sampling(page, max_new_tokens=24)
     page.locator("#system textarea").fill("You are terse.")

@@ -2,9 +2,11 @@
 
 The pages are thin clients of the engine. Each answer is a request submitted to the same engine as the
 HTTP API's (no second copy of the model), so UI and API users share the batch and its limits. An answer
-streams chunk by chunk; when Gradio stops the event (the stop or clear button, a closed tab) the stream is
-closed and the request aborted, which frees its slot within one decode chunk. Errors the user can act on
-(a prompt longer than the context, a busy or loading server) become Gradio messages, not tracebacks.
+streams chunk by chunk. The Stop and Clear buttons abort the page's request in the engine, which frees its
+slot within one decode chunk and ends the answer like any other finish; they do not use Gradio's `cancels`,
+whose frontend can mark the stopped output "Error" when the cancel crosses the stream's last message. A
+closed tab closes the stream, which aborts the request too. Errors the user can act on (a prompt longer
+than the context, a busy or loading server) become Gradio messages, not tracebacks.
 """
 
 from __future__ import annotations
@@ -82,29 +84,53 @@ def settings_column(server: JAXServer) -> tuple[gr.Textbox, list[gr.Component]]:
     return system, controls
 
 
-async def stream_answer(
-    server: JAXServer, prompt: Callable[[], str], sampling: Sampling
-) -> AsyncIterator[str]:
-    """The answer to `prompt()` as it grows: "" once the engine has the request, then after every chunk.
-    Closing this generator before the last chunk aborts the request."""
-    try:
-        request = sampling.prepare(server, prompt())
-        chunks = server.submit(request, asyncio.get_running_loop())
-    except JAXServerError as exc:
-        raise gr.Error(exc.message, print_exception=False) from None
-    answer, finished = "", False
-    try:
-        yield answer
-        async for chunk in chunks:
-            if chunk.finish_reason == "error":
-                raise gr.Error(chunk.error or "the engine failed", print_exception=False)
-            answer += chunk.text
-            finished = chunk.finish_reason is not None
+class AnswersInFlight:
+    """Which engine request answers each browser session of a page, so Stop and Clear can end it.
+
+    Gradio runs at most one event per trigger and session at a time, so a session has at most one answer
+    in flight. Both methods run on the server's event loop, so the dicts need no lock."""
+
+    def __init__(self, server: JAXServer) -> None:
+        self._server = server
+        self._requests: dict[str, str] = {}  # session hash -> request id
+        self._cleared: set[str] = set()  # request ids whose answer the user threw away
+
+    def stop(self, request: gr.Request, clear: bool = False) -> None:
+        """Abort the session's answer; with `clear`, its remaining updates must not show it again."""
+        request_id = self._requests.pop(request.session_hash or "", None)
+        if request_id is not None:
+            if clear:
+                self._cleared.add(request_id)
+            self._server.abort(request_id)
+
+    async def stream(
+        self, request: gr.Request, prompt: Callable[[], str], sampling: Sampling
+    ) -> AsyncIterator[str | None]:
+        """The answer to `prompt()` as it grows: "" once the engine has the request, then after every
+        chunk; None once Clear threw the answer away. Closing this generator early aborts the request."""
+        try:
+            generation = sampling.prepare(self._server, prompt())
+            chunks = self._server.submit(generation, asyncio.get_running_loop())
+        except JAXServerError as exc:
+            raise gr.Error(exc.message, print_exception=False) from None
+        session, request_id = request.session_hash or "", generation.request_id
+        self._requests[session] = request_id
+        answer, finished = "", False
+        try:
             yield answer
-    finally:
-        if not finished:  # stopped, cleared, the tab closed, or the engine failed: free the slot
-            server.abort(request.request_id)
-    server.count_request()
+            async for chunk in chunks:
+                if chunk.finish_reason == "error":
+                    raise gr.Error(chunk.error or "the engine failed", print_exception=False)
+                answer += chunk.text
+                finished = chunk.finish_reason is not None
+                yield None if request_id in self._cleared else answer
+        finally:
+            if self._requests.get(session) == request_id:
+                del self._requests[session]
+            self._cleared.discard(request_id)
+            if not finished:  # the tab closed, or the engine failed: free the slot
+                self._server.abort(request_id)
+        self._server.count_request()
 
 
 def page_header(title: str) -> gr.HTML:
@@ -138,13 +164,17 @@ def instruct_blocks(server: JAXServer) -> gr.Blocks:
                 )
             system, controls = settings_column(server)
 
-        async def respond(system: str, instruction: str, *values: Any) -> AsyncIterator[str]:
-            prompt = lambda: server.build_instruct_prompt(instruction, system)
-            async with contextlib.aclosing(stream_answer(server, prompt, Sampling(*values))) as answers:
-                async for text in answers:
-                    yield text
+        in_flight = AnswersInFlight(server)
 
-        generation = gr.on(
+        async def respond(
+            request: gr.Request, system: str, instruction: str, *values: Any
+        ) -> AsyncIterator[str]:
+            prompt = lambda: server.build_instruct_prompt(instruction, system)
+            async with contextlib.aclosing(in_flight.stream(request, prompt, Sampling(*values))) as answers:
+                async for text in answers:
+                    yield text or ""
+
+        gr.on(
             [instruction.submit, generate.click],
             respond,
             [system, instruction, *controls],
@@ -152,7 +182,7 @@ def instruct_blocks(server: JAXServer) -> gr.Blocks:
             show_progress="minimal",
             concurrency_limit=None,  # the engine batches and applies its own limits
         )
-        stop.click(None, cancels=[generation])
+        stop.click(in_flight.stop, queue=False)
     return blocks
 
 
@@ -190,8 +220,10 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
                     clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
             system, controls = settings_column(server)
 
+        in_flight = AnswersInFlight(server)
+
         async def respond(
-            text: str, messages: list[dict[str, Any]], system: str, *values: Any
+            request: gr.Request, text: str, messages: list[dict[str, Any]], system: str, *values: Any
         ) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
             if not text.strip():
                 gr.Warning("Type a message first.")
@@ -200,11 +232,14 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             history = history_pairs(messages)
             prompt = lambda: server.build_chat_prompt(text, history, system)
             asked = [*messages, {"role": "user", "content": text}]
-            async with contextlib.aclosing(stream_answer(server, prompt, Sampling(*values))) as answers:
+            async with contextlib.aclosing(in_flight.stream(request, prompt, Sampling(*values))) as answers:
                 async for answer in answers:
-                    yield [*asked, {"role": "assistant", "content": answer}], ""
+                    if answer is None:  # cleared: keep the window empty
+                        yield [], ""
+                    else:
+                        yield [*asked, {"role": "assistant", "content": answer}], ""
 
-        generation = gr.on(
+        gr.on(
             [message.submit, send.click],
             respond,
             [message, chatbot, system, *controls],
@@ -212,9 +247,14 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             show_progress="minimal",
             concurrency_limit=None,  # the engine batches and applies its own limits
         )
-        stop.click(None, cancels=[generation])
-        clear.click(lambda: ([], ""), None, [chatbot, message], cancels=[generation], queue=False)
-        chatbot.clear(None, cancels=[generation])  # the chat window's own clear icon
+
+        def clear_chat(request: gr.Request) -> tuple[list[dict[str, Any]], str]:
+            in_flight.stop(request, clear=True)
+            return [], ""
+
+        stop.click(in_flight.stop, queue=False)
+        clear.click(clear_chat, None, [chatbot, message], queue=False)
+        chatbot.clear(clear_chat, None, [chatbot, message], queue=False)  # the chat window's own clear icon
     return blocks
 
 
