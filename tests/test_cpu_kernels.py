@@ -21,14 +21,16 @@ def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
     """The Python limits match the C++ ones: the kernel itself rejects a group one past the limit."""
     assert cpu_kernels.takes_heads(cpu_kernels.MAX_GROUP, cpu_kernels.MAX_HEAD_DIM)
     assert not cpu_kernels.takes_heads(cpu_kernels.MAX_GROUP + 1, 64)
-    assert not cpu_kernels.takes_heads(1, cpu_kernels.MAX_HEAD_DIM + 1)
-    q = np.zeros((1, 1, cpu_kernels.MAX_GROUP + 1, 8), np.float32)
-    cache = np.zeros((1, 1, 8, 4), np.float32)
+    assert not cpu_kernels.takes_heads(1, cpu_kernels.MAX_HEAD_DIM + cpu_kernels.HEAD_DIM_MULTIPLE)
+    assert not cpu_kernels.takes_heads(1, 8)  # not whole vectors
     ids = np.zeros((1,), np.int32)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
-        jax.block_until_ready(
-            cpu_kernels.decode_attention(q, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
-        )
+    for group, head_dim in ((cpu_kernels.MAX_GROUP + 1, 16), (1, 8)):
+        q = np.zeros((1, 1, group, head_dim), np.float32)
+        cache = np.zeros((1, 1, head_dim, 4), np.float32)
+        with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
+            jax.block_until_ready(
+                cpu_kernels.decode_attention(q, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
+            )
 
 
 def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
@@ -48,7 +50,10 @@ def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
 
 
 @pytest.mark.parametrize(
-    ("kv_heads", "group", "head_dim", "length"), [(3, 3, 64, 200), (2, 4, 32, 70), (1, 1, 128, 130)]
+    ("kv_heads", "group", "head_dim", "length"),
+    # SmolLM2's heads; then group sizes and head widths that take the kernel's other instantiations and
+    # value-block widths (16 x 16 floats, 3 vectors of 48, 4 blocks of 256); a cache shorter than a block.
+    [(3, 3, 64, 200), (2, 4, 32, 70), (1, 1, 128, 130), (2, 16, 16, 150), (1, 7, 48, 140), (1, 2, 256, 40)],
 )
 def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length):
     rng = np.random.default_rng(head_dim)

@@ -33,14 +33,16 @@ TARGET_NAME = "jaxserver_decode_attention"
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
-# The kernel's stack accumulators (kMaxGroup, kMaxHeadDim in the source); larger heads are refused.
+# The kernel's limits (kMaxGroup, kMaxHeadDim, kLanes in the source): group sizes it is instantiated
+# for, and head_dim in whole 16-float vectors; other heads are refused.
 MAX_GROUP = 16
 MAX_HEAD_DIM = 256
+HEAD_DIM_MULTIPLE = 16
 
 
 def takes_heads(group: int, head_dim: int) -> bool:
     """Whether the kernel handles `group` query heads per kv head of `head_dim` each."""
-    return group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM
+    return 1 <= group <= MAX_GROUP and head_dim <= MAX_HEAD_DIM and head_dim % HEAD_DIM_MULTIPLE == 0
 
 
 def _cpu_signature() -> str:

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -28,10 +29,48 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// Scores are computed for this many positions at a time: group x kBlock floats stay in registers / L1
+// Sixteen floats: one AVX-512 register, two AVX2 ones. GCC and Clang lower these vector types to whatever
+// the target has, so the same source runs on both kinds of machine.
+constexpr int64_t kLanes = 16;
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+using IntVec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof v); }
+inline Vec Splat(float x) { return Vec{} + x; }
+
+// e^x for x <= 0 (softmax arguments after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
+// with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, 2^n built in the exponent bits. The scalar
+// libm call this replaces cost about a third of the kernel's time.
+inline Vec ExpNonPositive(Vec x) {
+  x = x < Splat(-87.0f) ? Splat(-87.0f) : x;  // keeps 2^n a normal float
+  const Vec n = __builtin_convertvector(
+      __builtin_convertvector(x * 1.44269504f + Splat(-0.5f), IntVec), Vec);  // round half down; x <= 0
+  const Vec r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  Vec p = Splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const Vec er = p * r * r + r + 1.0f;
+  const IntVec bits = (__builtin_convertvector(n, IntVec) + 127) << 23;
+  Vec scale;
+  __builtin_memcpy(&scale, &bits, sizeof scale);
+  return er * scale;
+}
+
+// Scores are computed for this many positions at a time: group x kBlock accumulators stay in registers
 // while the head_dim rows of keys stream past.
 constexpr int64_t kBlock = 64;
-// Limits of the stack accumulators; DecodeAttention rejects larger shapes.
+constexpr int64_t kBlockVecs = kBlock / kLanes;
+// Values are summed this many dimensions at a time, for the same reason.
+constexpr int64_t kDimVecs = 4;
+// Limits DecodeAttention checks: a group size the kernel is instantiated for, whole vectors of head_dim.
 constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxHeadDim = 256;
 
@@ -39,71 +78,128 @@ struct Shapes {
   int64_t batch, kv_heads, group, head_dim, slots, length;
 };
 
-// One (row, kv head): softmax(q k^T * scale) v over positions [start, end] for `group` query heads.
+// Raw scores q . k * scale of positions [first, first + kBlock) for the G query heads, into
+// rows[g * stride + t]. Keys are contiguous along positions, so each head_dim row is read once for all G.
+template <int G>
+void ScoreBlock(const float* q, const float* keys, int64_t D, int64_t L, float scale, float* rows,
+                int64_t stride) {
+  Vec acc[G][kBlockVecs] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    Vec k[kBlockVecs];
+    for (int64_t j = 0; j < kBlockVecs; ++j) k[j] = Load(keys + d * L + j * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const Vec qd = Splat(q[g * D + d]);
+      for (int64_t j = 0; j < kBlockVecs; ++j) acc[g][j] += qd * k[j];
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int64_t j = 0; j < kBlockVecs; ++j) Store(rows + g * stride + j * kLanes, acc[g][j] * scale);
+  }
+}
+
+// The same for a block that would run past the cache's end: only `width` positions, scalar.
+void ScoreTail(int G, const float* q, const float* keys, int64_t D, int64_t L, float scale, float* rows,
+               int64_t stride, int64_t width) {
+  for (int g = 0; g < G; ++g) {
+    for (int64_t t = 0; t < width; ++t) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * keys[d * L + t];
+      rows[g * stride + t] = dot * scale;
+    }
+  }
+}
+
+// out[g, :V vectors] = sum over t < n of rows[g * stride + t] * values[t * D, :V vectors], times
+// inverse_total[g]. V is a template argument so that the G x V sums stay in registers.
+template <int G, int V>
+void SumValues(const float* rows, int64_t stride, int64_t n, const float* values, int64_t D,
+               const float* inverse_total, float* out) {
+  Vec acc[G][V] = {};
+  for (int64_t t = 0; t < n; ++t) {
+    Vec v[V];
+    for (int j = 0; j < V; ++j) v[j] = Load(values + t * D + j * kLanes);
+    for (int g = 0; g < G; ++g) {
+      const Vec p = Splat(rows[g * stride + t]);
+      for (int j = 0; j < V; ++j) acc[g][j] += p * v[j];
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < V; ++j) Store(out + g * D + j * kLanes, acc[g][j] * inverse_total[g]);
+  }
+}
+
+// One (row, kv head): softmax(q k^T * scale) v over positions [start, end] for G query heads.
+template <int G>
 void AttendOne(const Shapes& s, const float* q, const float* k_cache, const float* v_cache, int32_t slot,
                int32_t start, int32_t end, float scale, float* out, std::vector<float>& scores) {
-  const int64_t G = s.group, D = s.head_dim, L = s.length;
+  const int64_t D = s.head_dim, L = s.length;
   start = std::max<int32_t>(start, 0);
   if (slot < 0 || slot >= s.slots || end >= L || end < start) {
     std::fill(out, out + G * D, 0.0f);
     return;
   }
   const int64_t n = end - start + 1;
-  scores.resize(G * n);
-  const float* keys = k_cache + slot * s.kv_heads * D * L;  // this slot; the caller offsets the head
-  const float* values = v_cache + slot * s.kv_heads * L * D;
+  const int64_t stride = (n + kBlock - 1) / kBlock * kBlock;  // whole blocks per score row
+  scores.resize(G * stride);
+  float* rows = scores.data();
+  const float* keys = k_cache + slot * s.kv_heads * D * L + start;  // the caller offsets the head
+  const float* values = v_cache + slot * s.kv_heads * L * D + start * D;
 
-  // Scores, a block of positions at a time for all query heads of the group, so each key row is read
-  // once: q . k over head_dim, keys contiguous along positions.
-  float* __restrict score_rows = scores.data();
+  // A block may read keys past `end` (other positions of the same slot, finite numbers); their scores
+  // land in the padding of each row and are masked below. Only a block that would leave the slot's
+  // positions altogether takes the scalar path.
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
-    const int64_t width = std::min(kBlock, n - t0);
-    float acc[kMaxGroup][kBlock];
-    std::fill(&acc[0][0], &acc[0][0] + G * kBlock, 0.0f);  // only the group's rows, not all kMaxGroup
-    for (int64_t d = 0; d < D; ++d) {
-      const float* __restrict krow = keys + d * L + start + t0;
-      // A full block's constant trip count lets the compiler unroll it into whole vector registers.
-      if (width == kBlock) {
-        for (int64_t g = 0; g < G; ++g) {
-          const float qd = q[g * D + d];
-          for (int64_t t = 0; t < kBlock; ++t) acc[g][t] += qd * krow[t];
-        }
-      } else {
-        for (int64_t g = 0; g < G; ++g) {
-          const float qd = q[g * D + d];
-          for (int64_t t = 0; t < width; ++t) acc[g][t] += qd * krow[t];
-        }
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t t = 0; t < width; ++t) score_rows[g * n + t0 + t] = acc[g][t] * scale;
+    if (start + t0 + kBlock <= L) {
+      ScoreBlock<G>(q, keys + t0, D, L, scale, rows + t0, stride);
+    } else {
+      ScoreTail(G, q, keys + t0, D, L, scale, rows + t0, stride, n - t0);
     }
   }
 
-  for (int64_t g = 0; g < G; ++g) {
-    float* row = score_rows + g * n;
-    float top = row[0];
-    for (int64_t t = 1; t < n; ++t) top = std::max(top, row[t]);
-    float total = 0.0f;
-    for (int64_t t = 0; t < n; ++t) {
-      row[t] = std::exp(row[t] - top);
-      total += row[t];
+  // Softmax numerators in place, padding set to zero; the division by their sum is left to the output.
+  float inverse_total[G];
+  for (int g = 0; g < G; ++g) {
+    float* row = rows + g * stride;
+    std::fill(row + n, row + stride, -1e30f);
+    Vec top = Load(row);
+    for (int64_t t = kLanes; t < stride; t += kLanes) {
+      const Vec v = Load(row + t);
+      top = v > top ? v : top;
     }
-    const float inverse = 1.0f / total;
-    for (int64_t t = 0; t < n; ++t) row[t] *= inverse;
+    float peak = top[0];
+    for (int64_t i = 1; i < kLanes; ++i) peak = std::max(peak, top[i]);
+    Vec total{};
+    for (int64_t t = 0; t < stride; t += kLanes) {
+      const Vec e = ExpNonPositive(Load(row + t) - peak);
+      Store(row + t, e);
+      total += e;
+    }
+    float sum = 0.0f;  // the padding adds at most 63 * e^-87, nothing next to the peak's 1
+    for (int64_t i = 0; i < kLanes; ++i) sum += total[i];
+    inverse_total[g] = 1.0f / sum;
   }
 
-  // Weighted values, accumulated in a local block the compiler keeps in registers for small heads.
-  float acc[kMaxGroup * kMaxHeadDim];
-  std::fill(acc, acc + G * D, 0.0f);
-  for (int64_t t = 0; t < n; ++t) {
-    const float* __restrict vrow = values + (start + t) * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = score_rows[g * n + t];
-      for (int64_t d = 0; d < D; ++d) acc[g * D + d] += p * vrow[d];
+  // Weighted values, kDimVecs vectors of head_dim at a time.
+  for (int64_t d0 = 0; d0 < D; d0 += kDimVecs * kLanes) {
+    switch (std::min(kDimVecs, (D - d0) / kLanes)) {
+      case 4: SumValues<G, 4>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      case 3: SumValues<G, 3>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      case 2: SumValues<G, 2>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      default: SumValues<G, 1>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
     }
   }
-  std::copy(acc, acc + G * D, out);
+}
+
+using AttendFn = void (*)(const Shapes&, const float*, const float*, const float*, int32_t, int32_t, int32_t,
+                          float, float*, std::vector<float>&);
+
+// AttendOne<group>, chosen once per call: with the group a compile-time constant, the group x block sums
+// above are fixed arrays of vectors the compiler keeps in registers.
+template <int... Gs>
+AttendFn PickAttend(int64_t group, std::integer_sequence<int, Gs...>) {
+  AttendFn fn = nullptr;
+  ((fn = (group == Gs + 1) ? &AttendOne<Gs + 1> : fn), ...);
+  return fn;
 }
 
 // Work shared between the calling thread and the pool's: items are (row, kv head) pairs, claimed from
@@ -119,13 +215,15 @@ struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
+  AttendFn attend;
+
   void Run() {
     std::vector<float> scores;
     const Shapes& s = shapes;
     for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
       const int64_t b = i / s.kv_heads, h = i % s.kv_heads;
       const int64_t head_offset = (b * s.kv_heads + h) * s.group * s.head_dim;
-      AttendOne(s, q + head_offset, k_cache + h * s.head_dim * s.length, v_cache + h * s.length * s.head_dim,
+      attend(s, q + head_offset, k_cache + h * s.head_dim * s.length, v_cache + h * s.length * s.head_dim,
                 slot_ids[b], starts[b], ends[b], scale, out + head_offset, scores);
       done.fetch_add(1, std::memory_order_release);
     }
@@ -145,8 +243,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       vd[2] != s.length || vd[3] != s.head_dim) {
     return ffi::Error::InvalidArgument("decode_attention: cache shapes do not match the queries");
   }
-  if (s.group > kMaxGroup || s.head_dim > kMaxHeadDim) {
-    return ffi::Error::InvalidArgument("decode_attention: at most 16 query heads per kv head and head_dim 256");
+  if (s.group < 1 || s.group > kMaxGroup || s.head_dim > kMaxHeadDim || s.head_dim % kLanes != 0) {
+    return ffi::Error::InvalidArgument(
+        "decode_attention: at most 16 query heads per kv head, and head_dim a multiple of 16 up to 256");
   }
   if (slot_ids.element_count() != s.batch || starts.element_count() != s.batch ||
       ends.element_count() != s.batch) {
@@ -163,6 +262,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   work->out = out->typed_data();
   work->scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   work->items = s.batch * s.kv_heads;
+  work->attend = PickAttend(s.group, std::make_integer_sequence<int, kMaxGroup>{});
 
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
