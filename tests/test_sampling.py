@@ -7,7 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserver.model.sampling import Penalties, SamplingParams, apply_penalties, count_tokens, token_logprobs
+from jaxserver.model.sampling import (
+    Penalties,
+    SamplingParams,
+    apply_penalties,
+    argmax_rows,
+    count_tokens,
+    token_logprobs,
+)
 from jaxserver.model.sampling import sample as sample_eager
 
 sample = jax.jit(sample_eager)
@@ -51,6 +58,16 @@ def draw_many(params_fn, n=4000) -> np.ndarray:
 def test_greedy_and_zero_temperature_take_the_argmax():
     assert draw_many(lambda n: rows(n, greedy=True), 50).tolist() == [1] * 50
     assert draw_many(lambda n: rows(n, temperature=0.0), 50).tolist() == [1] * 50
+
+
+def test_argmax_rows_matches_numpy_including_ties():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((6, 1000)).astype(np.float32)
+    logits[1, [17, 400, 999]] = 9.0  # a tie: the first index wins, as in numpy
+    logits[2, -1] = 9.0  # the maximum at the last index
+    logits[3] = -np.inf
+    logits[3, 5] = -1e30  # the only finite entry
+    assert np.asarray(jax.jit(argmax_rows)(jnp.asarray(logits))).tolist() == np.argmax(logits, -1).tolist()
 
 
 def test_unfiltered_sampling_follows_the_distribution():

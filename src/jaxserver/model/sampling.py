@@ -182,9 +182,20 @@ def _draw(scaled: jax.Array, params: SamplingParams, uniform: jax.Array) -> jax.
     return jnp.where(covered, candidate_tokens, full_tokens)
 
 
+def argmax_rows(logits: jax.Array) -> jax.Array:
+    """jnp.argmax(logits, -1) (the first index of each row's maximum) as two plain reductions, a max and a
+    min over the indices that reach it, which XLA:CPU vectorizes; its own argmax reduces (value, index)
+    pairs one element at a time: 3.7 vs 1.2 ms for 32 rows of 49,152 here. A row with a NaN gets its last
+    index instead of the NaN's."""
+    vocab = logits.shape[-1]
+    top = logits.max(axis=-1, keepdims=True)
+    first = jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+    return jnp.minimum(first, vocab - 1)
+
+
 def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array) -> jax.Array:
     """Pick one token per row. logits [B, V] float32, positions [B] int -> tokens [B] int32."""
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = argmax_rows(logits)
 
     def draw(_: None) -> jax.Array:
         keys = jax.vmap(jax.random.fold_in)(params.key, positions)
