@@ -179,6 +179,9 @@ def _decode_chunk(
     cache_len = cache.length
     rows = state.tokens.shape[0]
     first = jnp.zeros((rows,), jnp.int32)
+    # A row active at step i is at its first position + i (rows only ever leave a chunk).
+    positions = (state.lengths - state.starts)[:, None] + jnp.arange(max_steps)[None, :]
+    chunk_cos, chunk_sin = llama.rotary(positions, cfg)  # [B, max_steps, 1, hd/2]
 
     def step(carry):
         i, state, cache, rows_penalties, outputs = carry
@@ -196,6 +199,7 @@ def _decode_chunk(
             slot_ids=slot_ids,
             logit_index=first,
             decode_kernel=decode_kernel,
+            rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
         live = state.active
         lengths = state.lengths + live
