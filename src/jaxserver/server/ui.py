@@ -88,14 +88,15 @@ class AnswersInFlight:
     """Which engine request answers each browser session of a page, so Stop and Clear can end it.
 
     Gradio runs at most one event per trigger and session at a time, so a session has at most one answer
-    in flight. Both methods run on the server's event loop, so the dicts need no lock."""
+    in flight. Both methods are coroutines, which Gradio runs on the server's event loop (it would run
+    plain functions in worker threads), so the dicts need no lock."""
 
     def __init__(self, server: JAXServer) -> None:
         self._server = server
         self._requests: dict[str, str] = {}  # session hash -> request id
         self._cleared: set[str] = set()  # request ids whose answer the user threw away
 
-    def stop(self, request: gr.Request, clear: bool = False) -> None:
+    async def stop(self, request: gr.Request, clear: bool = False) -> None:
         """Abort the session's answer; with `clear`, its remaining updates must not show it again."""
         request_id = self._requests.pop(request.session_hash or "", None)
         if request_id is not None:
@@ -248,8 +249,8 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             concurrency_limit=None,  # the engine batches and applies its own limits
         )
 
-        def clear_chat(request: gr.Request) -> tuple[list[dict[str, Any]], str]:
-            in_flight.stop(request, clear=True)
+        async def clear_chat(request: gr.Request) -> tuple[list[dict[str, Any]], str]:
+            await in_flight.stop(request, clear=True)
             return [], ""
 
         stop.click(in_flight.stop, queue=False)
