@@ -1,6 +1,7 @@
-"""The CPU decode-attention kernel against a float64 numpy reference and against the model's XLA
-attention, on random queries and caches: rows in scattered slots, left-padded starts, ranges from one
-position to the whole cache, idle rows. Tolerance: 1e-5 absolute on outputs of magnitude ~1."""
+"""The CPU kernels against float64 numpy references: decode attention (and against the model's XLA
+attention) on random queries and caches: rows in scattered slots, left-padded starts, ranges from one
+position to the whole cache, idle rows, tolerance 1e-5 absolute on outputs of magnitude ~1; the few-row
+bf16-weight matmul, tolerance 1e-5 relative."""
 
 import jax
 import jax.numpy as jnp
@@ -84,8 +85,27 @@ def test_without_a_compiler_the_kernel_is_unavailable_and_says_why(monkeypatch, 
     cpu_kernels.available.cache_clear()
     try:
         assert not cpu_kernels.available()
-        assert "using XLA's attention instead" in caplog.text and "no-such-compiler" in caplog.text
+        assert "using XLA's operations instead" in caplog.text and "no-such-compiler" in caplog.text
     finally:
         monkeypatch.undo()
         cpu_kernels.available.cache_clear()
     assert cpu_kernels.available()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("inner", "outer"), [(576, 960), (37, 200), (64, 1000), (16, 8)])
+def test_skinny_matmul_matches_numpy(rows, inner, outer):
+    """Every row count's tiles, and column counts that leave one-vector tiles (1000 = 5 x 192 + 2 x 16 + 8)
+    and single columns (8) over."""
+    rng = np.random.default_rng(rows * inner + outer)
+    x = rng.standard_normal((rows, inner)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((inner, outer)), jnp.bfloat16)
+    expected = x.astype(np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)  # bf16 -> f32 is exact
+    got = np.asarray(jax.jit(cpu_kernels.skinny_matmul)(x, w))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
+
+
+def test_skinny_matmul_refuses_more_than_its_rows():
+    x = np.zeros((cpu_kernels.SKINNY_MAX_ROWS + 1, 16), np.float32)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="1 to 8 rows"):
+        jax.block_until_ready(cpu_kernels.skinny_matmul(x, jnp.zeros((16, 16), jnp.bfloat16)))

@@ -27,7 +27,7 @@ def reference_logits(folder, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def full_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
+def full_logits(cfg, params, ids: np.ndarray, skinny_kernel: bool = False) -> np.ndarray:
     """Logits at every position, computed from scratch in one pass."""
     batch, seq = ids.shape
     cache = llama.init_cache(cfg, batch, seq, jnp.float32)
@@ -41,6 +41,7 @@ def full_logits(cfg, params, ids: np.ndarray) -> np.ndarray:
         zeros,
         zeros,
         attn_len=seq,
+        skinny_kernel=skinny_kernel,
     )
     return np.asarray(logits)
 
@@ -140,12 +141,13 @@ def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, dec
 def test_bfloat16_weights_track_float32(tiny_model):
     """bfloat16 weights (float32 activations and accumulation): logits within bf16 rounding of the
     float32 model's (5% of the largest logit: bf16 keeps 8 bits of mantissa, and the rounding compounds
-    over the layers), for a batch of rows and for a lone row (which `linear` pads to two)."""
+    over the layers), for a batch of rows and for a lone row (which `linear` pads to two), and for 1 and 8
+    rows through the few-row CPU kernel (`cpu_kernels.skinny_matmul`)."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
-    for shape in [(2, 24), (1, 1)]:
+    for shape, skinny_kernel in [((2, 24), False), ((1, 1), False), ((1, 1), True), ((8, 1), True)]:
         ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=shape)
-        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids)
+        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids, skinny_kernel)
         assert rounded.dtype == np.float32
         scale = np.abs(exact).max()
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale

@@ -171,6 +171,7 @@ def _decode_chunk(
     attn_len: int,
     want_logprobs: bool,
     decode_kernel: bool,
+    skinny_kernel: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
@@ -199,6 +200,7 @@ def _decode_chunk(
             slot_ids=slot_ids,
             logit_index=first,
             decode_kernel=decode_kernel,
+            skinny_kernel=skinny_kernel,
             rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
         live = state.active
@@ -283,6 +285,10 @@ class Runner:
         if decode_kernel is None:
             decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
         self.decode_kernel = decode_kernel
+        # Few-row bf16 products through `cpu_kernels.skinny_matmul` need each weight whole on one device.
+        self.skinny_kernel = decode_kernel and all(
+            len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params)
+        )
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
@@ -293,7 +299,9 @@ class Runner:
             donate_argnums=(2, 3),
         )
         self._decode = jax.jit(
-            functools.partial(_decode_chunk, cfg=cfg, decode_kernel=decode_kernel),
+            functools.partial(
+                _decode_chunk, cfg=cfg, decode_kernel=decode_kernel, skinny_kernel=self.skinny_kernel
+            ),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )

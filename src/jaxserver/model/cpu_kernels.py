@@ -2,12 +2,14 @@
 
 XLA:CPU has no fused attention: for decoding it gathers each row's cache slice into a padded bucket and
 writes out the query-times-key products before reducing them (README, Performance). `decode_attention`
-reads each row's cache in place, only the positions it attends.
+reads each row's cache in place, only the positions it attends. And its bf16-weight dot reads the weights at
+about half the memory bandwidth when only a few rows multiply them, as in a decode step with few streams:
+`skinny_matmul` streams them once.
 
-The C++ source ships in `kernels/`; it is compiled with the system's C++ compiler against the FFI headers
-jaxlib ships (`jax.ffi.include_dir()`) into `~/.cache/jaxserver/kernels` (or `$JAXSERVER_KERNEL_DIR`),
-once per source, compiler flags and CPU. Where that fails (no compiler, another backend), `available()`
-says so, the reason is logged once, and the model runs its pure-JAX attention instead.
+The C++ sources ship in `kernels/`; they are compiled with the system's C++ compiler against the FFI headers
+jaxlib ships (`jax.ffi.include_dir()`) into one library in `~/.cache/jaxserver/kernels` (or
+`$JAXSERVER_KERNEL_DIR`), once per sources, compiler flags and CPU. Where that fails (no compiler, another
+backend), `available()` says so, the reason is logged once, and the model runs XLA's operations instead.
 """
 
 from __future__ import annotations
@@ -28,8 +30,13 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_attention.cc"
+SOURCES = tuple(
+    Path(__file__).parent / "kernels" / name for name in ("decode_attention.cc", "skinny_matmul.cc")
+)
 TARGET_NAME = "jaxserver_decode_attention"
+SKINNY_TARGET_NAME = "jaxserver_skinny_matmul"
+# kMaxRows in skinny_matmul.cc
+SKINNY_MAX_ROWS = 8
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
@@ -58,14 +65,14 @@ def _library_path(compiler: str) -> Path:
     root = Path(os.environ.get("JAXSERVER_KERNEL_DIR", Path.home() / ".cache" / "jaxserver" / "kernels"))
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(source.read_bytes() for source in SOURCES),
         compiler.encode(),
         " ".join(COMPILE_FLAGS).encode(),
         jax.ffi.include_dir().encode(),
         _cpu_signature().encode(),
     ):
         key.update(part)
-    return root / f"decode_attention-{key.hexdigest()[:16]}.so"
+    return root / f"jaxserver-kernels-{key.hexdigest()[:16]}.so"
 
 
 def _build() -> Path:
@@ -79,25 +86,30 @@ def _build() -> Path:
     # Built under a temporary name and renamed, so concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
-        command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        sources = [str(source) for source in SOURCES]
+        command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), *sources, "-o", str(partial)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            raise RuntimeError(f"compiling the kernels failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)
     return library
 
 
 @functools.cache
 def available() -> bool:
-    """Whether the decode-attention kernel is built and registered (CPU backend only)."""
+    """Whether the kernels are built and registered (CPU backend only)."""
     if jax.default_backend() != "cpu":
         return False
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
-        handler = jax.ffi.pycapsule(library.JaxserverDecodeAttention)
-        jax.ffi.register_ffi_target(TARGET_NAME, handler, platform="cpu")
+        jax.ffi.register_ffi_target(
+            TARGET_NAME, jax.ffi.pycapsule(library.JaxserverDecodeAttention), platform="cpu"
+        )
+        jax.ffi.register_ffi_target(
+            SKINNY_TARGET_NAME, jax.ffi.pycapsule(library.JaxserverSkinnyMatmul), platform="cpu"
+        )
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        log.warning("decode-attention kernel unavailable, using XLA's attention instead: %s", error)
+        log.warning("CPU kernels unavailable, using XLA's operations instead: %s", error)
         return False
     return True
 
@@ -125,4 +137,13 @@ def decode_attention(
         slot_ids.astype(jnp.int32),
         starts.astype(jnp.int32),
         ends.astype(jnp.int32),
+    )
+
+
+def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] float32 @ w [K, N] bfloat16 -> [M, N] float32, for 1 <= M <= SKINNY_MAX_ROWS."""
+    if not available():
+        raise RuntimeError("the CPU kernels are not available here (see the logged reason)")
+    return jax.ffi.ffi_call(SKINNY_TARGET_NAME, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
+        x.astype(jnp.float32), w
     )

@@ -19,6 +19,7 @@ Rotary positions are `index - start`, so padding never changes what a token sees
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -76,14 +77,19 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, skinny_kernel: bool = False) -> jax.Array:
     """x [..., in] @ w [in, out] in the weight's dtype, accumulated and returned in float32.
 
     With bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it):
     on a 2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
     instead ran 4x slower than float32, and a single row took another path, 10x slower than two rows:
-    a lone row is therefore padded to two."""
-    if w.dtype == jnp.float32 or math.prod(x.shape[:-1]) != 1:
+    a lone row is therefore padded to two. With `skinny_kernel` (`cpu_kernels.available()`, weights
+    whole on one device), up to 8 rows go through `cpu_kernels.skinny_matmul`, which reads the weights
+    at close to the memory bandwidth where XLA's dot reached about half of it."""
+    rows = math.prod(x.shape[:-1])
+    if skinny_kernel and w.dtype == jnp.bfloat16 and rows <= cpu_kernels.SKINNY_MAX_ROWS:
+        return cpu_kernels.skinny_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
+    if w.dtype == jnp.float32 or rows != 1:
         return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)]).astype(w.dtype)
     return jnp.matmul(pair, w, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], -1)
@@ -225,6 +231,7 @@ def forward(
     logit_index: jax.Array | None = None,
     decode_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
+    skinny_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
@@ -237,8 +244,10 @@ def forward(
     single-token steps attend through the CPU kernel, which reads each row's own range and ignores
     `attn_len`. `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode
     chunk computes all its steps' before its loop, because XLA fuses cos and sin into every layer's
-    rotation and evaluates them there again for each head (4 ms of a 32-row step).
+    rotation and evaluates them there again for each head (4 ms of a 32-row step). `skinny_kernel` is
+    `linear`'s.
     """
+    dense = functools.partial(linear, skinny_kernel=skinny_kernel)
     batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
@@ -251,7 +260,7 @@ def forward(
     x = params["embed"][tokens].astype(jnp.float32)  # the residual stream stays float32 in any weight dtype
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
-        qkv = linear(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
+        qkv = dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
@@ -271,15 +280,15 @@ def forward(
             out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
         else:
             out = attention(q, k_cache[rows, ..., :attn_len], v_cache[rows, :, :attn_len], mask)
-        x = x + linear(out, layer["wo"])
+        x = x + dense(out, layer["wo"])
         gate, up = jnp.split(
-            linear(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
+            dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
         )
-        x = x + linear(jax.nn.silu(gate) * up, layer["w_down"])
+        x = x + dense(jax.nn.silu(gate) * up, layer["w_down"])
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = linear(x, params["lm_head"])
+    logits = dense(x, params["lm_head"])
     return logits, KVCache(tuple(new_k), tuple(new_v))
 
 
