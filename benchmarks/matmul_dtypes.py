@@ -1,6 +1,7 @@
 """Weight-matmul throughput by dtype and rows, as `llama.linear` runs them: 30 matmuls of [rows, 576] x
 [576, 3072] (SmolLM2-135M's hidden size; 3072 = the gate/up width) in one jitted call, float32 against
-bfloat16 weights with float32 accumulation, and a bfloat16 result for comparison.
+bfloat16 weights with float32 accumulation, a bfloat16 result for comparison, and (up to 8 rows) the
+few-row kernel `cpu_kernels.skinny_matmul` that decode steps with few streams use for bf16 weights.
 
     python benchmarks/matmul_dtypes.py [--rows 1,2,8,32,256]
 
@@ -16,6 +17,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxserver.model import cpu_kernels
 
 LAYERS, HIDDEN, WIDTH = 30, 576, 3072
 
@@ -48,15 +51,23 @@ def main() -> None:
             ),
         ),
         "bf16 x bf16 -> bf16": (bf16, lambda x, ws: sum((x.astype(w.dtype) @ w)[:, :HIDDEN] for w in ws)),
+        "f32 x bf16, few-row kernel": (
+            bf16,
+            lambda x, ws: sum(cpu_kernels.skinny_matmul(x, w)[:, :HIDDEN] for w in ws),
+        ),
     }
     print(f"jax {jax.__version__}; {LAYERS} matmuls of [rows, {HIDDEN}] x [{HIDDEN}, {WIDTH}]")
-    print(f"{'rows':>5} {'variant':>22} {'ms':>8} {'GFLOP/s':>8}")
+    print(f"{'rows':>5} {'variant':>26} {'ms':>8} {'GFLOP/s':>8}")
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, HIDDEN)), jnp.float32)
         for name, (weights, body) in variants.items():
+            if name.endswith("few-row kernel") and (
+                rows > cpu_kernels.SKINNY_MAX_ROWS or not cpu_kernels.available()
+            ):
+                continue
             elapsed = seconds_per_call(jax.jit(body), x, weights, args.repeats)
             flops = 2 * rows * HIDDEN * WIDTH * LAYERS
-            print(f"{rows:>5} {name:>22} {elapsed * 1e3:>8.2f} {flops / elapsed / 1e9:>8.0f}", flush=True)
+            print(f"{rows:>5} {name:>26} {elapsed * 1e3:>8.2f} {flops / elapsed / 1e9:>8.0f}", flush=True)
 
 
 if __name__ == "__main__":
