@@ -97,12 +97,14 @@ class AnswersInFlight:
         self._cleared: set[str] = set()  # request ids whose answer the user threw away
 
     async def stop(self, request: gr.Request, clear: bool = False) -> None:
-        """Abort the session's answer; with `clear`, its remaining updates must not show it again."""
-        request_id = self._requests.pop(request.session_hash or "", None)
+        """Abort the session's answer; with `clear`, its remaining updates must not show it again. The
+        entry stays until the answer's stream ends (one decode chunk later), so a Clear right after a Stop
+        still finds it. A Stop before the answer's request reaches the engine finds nothing."""
+        request_id = self._requests.get(request.session_hash) if request.session_hash else None
         if request_id is not None:
             if clear:
                 self._cleared.add(request_id)
-            self._server.abort(request_id)
+            self._server.abort(request_id)  # a no-op once the request has ended
 
     async def stream(
         self, request: gr.Request, prompt: Callable[[], str], sampling: Sampling
@@ -114,8 +116,9 @@ class AnswersInFlight:
             chunks = self._server.submit(generation, asyncio.get_running_loop())
         except JAXServerError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
-        session, request_id = request.session_hash or "", generation.request_id
-        self._requests[session] = request_id
+        session, request_id = request.session_hash, generation.request_id
+        if session:  # a caller without a session (the Gradio API) has no Stop button
+            self._requests[session] = request_id
         answer, finished = "", False
         try:
             yield answer
@@ -126,7 +129,7 @@ class AnswersInFlight:
                 finished = chunk.finish_reason is not None
                 yield None if request_id in self._cleared else answer
         finally:
-            if self._requests.get(session) == request_id:
+            if session and self._requests.get(session) == request_id:
                 del self._requests[session]
             self._cleared.discard(request_id)
             if not finished:  # the tab closed, or the engine failed: free the slot
@@ -182,6 +185,8 @@ def instruct_blocks(server: JAXServer) -> gr.Blocks:
             answer,
             show_progress="minimal",
             concurrency_limit=None,  # the engine batches and applies its own limits
+            # A send while an answer streams, or ends after Stop, runs once it has ended (not dropped).
+            trigger_mode="always_last",
         )
         stop.click(in_flight.stop, queue=False)
     return blocks
@@ -225,7 +230,7 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
 
         async def respond(
             request: gr.Request, text: str, messages: list[dict[str, Any]], system: str, *values: Any
-        ) -> AsyncIterator[tuple[list[dict[str, Any]], str]]:
+        ) -> AsyncIterator[tuple[list[dict[str, Any]], Any]]:
             if not text.strip():
                 gr.Warning("Type a message first.")
                 yield messages, text
@@ -233,12 +238,16 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             history = history_pairs(messages)
             prompt = lambda: server.build_chat_prompt(text, history, system)
             asked = [*messages, {"role": "user", "content": text}]
+            # The message box is emptied with the first update only: a draft typed while the answer
+            # streams (or ends, after Stop) stays.
+            draft = ""
             async with contextlib.aclosing(in_flight.stream(request, prompt, Sampling(*values))) as answers:
                 async for answer in answers:
                     if answer is None:  # cleared: keep the window empty
-                        yield [], ""
+                        yield [], draft
                     else:
-                        yield [*asked, {"role": "assistant", "content": answer}], ""
+                        yield [*asked, {"role": "assistant", "content": answer}], draft
+                    draft = gr.skip()
 
         gr.on(
             [message.submit, send.click],
@@ -247,6 +256,8 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             [chatbot, message],
             show_progress="minimal",
             concurrency_limit=None,  # the engine batches and applies its own limits
+            # A send while an answer streams, or ends after Stop, runs once it has ended (not dropped).
+            trigger_mode="always_last",
         )
 
         async def clear_chat(request: gr.Request) -> tuple[list[dict[str, Any]], str]:
