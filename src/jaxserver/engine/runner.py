@@ -285,8 +285,9 @@ class Runner:
         if decode_kernel is None:
             decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
         self.decode_kernel = decode_kernel
-        # Few-row bf16 products through `cpu_kernels.skinny_matmul` need each weight whole on one device.
-        self.skinny_kernel = decode_kernel and all(
+        # Few-row bf16 products through `cpu_kernels.skinny_matmul` need each weight whole on one device
+        # (whatever attends: the two kernels are independent).
+        self.skinny_kernel = cpu_kernels.available() and all(
             len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params)
         )
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
