@@ -30,9 +30,9 @@ import jax.numpy as jnp
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(
-    Path(__file__).parent / "kernels" / name for name in ("decode_attention.cc", "skinny_matmul.cc")
-)
+KERNELS_DIR = Path(__file__).parent / "kernels"
+SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "skinny_matmul.cc")
+HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of the build's key
 TARGET_NAME = "jaxserver_decode_attention"
 SKINNY_TARGET_NAME = "jaxserver_skinny_matmul"
 # kMaxRows in skinny_matmul.cc
@@ -65,7 +65,7 @@ def _library_path(compiler: str) -> Path:
     root = Path(os.environ.get("JAXSERVER_KERNEL_DIR", Path.home() / ".cache" / "jaxserver" / "kernels"))
     key = hashlib.sha256()
     for part in (
-        *(source.read_bytes() for source in SOURCES),
+        *(source.read_bytes() for source in (*SOURCES, *HEADERS)),
         compiler.encode(),
         " ".join(COMPILE_FLAGS).encode(),
         jax.ffi.include_dir().encode(),

@@ -15,33 +15,24 @@
 // is written nowhere), gets zeros and reads nothing.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <utility>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-// Sixteen floats: one AVX-512 register, two AVX2 ones. GCC and Clang lower these vector types to whatever
-// the target has, so the same source runs on both kinds of machine.
-constexpr int64_t kLanes = 16;
-using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+using jaxserver_kernels::kLanes;
+using jaxserver_kernels::Load;
+using jaxserver_kernels::Splat;
+using jaxserver_kernels::Store;
+using jaxserver_kernels::Vec;
 using IntVec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec Load(const float* p) {
-  Vec v;
-  __builtin_memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void Store(float* p, Vec v) { __builtin_memcpy(p, &v, sizeof v); }
-inline Vec Splat(float x) { return Vec{} + x; }
 
 // e^x for x <= 0 (softmax arguments after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
 // with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, 2^n built in the exponent bits. The scalar
@@ -202,34 +193,6 @@ AttendFn PickAttend(int64_t group, std::integer_sequence<int, Gs...>) {
   return fn;
 }
 
-// Work shared between the calling thread and the pool's: items are (row, kv head) pairs, claimed from
-// an atomic counter. The state is reference-counted because a helper may start only after the call has
-// returned (every item already claimed); it then finds nothing to do and touches nothing else.
-struct Work {
-  Shapes shapes;
-  const float *q, *k_cache, *v_cache;
-  const int32_t *slot_ids, *starts, *ends;
-  float* out;
-  float scale;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  AttendFn attend;
-
-  void Run() {
-    std::vector<float> scores;
-    const Shapes& s = shapes;
-    for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-      const int64_t b = i / s.kv_heads, h = i % s.kv_heads;
-      const int64_t head_offset = (b * s.kv_heads + h) * s.group * s.head_dim;
-      attend(s, q + head_offset, k_cache + h * s.head_dim * s.length, v_cache + h * s.length * s.head_dim,
-                slot_ids[b], starts[b], ends[b], scale, out + head_offset, scores);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
                            ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> slot_ids,
                            ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> ends,
@@ -251,24 +214,19 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       ends.element_count() != s.batch) {
     return ffi::Error::InvalidArgument("decode_attention: slot_ids, starts and ends need one entry per row");
   }
-  auto work = std::make_shared<Work>();
-  work->shapes = s;
-  work->q = q.typed_data();
-  work->k_cache = k_cache.typed_data();
-  work->v_cache = v_cache.typed_data();
-  work->slot_ids = slot_ids.typed_data();
-  work->starts = starts.typed_data();
-  work->ends = ends.typed_data();
-  work->out = out->typed_data();
-  work->scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-  work->items = s.batch * s.kv_heads;
-  work->attend = PickAttend(s.group, std::make_integer_sequence<int, kMaxGroup>{});
-
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  // Every item is claimed by now; wait for those still running on helpers.
-  while (work->done.load(std::memory_order_acquire) < work->items) std::this_thread::yield();
+  const float *queries = q.typed_data(), *keys = k_cache.typed_data(), *values = v_cache.typed_data();
+  const int32_t *slots = slot_ids.typed_data(), *first = starts.typed_data(), *last = ends.typed_data();
+  float* result = out->typed_data();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const AttendFn attend = PickAttend(s.group, std::make_integer_sequence<int, kMaxGroup>{});
+  // Items are (row, kv head) pairs.
+  jaxserver_kernels::ParallelFor(pool, s.batch * s.kv_heads, [=](int64_t i) {
+    thread_local std::vector<float> scores;
+    const int64_t b = i / s.kv_heads, h = i % s.kv_heads;
+    const int64_t head_offset = (b * s.kv_heads + h) * s.group * s.head_dim;
+    attend(s, queries + head_offset, keys + h * s.head_dim * s.length, values + h * s.length * s.head_dim,
+           slots[b], first[b], last[b], scale, result + head_offset, scores);
+  });
   return ffi::Error::Success();
 }
 

@@ -8,21 +8,20 @@
 // bf16 to float32 as it loads (a shift of the 16 bits into a float's top half: exact).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <utility>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kLanes = 16;
-using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+using jaxserver_kernels::kLanes;
+using jaxserver_kernels::Store;
+using jaxserver_kernels::Vec;
 using HalfBits = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 using Bits = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
@@ -57,7 +56,7 @@ void Tile(const float* x, const uint16_t* w, int64_t K, int64_t N, int64_t n0, f
     }
   }
   for (int m = 0; m < M; ++m) {
-    for (int j = 0; j < T; ++j) __builtin_memcpy(out + m * N + n0 + j * kLanes, &acc[m][j], sizeof(Vec));
+    for (int j = 0; j < T; ++j) Store(out + m * N + n0 + j * kLanes, acc[m][j]);
   }
 }
 
@@ -95,30 +94,6 @@ Plan PlanFor(int64_t rows, std::integer_sequence<int, Ms...>) {
   return plan;
 }
 
-// Tiles shared between the calling thread and the pool's through an atomic counter; reference-counted
-// because a helper may start after the call returned (then it finds no tile left and touches nothing).
-struct Work {
-  const float* x;
-  const uint16_t* w;
-  float* out;
-  int64_t K, N;
-  Plan plan;
-  int64_t wide_tiles, tiles;  // wide tiles first, then one-vector tiles
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-
-  void Run() {
-    for (int64_t i = next.fetch_add(1); i < tiles; i = next.fetch_add(1)) {
-      if (i < wide_tiles) {
-        plan.wide(x, w, K, N, i * plan.wide_columns, out);
-      } else {
-        plan.narrow(x, w, K, N, wide_tiles * plan.wide_columns + (i - wide_tiles) * kLanes, out);
-      }
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                         ffi::ResultBuffer<ffi::F32> out) {
   auto xd = x.dimensions(), wd = w.dimensions();
@@ -127,23 +102,23 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   }
   const int64_t M = xd[0];
   if (M < 1 || M > kMaxRows) return ffi::Error::InvalidArgument("skinny_matmul: 1 to 8 rows of x");
-  auto work = std::make_shared<Work>();
-  work->x = x.typed_data();
-  work->w = reinterpret_cast<const uint16_t*>(w.typed_data());
-  work->out = out->typed_data();
-  work->K = wd[0];
-  work->N = wd[1];
-  work->plan = PlanFor(M, std::make_integer_sequence<int, kMaxRows>{});
-  work->wide_tiles = work->N / work->plan.wide_columns;
-  const int64_t vectors_left = (work->N - work->wide_tiles * work->plan.wide_columns) / kLanes;
-  work->tiles = work->wide_tiles + vectors_left;
-
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), work->tiles) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work->Run(); });
-  work->Run();
-  while (work->done.load(std::memory_order_acquire) < work->tiles) std::this_thread::yield();
-  const int64_t covered = work->wide_tiles * work->plan.wide_columns + vectors_left * kLanes;
-  ColumnsOneByOne(M, work->x, work->w, work->K, work->N, covered, work->out);
+  const float* rows = x.typed_data();
+  const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data());
+  float* result = out->typed_data();
+  const int64_t K = wd[0], N = wd[1];
+  const Plan plan = PlanFor(M, std::make_integer_sequence<int, kMaxRows>{});
+  // Items are tiles of output columns: the wide ones, then one-vector ones for what is left.
+  const int64_t wide_tiles = N / plan.wide_columns;
+  const int64_t wide_end = wide_tiles * plan.wide_columns;
+  const int64_t narrow_tiles = (N - wide_end) / kLanes;
+  jaxserver_kernels::ParallelFor(pool, wide_tiles + narrow_tiles, [=](int64_t i) {
+    if (i < wide_tiles) {
+      plan.wide(rows, weights, K, N, i * plan.wide_columns, result);
+    } else {
+      plan.narrow(rows, weights, K, N, wide_end + (i - wide_tiles) * kLanes, result);
+    }
+  });
+  ColumnsOneByOne(M, rows, weights, K, N, wide_end + narrow_tiles * kLanes, result);
   return ffi::Error::Success();
 }
 
