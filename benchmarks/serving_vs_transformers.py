@@ -1,7 +1,7 @@
 """Aggregate throughput of `jaxserver serve` under concurrent streams, beside Hugging Face transformers'
-batched `generate` on the same dequantized weights, in one run on this machine.
+batched `generate` on the same GGUF weights, in one run on this machine.
 
-1. starts `jaxserver serve` (default model, float32) on a free port and waits until it is ready and has
+1. starts `jaxserver serve` (default model, --dtype weights) on a free port and waits until it is ready and has
    compiled its rarer decode shapes in the background;
 2. drives it with `jaxserver bench` at each concurrency of --sweep (same prompts for every level);
 3. stops it, then times transformers (torch CPU, float32, and also bfloat16 when the server ran

@@ -67,6 +67,7 @@ def test_argmax_rows_matches_numpy_including_ties():
     logits[2, -1] = 9.0  # the maximum at the last index
     logits[3] = -np.inf
     logits[3, 5] = -1e30  # the only finite entry
+    logits[4, [3, 700]] = np.inf  # infinite maxima tie too
     assert np.asarray(jax.jit(argmax_rows)(jnp.asarray(logits))).tolist() == np.argmax(logits, -1).tolist()
 
 
