@@ -55,6 +55,10 @@ def main() -> None:
             bf16,
             lambda x, ws: sum(cpu_kernels.skinny_matmul(x, w)[:, :HIDDEN] for w in ws),
         ),
+        "bf16 x bf16 -> f32, kernel": (
+            bf16,
+            lambda x, ws: sum(cpu_kernels.bf16_gemm(x, w)[:, :HIDDEN] for w in ws),
+        ),
     }
     print(f"jax {jax.__version__}; {LAYERS} matmuls of [rows, {HIDDEN}] x [{HIDDEN}, {WIDTH}]")
     print(f"{'rows':>5} {'variant':>26} {'ms':>8} {'GFLOP/s':>8}")
@@ -64,6 +68,8 @@ def main() -> None:
             if name.endswith("few-row kernel") and (
                 rows > cpu_kernels.SKINNY_MAX_ROWS or not cpu_kernels.available()
             ):
+                continue
+            if name.endswith(", kernel") and not cpu_kernels.bf16_gemm_available():
                 continue
             elapsed = seconds_per_call(jax.jit(body), x, weights, args.repeats)
             flops = 2 * rows * HIDDEN * WIDTH * LAYERS

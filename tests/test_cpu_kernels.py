@@ -82,13 +82,13 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length):
 def test_without_a_compiler_the_kernel_is_unavailable_and_says_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("JAXSERVER_KERNEL_DIR", str(tmp_path / "kernels"))
-    cpu_kernels.available.cache_clear()
+    cpu_kernels._library.cache_clear()
     try:
         assert not cpu_kernels.available()
         assert "using XLA's operations instead" in caplog.text and "no-such-compiler" in caplog.text
     finally:
         monkeypatch.undo()
-        cpu_kernels.available.cache_clear()
+        cpu_kernels._library.cache_clear()
     assert cpu_kernels.available()
 
 
@@ -109,3 +109,33 @@ def test_skinny_matmul_refuses_more_than_its_rows():
     x = np.zeros((cpu_kernels.SKINNY_MAX_ROWS + 1, 16), np.float32)
     with pytest.raises(jax.errors.JaxRuntimeError, match="1 to 8 rows"):
         jax.block_until_ready(cpu_kernels.skinny_matmul(x, jnp.zeros((16, 16), jnp.bfloat16)))
+
+
+needs_bf16_gemm = pytest.mark.skipif(
+    not cpu_kernels.bf16_gemm_available(), reason="this CPU has no AVX512-BF16 (XLA's dot runs instead)"
+)
+
+
+@needs_bf16_gemm
+@pytest.mark.parametrize("rows", [1, 5, 6, 7, 9, 32, 100])
+@pytest.mark.parametrize(("inner", "outer"), [(576, 960), (38, 128), (2, 64)])
+def test_bf16_gemm_matches_numpy_on_rounded_rows(rows, inner, outer):
+    """Every row-block size (6 and what is left of it), row counts that leave a partial conversion
+    vector, and K of a single pair. The reference rounds x to bf16 as the kernel does; the sums are
+    float32 in a different order than float64's."""
+    rng = np.random.default_rng(rows * inner + outer)
+    x = rng.standard_normal((rows, inner)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((inner, outer)), jnp.bfloat16)
+    x_rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    expected = x_rounded @ np.asarray(w.astype(jnp.float32), np.float64)
+    got = np.asarray(jax.jit(cpu_kernels.bf16_gemm)(x, w))
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_refuses_shapes_it_does_not_tile():
+    assert not cpu_kernels.bf16_gemm_takes(16, 100) and not cpu_kernels.bf16_gemm_takes(15, 64)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="multiple of 64"):
+        jax.block_until_ready(
+            cpu_kernels.bf16_gemm(np.zeros((9, 16), np.float32), jnp.zeros((16, 100), jnp.bfloat16))
+        )

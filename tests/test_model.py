@@ -27,7 +27,7 @@ def reference_logits(folder, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def full_logits(cfg, params, ids: np.ndarray, skinny_kernel: bool = False) -> np.ndarray:
+def full_logits(cfg, params, ids: np.ndarray, matmul_kernels: bool = False) -> np.ndarray:
     """Logits at every position, computed from scratch in one pass."""
     batch, seq = ids.shape
     cache = llama.init_cache(cfg, batch, seq, jnp.float32)
@@ -41,7 +41,7 @@ def full_logits(cfg, params, ids: np.ndarray, skinny_kernel: bool = False) -> np
         zeros,
         zeros,
         attn_len=seq,
-        skinny_kernel=skinny_kernel,
+        matmul_kernels=matmul_kernels,
     )
     return np.asarray(logits)
 
@@ -141,13 +141,15 @@ def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, dec
 def test_bfloat16_weights_track_float32(tiny_model):
     """bfloat16 weights (float32 activations and accumulation): logits within bf16 rounding of the
     float32 model's (5% of the largest logit: bf16 keeps 8 bits of mantissa, and the rounding compounds
-    over the layers), for a batch of rows and for a lone row (which `linear` pads to two), and for 1 and 8
-    rows through the few-row CPU kernel (`cpu_kernels.skinny_matmul`)."""
+    over the layers), for a batch of rows and for a lone row (which `linear` pads to two), for 1 and 8
+    rows through the few-row CPU kernel (`cpu_kernels.skinny_matmul`), and for 48 rows through the
+    AVX512-BF16 one (`cpu_kernels.bf16_gemm`) where the CPU has it."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
-    for shape, skinny_kernel in [((2, 24), False), ((1, 1), False), ((1, 1), True), ((8, 1), True)]:
+    cases = [((2, 24), False), ((1, 1), False), ((1, 1), True), ((8, 1), True), ((2, 24), True)]
+    for shape, matmul_kernels in cases:
         ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=shape)
-        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids, skinny_kernel)
+        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids, matmul_kernels)
         assert rounded.dtype == np.float32
         scale = np.abs(exact).max()
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale

@@ -116,6 +116,7 @@ def _prefill(
     cfg: ModelConfig,
     attn_len: int,
     want_logprobs: bool,
+    matmul_kernels: bool,
 ) -> tuple[jax.Array, LogprobArrays | None, Penalties | None, KVCache]:
     """A piece of one prompt, tokens [1, P], into cache row `slot` [1] from index `write_pos`, attending
     to everything before it. Returns the token sampled after position `logit_index` of the piece [1] (and
@@ -132,6 +133,7 @@ def _prefill(
         attn_len=attn_len,
         slot_ids=slot,
         logit_index=logit_index,
+        matmul_kernels=matmul_kernels,
     )
     tokens_before_next = write_pos + logit_index + 1 - start
     raw_logits = logits
@@ -171,7 +173,7 @@ def _decode_chunk(
     attn_len: int,
     want_logprobs: bool,
     decode_kernel: bool,
-    skinny_kernel: bool,
+    matmul_kernels: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
@@ -200,7 +202,7 @@ def _decode_chunk(
             slot_ids=slot_ids,
             logit_index=first,
             decode_kernel=decode_kernel,
-            skinny_kernel=skinny_kernel,
+            matmul_kernels=matmul_kernels,
             rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
         live = state.active
@@ -285,9 +287,9 @@ class Runner:
         if decode_kernel is None:
             decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
         self.decode_kernel = decode_kernel
-        # Few-row bf16 products through `cpu_kernels.skinny_matmul` need each weight whole on one device
-        # (whatever attends: the two kernels are independent).
-        self.skinny_kernel = cpu_kernels.available() and all(
+        # bf16 products through the CPU matmul kernels (`llama.linear`) need each weight whole on one
+        # device (whatever attends: the attention and matmul kernels are independent).
+        self.matmul_kernels = cpu_kernels.available() and all(
             len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params)
         )
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
@@ -295,13 +297,13 @@ class Runner:
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
         )
         self._prefill = jax.jit(
-            functools.partial(_prefill, cfg=cfg),
+            functools.partial(_prefill, cfg=cfg, matmul_kernels=self.matmul_kernels),
             static_argnames=("attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )
         self._decode = jax.jit(
             functools.partial(
-                _decode_chunk, cfg=cfg, decode_kernel=decode_kernel, skinny_kernel=self.skinny_kernel
+                _decode_chunk, cfg=cfg, decode_kernel=decode_kernel, matmul_kernels=self.matmul_kernels
             ),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
             donate_argnums=(2, 3),

@@ -31,12 +31,15 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "skinny_matmul.cc")
+SOURCES = tuple(KERNELS_DIR / name for name in ("decode_attention.cc", "skinny_matmul.cc", "bf16_gemm.cc"))
 HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of the build's key
 TARGET_NAME = "jaxserver_decode_attention"
 SKINNY_TARGET_NAME = "jaxserver_skinny_matmul"
+GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
 # kMaxRows in skinny_matmul.cc
 SKINNY_MAX_ROWS = 8
+# kTileColumns in bf16_gemm.cc
+GEMM_TILE_COLUMNS = 64
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
@@ -96,22 +99,39 @@ def _build() -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernels are built and registered (CPU backend only)."""
+def _library() -> ctypes.CDLL | None:
+    """The kernels' library, built and its targets registered; None where that fails (logged once)."""
     if jax.default_backend() != "cpu":
-        return False
+        return None
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
-        jax.ffi.register_ffi_target(
-            TARGET_NAME, jax.ffi.pycapsule(library.JaxserverDecodeAttention), platform="cpu"
-        )
-        jax.ffi.register_ffi_target(
-            SKINNY_TARGET_NAME, jax.ffi.pycapsule(library.JaxserverSkinnyMatmul), platform="cpu"
-        )
+        for name, symbol in (
+            (TARGET_NAME, library.JaxserverDecodeAttention),
+            (SKINNY_TARGET_NAME, library.JaxserverSkinnyMatmul),
+            (GEMM_TARGET_NAME, library.JaxserverBf16Gemm),
+        ):
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("CPU kernels unavailable, using XLA's operations instead: %s", error)
-        return False
-    return True
+        return None
+    return library
+
+
+def available() -> bool:
+    """Whether the kernels are built and registered (CPU backend only)."""
+    return _library() is not None
+
+
+@functools.cache
+def bf16_gemm_available() -> bool:
+    """Whether `bf16_gemm` runs here: the kernels are built and the CPU has AVX512-BF16."""
+    library = _library()
+    return library is not None and bool(library.JaxserverHasBf16Gemm())
+
+
+def bf16_gemm_takes(inner: int, outer: int) -> bool:
+    """Whether `bf16_gemm` takes w [inner, outer] (it works in pairs of rows and tiles of 64 columns)."""
+    return inner % 2 == 0 and outer % GEMM_TILE_COLUMNS == 0
 
 
 def decode_attention(
@@ -145,5 +165,15 @@ def skinny_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     if not available():
         raise RuntimeError("the CPU kernels are not available here (see the logged reason)")
     return jax.ffi.ffi_call(SKINNY_TARGET_NAME, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
+        x.astype(jnp.float32), w
+    )
+
+
+def bf16_gemm(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, N] bfloat16 -> [M, N] float32, x rounded to bfloat16 first (as XLA's bf16 dot
+    does), through AVX512-BF16 dot products; see `bf16_gemm_available` and `bf16_gemm_takes`."""
+    if not bf16_gemm_available():
+        raise RuntimeError("the bf16 matmul kernel needs the CPU kernels and AVX512-BF16")
+    return jax.ffi.ffi_call(GEMM_TARGET_NAME, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
         x.astype(jnp.float32), w
     )

@@ -32,6 +32,8 @@ from jaxserver.model.config import ModelConfig
 
 Params = dict[str, Any]
 
+# Most rows `linear` sends through `cpu_kernels.bf16_gemm`: it beat XLA's dot up to 64 rows.
+GEMM_MAX_ROWS = 64
 # Finite, so a fully masked row (a pad query) gives a harmless uniform softmax instead of NaN.
 MASK_VALUE = -1e30
 
@@ -77,18 +79,27 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, skinny_kernel: bool = False) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, matmul_kernels: bool = False) -> jax.Array:
     """x [..., in] @ w [in, out] in the weight's dtype, accumulated and returned in float32.
 
     With bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it):
     on a 2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
     instead ran 4x slower than float32, and a single row took another path, 10x slower than two rows:
-    a lone row is therefore padded to two. With `skinny_kernel` (`cpu_kernels.available()`, weights
-    whole on one device), up to 8 rows go through `cpu_kernels.skinny_matmul`, which reads the weights
-    at close to the memory bandwidth where XLA's dot reached about half of it."""
+    a lone row is therefore padded to two. With `matmul_kernels` (`cpu_kernels.available()`, weights
+    whole on one device), the rows of a decode step go through the CPU kernels instead: up to 8 through
+    `cpu_kernels.skinny_matmul`, which reads the weights at close to the memory bandwidth where XLA's dot
+    reached about half of it; up to `GEMM_MAX_ROWS` through `cpu_kernels.bf16_gemm` (AVX512-BF16),
+    230 vs 190 GFLOP/s at 32 rows (benchmarks/matmul_dtypes.py). From 128 rows on, XLA's dot was faster."""
     rows = math.prod(x.shape[:-1])
-    if skinny_kernel and w.dtype == jnp.bfloat16 and rows <= cpu_kernels.SKINNY_MAX_ROWS:
-        return cpu_kernels.skinny_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
+    if matmul_kernels and w.dtype == jnp.bfloat16:
+        if rows <= cpu_kernels.SKINNY_MAX_ROWS:
+            return cpu_kernels.skinny_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
+        if (
+            rows <= GEMM_MAX_ROWS
+            and cpu_kernels.bf16_gemm_available()
+            and cpu_kernels.bf16_gemm_takes(*w.shape)
+        ):
+            return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
     if w.dtype == jnp.float32 or rows != 1:
         return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)]).astype(w.dtype)
@@ -242,7 +253,7 @@ def forward(
     logit_index: jax.Array | None = None,
     decode_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
-    skinny_kernel: bool = False,
+    matmul_kernels: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
@@ -255,10 +266,10 @@ def forward(
     single-token steps attend through the CPU kernel, which reads each row's own range and ignores
     `attn_len`. `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode
     chunk computes all its steps' before its loop, because XLA fuses cos and sin into every layer's
-    rotation and evaluates them there again for each head (4 ms of a 32-row step). `skinny_kernel` is
+    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernels` is
     `linear`'s.
     """
-    dense = functools.partial(linear, skinny_kernel=skinny_kernel)
+    dense = functools.partial(linear, matmul_kernels=matmul_kernels)
     batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
