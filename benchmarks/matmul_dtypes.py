@@ -1,12 +1,12 @@
 """Weight-matmul throughput by dtype and rows, as `llama.linear` runs them: 30 matmuls of [rows, 576] x
 [576, 3072] (SmolLM2-135M's hidden size; 3072 = the gate/up width) in one jitted call, float32 against
-bfloat16 weights with float32 accumulation, a bfloat16 result for comparison, and (up to 8 rows) the
-few-row kernel `cpu_kernels.skinny_matmul` that decode steps with few streams use for bf16 weights.
+bfloat16 weights with float32 accumulation, a bfloat16 result for comparison, and the AVX512-BF16 kernel
+`cpu_kernels.bf16_gemm` that decode steps use for bf16 weights (where the CPU has AVX512-BF16).
 
     python benchmarks/matmul_dtypes.py [--rows 1,2,8,32,256]
 
 The README's figures for bf16 weights come from here: the bf16 x bf16 -> f32 dot's GFLOP/s beside
-float32's, and how slow a single bf16 row is next to two (why `linear` pads a lone row).
+float32's and the kernel's, and how slow a single bf16 row is next to two (why `linear` pads a lone row).
 """
 
 from __future__ import annotations
@@ -51,10 +51,6 @@ def main() -> None:
             ),
         ),
         "bf16 x bf16 -> bf16": (bf16, lambda x, ws: sum((x.astype(w.dtype) @ w)[:, :HIDDEN] for w in ws)),
-        "f32 x bf16, few-row kernel": (
-            bf16,
-            lambda x, ws: sum(cpu_kernels.skinny_matmul(x, w)[:, :HIDDEN] for w in ws),
-        ),
         "bf16 x bf16 -> f32, kernel": (
             bf16,
             lambda x, ws: sum(cpu_kernels.bf16_gemm(x, w)[:, :HIDDEN] for w in ws),
@@ -65,10 +61,6 @@ def main() -> None:
     for rows in (int(r) for r in args.rows.split(",")):
         x = jnp.asarray(rng.standard_normal((rows, HIDDEN)), jnp.float32)
         for name, (weights, body) in variants.items():
-            if name.endswith("few-row kernel") and (
-                rows > cpu_kernels.SKINNY_MAX_ROWS or not cpu_kernels.available()
-            ):
-                continue
             if name.endswith(", kernel") and not cpu_kernels.bf16_gemm_available():
                 continue
             elapsed = seconds_per_call(jax.jit(body), x, weights, args.repeats)

@@ -14,7 +14,7 @@ from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
 from jaxserver.errors import OverloadedError
-from jaxserver.model import llama
+from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.loader import load_model
 
 GREEDY = SamplingOptions(greedy=True)
@@ -31,8 +31,11 @@ def make_engine(model):
     """Engines started by a test, shut down after it."""
     engines = []
 
-    def make(**settings) -> Engine:
-        engines.append(start_engine(model, **settings))
+    def make(weights: str = "float32", **settings) -> Engine:
+        cfg, params, tokenizer = model
+        engines.append(
+            start_engine((cfg, llama.cast_params(params, jnp.dtype(weights)), tokenizer), **settings)
+        )
         return engines[-1]
 
     yield make
@@ -68,22 +71,49 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, size=int(rng.integers(3, 60)))] for _ in range(n)]
 
 
-def test_concurrent_greedy_requests_equal_each_alone(make_engine, model):
-    """24 requests of 3-60 prompt tokens over 8 slots (so some wait, and long prompts prefill in pieces)."""
-    engine = make_engine()
+# bfloat16 weights decode through the CPU's bf16 matmul kernel, whose rows do not depend on each other;
+# XLA's bf16 dot, where the CPU lacks AVX512-BF16, makes no such promise.
+WEIGHTS = [
+    "float32",
+    pytest.param(
+        "bfloat16",
+        marks=pytest.mark.skipif(not cpu_kernels.bf16_gemm_available(), reason="no AVX512-BF16 here"),
+    ),
+]
+
+
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_concurrent_greedy_requests_equal_each_alone(make_engine, model, weights):
+    """24 requests of 3-60 prompt tokens over 8 slots (so some wait, and long prompts prefill in pieces):
+    the same tokens, and the same log-probabilities to the last bit, which the tiny model's clear maxima
+    would hide otherwise."""
+    engine = make_engine(weights)
     requests = [
-        GenerationRequest(p, max_new_tokens=10 + i % 7, sampling=GREEDY)
+        GenerationRequest(p, max_new_tokens=10 + i % 7, sampling=GREEDY, logprobs=2)
         for i, p in enumerate(prompts(24, model[0].vocab_size))
     ]
-    alone = [run(engine, r) for r in requests]
+
+    def answer(request: GenerationRequest) -> tuple[list[int], str, str, list]:
+        chunks = list(engine.submit(request))
+        logprobs = [lp for c in chunks for lp in c.logprobs or []]
+        return (
+            [t for c in chunks for t in c.token_ids],
+            "".join(c.text for c in chunks),
+            chunks[-1].finish_reason,
+            logprobs,
+        )
+
+    alone = [answer(r) for r in requests]
     with ThreadPoolExecutor(24) as pool:
-        together = list(pool.map(lambda r: run(engine, r), requests))
+        together = list(pool.map(answer, requests))
     assert together == alone
-    assert all(reason in ("stop", "length") for _, _, reason in alone)
+    assert all(reason in ("stop", "length") for _, _, reason, _ in alone)
+    assert all(len(logprobs) == len(tokens) for tokens, _, _, logprobs in alone)
 
 
-def test_sampled_neighbours_change_no_greedy_answer_and_seeds_reproduce(make_engine, model):
-    engine = make_engine()
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_sampled_neighbours_change_no_greedy_answer_and_seeds_reproduce(make_engine, model, weights):
+    engine = make_engine(weights)
     ps = prompts(12, model[0].vocab_size)
     greedy = [GenerationRequest(p, 12, GREEDY) for p in ps[:6]]
     sampled = [

@@ -141,9 +141,9 @@ def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, dec
 def test_bfloat16_weights_track_float32(tiny_model):
     """bfloat16 weights (float32 activations and accumulation): logits within bf16 rounding of the
     float32 model's (5% of the largest logit: bf16 keeps 8 bits of mantissa, and the rounding compounds
-    over the layers), for a batch of rows and for a lone row (which `linear` pads to two), for 1 and 8
-    rows through the few-row CPU kernel (`cpu_kernels.skinny_matmul`), and for 48 rows through the
-    AVX512-BF16 one (`cpu_kernels.bf16_gemm`) where the CPU has it."""
+    over the layers), for a batch of rows and for a lone row (which `linear` pads to two), and through
+    the AVX512-BF16 kernel (`cpu_kernels.bf16_gemm`, where the CPU has it) for 1 and 8 decode rows and a
+    48-token prompt."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     cases = [((2, 24), False), ((1, 1), False), ((1, 1), True), ((8, 1), True), ((2, 24), True)]

@@ -32,7 +32,7 @@ from jaxserver.model.config import ModelConfig
 
 Params = dict[str, Any]
 
-# Most rows `linear` sends through `cpu_kernels.bf16_gemm`: it beat XLA's dot up to 64 rows.
+# Most prompt tokens per piece that `forward` multiplies through `cpu_kernels.bf16_gemm` (`kernel_rows`).
 GEMM_MAX_ROWS = 64
 # Finite, so a fully masked row (a pad query) gives a harmless uniform softmax instead of NaN.
 MASK_VALUE = -1e30
@@ -79,31 +79,30 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, matmul_kernels: bool = False) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, kernel: bool = False) -> jax.Array:
     """x [..., in] @ w [in, out] in the weight's dtype, accumulated and returned in float32.
 
     With bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it):
     on a 2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
     instead ran 4x slower than float32, and a single row took another path, 10x slower than two rows:
-    a lone row is therefore padded to two. With `matmul_kernels` (`cpu_kernels.available()`, weights
-    whole on one device), the rows of a decode step go through the CPU kernels instead: up to 8 through
-    `cpu_kernels.skinny_matmul`, which reads the weights at close to the memory bandwidth where XLA's dot
-    reached about half of it; up to `GEMM_MAX_ROWS` through `cpu_kernels.bf16_gemm` (AVX512-BF16),
-    230 vs 190 GFLOP/s at 32 rows (benchmarks/matmul_dtypes.py). From 128 rows on, XLA's dot was faster."""
+    a lone row is therefore padded to two. With `kernel` (see `kernel_rows`), bf16 products go through
+    `cpu_kernels.bf16_gemm`, where its tiles fit the weight."""
     rows = math.prod(x.shape[:-1])
-    if matmul_kernels and w.dtype == jnp.bfloat16:
-        if rows <= cpu_kernels.SKINNY_MAX_ROWS:
-            return cpu_kernels.skinny_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
-        if (
-            rows <= GEMM_MAX_ROWS
-            and cpu_kernels.bf16_gemm_available()
-            and cpu_kernels.bf16_gemm_takes(*w.shape)
-        ):
-            return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
+    if kernel and w.dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_takes(*w.shape):
+        return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
     if w.dtype == jnp.float32 or rows != 1:
         return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)]).astype(w.dtype)
     return jnp.matmul(pair, w, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], -1)
+
+
+def kernel_rows(matmul_kernels: bool, batch: int, seq: int) -> bool:
+    """Whether `forward` multiplies `batch` x `seq` tokens through the bf16 matmul kernel. Decode steps
+    (seq == 1) always do: its results for a row do not depend on the batch, so a request decodes the same
+    tokens alone or beside others, and it beat XLA's dot at every decode batch measured (1 to 64 rows:
+    streaming the weights at few rows, 230 vs 190 GFLOP/s at 32). Prompt pieces do up to `GEMM_MAX_ROWS`
+    tokens; from 128 rows on, XLA's dot was faster (benchmarks/matmul_dtypes.py)."""
+    return matmul_kernels and cpu_kernels.bf16_gemm_available() and (seq == 1 or batch * seq <= GEMM_MAX_ROWS)
 
 
 def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -266,11 +265,11 @@ def forward(
     single-token steps attend through the CPU kernel, which reads each row's own range and ignores
     `attn_len`. `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode
     chunk computes all its steps' before its loop, because XLA fuses cos and sin into every layer's
-    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernels` is
-    `linear`'s.
+    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernels`
+    allows the bf16 matmul kernel where `kernel_rows` says.
     """
-    dense = functools.partial(linear, matmul_kernels=matmul_kernels)
     batch, seq = tokens.shape
+    dense = functools.partial(linear, kernel=kernel_rows(matmul_kernels, batch, seq))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
     cos, sin = rotary(query_index - start[:, None], cfg) if rope is None else rope
@@ -309,6 +308,7 @@ def forward(
         x = x + dense(jax.nn.silu(gate) * up, layer["w_down"])
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
+        dense = functools.partial(linear, kernel=kernel_rows(matmul_kernels, batch, 1))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     logits = dense(x, params["lm_head"])
     return logits, KVCache(tuple(new_k), tuple(new_v))

@@ -1,16 +1,21 @@
-// Many-row matmul for CPUs with AVX512-BF16: x [M, K] float32 times w [K, N] bfloat16 -> [M, N] float32,
-// with x rounded to bfloat16 (as XLA's bf16 dot rounds it) and float32 sums.
+// Matmul for CPUs with AVX512-BF16: x [M, K] float32 times w [K, N] bfloat16 -> [M, N] float32, with x
+// rounded to bfloat16 (as XLA's bf16 dot rounds it) and float32 sums. jaxserver's decode steps run their
+// weight products through it at any number of rows.
 //
-// The shape of prefill and of decode steps with many streams, where the work is compute-bound. The
-// instruction that makes bf16 pay is VDPBF16PS: each of its 16 float32 lanes adds the products of two bf16
-// pairs, twice the multiplies of a float32 FMA. It wants the two factors of a lane side by side: for x,
-// the pair (x[m, k], x[m, k+1]), which row-major bf16 already is, broadcast to every lane; for w, rows k
-// and k+1 of a column interleaved, which the kernel builds for one tile of columns at a time (UNPACKLO/HI
-// of the two rows) and then reuses for every row of x. Those unpacks interleave within 128-bit lanes, so
-// the sums come out with columns permuted; the store puts them back in order.
+// The instruction that makes bf16 pay is VDPBF16PS: each of its 16 float32 lanes adds the products of two
+// bf16 pairs, twice the multiplies of a float32 FMA. It wants the two factors of a lane side by side: for
+// x, the pair (x[m, k], x[m, k+1]), which row-major bf16 already is, broadcast to every lane; for w, rows k
+// and k+1 of a column interleaved (UNPACKLO/HI of the two rows). Those unpacks interleave within 128-bit
+// lanes, so the sums come out with columns permuted; the store puts them back in order.
 //
-// Work items are tiles of kTileColumns output columns; within one, blocks of up to kBlockRows rows of x
-// keep their kBlockRows x 4 sums in registers across all of K.
+// Two regimes. With many rows the work is compute-bound: a tile of 64 columns is interleaved once into a
+// buffer, and blocks of up to 6 rows keep their 6 x 4 vectors of sums in registers across all of K. With
+// up to 6 rows it is bound by reading the weights once: tiles are as wide as the registers allow (256
+// columns for one row) and interleaved as they stream by.
+//
+// Every output is the same sequence of VDPBF16PS over k pairs into one float32 sum, whatever the tile,
+// the regime or the number of rows: a row's result does not depend on the rows beside it, so a request
+// decodes the same tokens alone or in a batch.
 
 #include <immintrin.h>
 
@@ -27,8 +32,9 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kTileColumns = 64;  // four vectors of sums per row
+constexpr int64_t kTileColumns = 64;  // the narrowest tile: four vectors of 16 sums per row
 constexpr int kBlockRows = 6;         // 6 x 4 sums + 4 weight vectors + 1 broadcast: 29 of 32 registers
+constexpr int64_t kItemRows = 8 * kBlockRows;
 
 // x rows [first, first + count) to bf16 pairs, rounding to nearest even. K is even.
 void RoundRows(const float* x, int64_t K, int64_t first, int64_t count, uint16_t* out) {
@@ -45,18 +51,12 @@ void RoundRows(const float* x, int64_t K, int64_t first, int64_t count, uint16_t
   }
 }
 
-// Columns [n0, n0 + 64) of w, rows k and k+1 interleaved: per row pair, four vectors of 16 bf16 pairs.
-void PackTile(const uint16_t* w, int64_t K, int64_t N, int64_t n0, __m512i* packed) {
-  for (int64_t pair = 0; pair < K / 2; ++pair) {
-    const uint16_t* upper = w + 2 * pair * N + n0;
-    const uint16_t* lower = upper + N;
-    for (int half = 0; half < 2; ++half) {
-      const __m512i a = _mm512_loadu_si512(upper + 32 * half);
-      const __m512i b = _mm512_loadu_si512(lower + 32 * half);
-      packed[4 * pair + 2 * half] = _mm512_unpacklo_epi16(a, b);
-      packed[4 * pair + 2 * half + 1] = _mm512_unpackhi_epi16(a, b);
-    }
-  }
+// Rows 2p and 2p+1 of w, columns [c, c + 32), interleaved into two vectors of 16 bf16 pairs.
+inline void InterleavePair(const uint16_t* w, int64_t N, int64_t c, int64_t p, __m512i* lo, __m512i* hi) {
+  const __m512i a = _mm512_loadu_si512(w + 2 * p * N + c);
+  const __m512i b = _mm512_loadu_si512(w + (2 * p + 1) * N + c);
+  *lo = _mm512_unpacklo_epi16(a, b);
+  *hi = _mm512_unpackhi_epi16(a, b);
 }
 
 // Sums from UNPACKLO (`lo`) and UNPACKHI (`hi`) products hold, per 128-bit lane j, columns 8j..8j+3 and
@@ -68,34 +68,81 @@ inline void StoreInOrder(float* out, __m512 lo, __m512 hi) {
   _mm512_storeu_ps(out + 16, _mm512_shuffle_f32x4(second, second, _MM_SHUFFLE(3, 1, 2, 0)));
 }
 
-// Rows [m0, m0 + R) of x (as bf16 pairs) times one packed tile -> out columns [n0, n0 + 64).
-template <int R>
-void Block(const uint32_t* x_pairs, int64_t pairs, const __m512i* packed, int64_t m0, int64_t N,
-           int64_t n0, float* out) {
-  __m512 acc[R][4];
+// Rows [m0, m0 + R) of x (as bf16 pairs) times columns [n0, n0 + 16 V) of w. The tile comes interleaved
+// in `packed` (V vectors per row pair), or, when `packed` is null, is interleaved as it is read.
+template <int R, int V>
+void Block(const uint32_t* x_pairs, int64_t pairs, const uint16_t* w, const __m512i* packed, int64_t m0,
+           int64_t N, int64_t n0, float* out) {
+  __m512 acc[R][V];
   for (int r = 0; r < R; ++r) {
-    for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int j = 0; j < V; ++j) acc[r][j] = _mm512_setzero_ps();
   }
   const uint32_t* rows = x_pairs + m0 * pairs;
   for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh w[4];
-    for (int j = 0; j < 4; ++j) w[j] = reinterpret_cast<const __m512bh&>(packed[4 * p + j]);
-    for (int r = 0; r < R; ++r) {
-      const __m512i broadcast = _mm512_set1_epi32(static_cast<int>(rows[r * pairs + p]));
-      const __m512bh x = reinterpret_cast<const __m512bh&>(broadcast);
-      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, w[j]);
+    // Two vectors of the tile at a time, so that few registers hold weights beside the R x V sums.
+    for (int j = 0; j < V; j += 2) {
+      __m512i lo, hi;
+      if (packed != nullptr) {
+        lo = packed[V * p + j], hi = packed[V * p + j + 1];
+      } else {
+        InterleavePair(w, N, n0 + 16 * j, p, &lo, &hi);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512i broadcast = _mm512_set1_epi32(static_cast<int>(rows[r * pairs + p]));
+        const __m512bh x = reinterpret_cast<const __m512bh&>(broadcast);
+        acc[r][j] = _mm512_dpbf16_ps(acc[r][j], x, reinterpret_cast<const __m512bh&>(lo));
+        acc[r][j + 1] = _mm512_dpbf16_ps(acc[r][j + 1], x, reinterpret_cast<const __m512bh&>(hi));
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     float* row_out = out + (m0 + r) * N + n0;
-    StoreInOrder(row_out, acc[r][0], acc[r][1]);
-    StoreInOrder(row_out + 32, acc[r][2], acc[r][3]);
+    for (int j = 0; j < V; j += 2) StoreInOrder(row_out + 16 * j, acc[r][j], acc[r][j + 1]);
   }
 }
 
-using BlockFn = void (*)(const uint32_t*, int64_t, const __m512i*, int64_t, int64_t, int64_t, float*);
-constexpr BlockFn kBlocks[kBlockRows + 1] = {nullptr,   &Block<1>, &Block<2>, &Block<3>,
-                                             &Block<4>, &Block<5>, &Block<6>};
+using BlockFn = void (*)(const uint32_t*, int64_t, const uint16_t*, const __m512i*, int64_t, int64_t, int64_t,
+                        float*);
+// Narrow tiles by rows in the block.
+constexpr BlockFn kNarrow[kBlockRows + 1] = {nullptr,      &Block<1, 4>, &Block<2, 4>, &Block<3, 4>,
+                                             &Block<4, 4>, &Block<5, 4>, &Block<6, 4>};
+// Streamed tiles for M rows in all: as wide as about 24 registers of sums allow.
+constexpr BlockFn kWide[kBlockRows + 1] = {nullptr,      &Block<1, 16>, &Block<2, 12>, &Block<3, 8>,
+                                           &Block<4, 4>, &Block<5, 4>,  &Block<6, 4>};
+constexpr int64_t kWideColumns[kBlockRows + 1] = {0, 256, 192, 128, 64, 64, 64};
+
+// Up to kBlockRows rows: wide tiles streamed once, then 64-column ones for what is left of N.
+void FewRows(ffi::ThreadPool& pool, const uint32_t* x_pairs, int64_t M, int64_t pairs,
+             const uint16_t* w, int64_t N, float* out) {
+  const int64_t wide_tiles = N / kWideColumns[M], wide_end = wide_tiles * kWideColumns[M];
+  const int64_t narrow_tiles = (N - wide_end) / kTileColumns;
+  jaxserver_kernels::ParallelFor(pool, wide_tiles + narrow_tiles, [=](int64_t i) {
+    if (i < wide_tiles) {
+      kWide[M](x_pairs, pairs, w, nullptr, 0, N, i * kWideColumns[M], out);
+    } else {
+      kNarrow[M](x_pairs, pairs, w, nullptr, 0, N, wide_end + (i - wide_tiles) * kTileColumns, out);
+    }
+  });
+}
+
+// More rows: items are (64-column tile, group of kItemRows rows), the group's tile interleaved once.
+void ManyRows(ffi::ThreadPool& pool, const uint32_t* x_pairs, int64_t M, int64_t pairs,
+              const uint16_t* w, int64_t N, float* out) {
+  const int64_t tiles = N / kTileColumns, groups = (M + kItemRows - 1) / kItemRows;
+  jaxserver_kernels::ParallelFor(pool, tiles * groups, [=](int64_t item) {
+    const int64_t n0 = (item % tiles) * kTileColumns, first = (item / tiles) * kItemRows;
+    const int64_t last = std::min(M, first + kItemRows);
+    thread_local std::vector<__m512i> packed;
+    packed.resize(4 * pairs);
+    for (int64_t p = 0; p < pairs; ++p) {
+      InterleavePair(w, N, n0, p, &packed[4 * p], &packed[4 * p + 1]);
+      InterleavePair(w, N, n0 + 32, p, &packed[4 * p + 2], &packed[4 * p + 3]);
+    }
+    for (int64_t m0 = first; m0 < last; m0 += kBlockRows) {
+      kNarrow[std::min<int64_t>(kBlockRows, last - m0)](x_pairs, pairs, w, packed.data(), m0, N, n0, out);
+    }
+  });
+}
 
 ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::BF16> w,
                     ffi::ResultBuffer<ffi::F32> out) {
@@ -107,27 +154,17 @@ ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (K % 2 != 0 || N % kTileColumns != 0) {
     return ffi::Error::InvalidArgument("bf16_gemm: K must be even and N a multiple of 64");
   }
+  if (M == 0) return ffi::Error::Success();
   const float* x_data = x.typed_data();
   const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data());
-  float* result = out->typed_data();
   std::vector<uint16_t> rounded(M * K);
-  constexpr int64_t kRowsPerItem = 16;
-  jaxserver_kernels::ParallelFor(pool, (M + kRowsPerItem - 1) / kRowsPerItem, [&](int64_t i) {
-    const int64_t first = i * kRowsPerItem;
-    RoundRows(x_data, K, first, std::min(kRowsPerItem, M - first), rounded.data());
+  constexpr int64_t kRoundRows = 16;
+  jaxserver_kernels::ParallelFor(pool, (M + kRoundRows - 1) / kRoundRows, [&](int64_t i) {
+    const int64_t first = i * kRoundRows;
+    RoundRows(x_data, K, first, std::min(kRoundRows, M - first), rounded.data());
   });
   const auto* x_pairs = reinterpret_cast<const uint32_t*>(rounded.data());
-  const int64_t pairs = K / 2;
-  jaxserver_kernels::ParallelFor(pool, N / kTileColumns, [=](int64_t tile) {
-    thread_local std::vector<__m512i> packed;
-    packed.resize(4 * pairs);
-    const int64_t n0 = tile * kTileColumns;
-    PackTile(weights, K, N, n0, packed.data());
-    for (int64_t m0 = 0; m0 < M; m0 += kBlockRows) {
-      const int64_t rows = std::min<int64_t>(kBlockRows, M - m0);
-      kBlocks[rows](x_pairs, pairs, packed.data(), m0, N, n0, result);
-    }
-  });
+  (M <= kBlockRows ? FewRows : ManyRows)(pool, x_pairs, M, K / 2, weights, N, out->typed_data());
   return ffi::Error::Success();
 }
 
