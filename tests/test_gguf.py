@@ -103,7 +103,8 @@ def test_last_position_logits_match_transformers(smollm, hf_model):
 
 @pytest.fixture(scope="module")
 def smollm_server():
-    config = tiny.test_config(max_length=512, max_compile_tokens=16, mesh_axes_shape=(1, 1, 1))
+    # float32 weights, as transformers runs them: the tokens are compared exactly ("auto" may pick bf16).
+    config = tiny.test_config(max_length=512, max_compile_tokens=16, mesh_axes_shape=(1, 1, 1), dtype="fp32")
     return JAXServer.load(None, config=config)
 
 

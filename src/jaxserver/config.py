@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DTYPE_ALIASES = {
+    "auto": "auto",  # resolved when the model is placed: see JAXServerConfig.dtype
     "fp32": "float32",
     "float32": "float32",
     "bf16": "bfloat16",
@@ -53,9 +54,10 @@ class JAXServerConfig(BaseModel):
     logging: bool = False
     mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "mp")
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1)
-    # The seed defaults to fp16, which suits GPUs and TPUs. On a CPU float16 matmuls are emulated and
-    # slow, so the default here is float32; "fp16"/"bf16" remain accepted.
-    dtype: str = "fp32"
+    # The seed defaults to fp16, which suits GPUs and TPUs; on a CPU float16 matmuls are emulated and
+    # slow. "auto", the default here, is bf16 where the machine multiplies bf16 natively (accelerators,
+    # and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32; "fp32", "bf16" and "fp16" choose.
+    dtype: str = "auto"
     seed: int = 556
     use_prefix_tokenizer: bool = True
 

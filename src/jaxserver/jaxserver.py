@@ -25,7 +25,7 @@ from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, SamplingOptions
 from jaxserver.engine.runner import Runner, prompt_buckets
 from jaxserver.errors import BadRequestError, ContextLengthError, EngineError, ModelLoadError, NotReadyError
-from jaxserver.model import checkpoint
+from jaxserver.model import checkpoint, cpu_kernels
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
 from jaxserver.model.loader import load_model
@@ -119,7 +119,7 @@ class JAXServer:
     ):
         """Read the model at `path`, place it on the mesh and compile. Records the error for /status."""
         try:
-            cfg, params, own_tokenizer = load_model(path, self.config.jax_dtype_name)
+            cfg, params, own_tokenizer = load_model(path, self.weight_dtype)
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"
@@ -132,8 +132,16 @@ class JAXServer:
 
     def _attach(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, name: str) -> None:
         self.model_config, self.tokenizer, self.model_name = cfg, tokenizer, name
-        self.params = self.shard_params(cast_params(params, jnp.dtype(self.config.jax_dtype_name)))
+        self.params = self.shard_params(cast_params(params, jnp.dtype(self.weight_dtype)))
         self.configure_generate_functions(cfg, tokenizer)
+
+    @property
+    def weight_dtype(self) -> str:
+        """The weights' dtype: the config's, with "auto" resolved for this machine."""
+        name = self.config.jax_dtype_name
+        if name == "auto":
+            return "bfloat16" if cpu_kernels.multiplies_bf16_natively() else "float32"
+        return name
 
     def shard_params(self, params: Params) -> Params:
         """Place params on the mesh built from `mesh_axes_names` / `mesh_axes_shape`."""
@@ -430,7 +438,7 @@ class JAXServer:
             "model": self.model_name,
             "architecture": cfg.architecture if cfg else None,
             "parameters": cfg.parameter_count if cfg else None,
-            "dtype": self.config.jax_dtype_name,
+            "dtype": self.weight_dtype,
             "devices": [str(d) for d in jax.devices()],
             "mesh": dict(self.mesh.shape) if self.mesh else None,
             "prompt_format": ("seed" if self.uses_seed_formats else "template") if self.tokenizer else None,

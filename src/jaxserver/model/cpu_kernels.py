@@ -126,6 +126,11 @@ def bf16_gemm_available() -> bool:
     return library is not None and bool(library.JaxserverHasBf16Gemm())
 
 
+def multiplies_bf16_natively() -> bool:
+    """Whether bf16 weights are the fast choice here: on accelerators, and on CPUs with `bf16_gemm`."""
+    return jax.default_backend() != "cpu" or bf16_gemm_available()
+
+
 def bf16_gemm_takes(inner: int, outer: int) -> bool:
     """Whether `bf16_gemm` takes w [inner, outer] (it works in pairs of rows and tiles of 64 columns)."""
     return inner % 2 == 0 and outer % GEMM_TILE_COLUMNS == 0
