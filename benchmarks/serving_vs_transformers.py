@@ -1,15 +1,15 @@
 """Aggregate throughput of `jaxserver serve` under concurrent streams, beside Hugging Face transformers'
 batched `generate` on the same GGUF weights, in one run on this machine.
 
-1. starts `jaxserver serve` (default model, --dtype weights) on a free port and waits until it is ready and has
+1. starts `jaxserver serve` (default model, --dtype weights: by default the server's "auto") on a free port and waits until it is ready and has
    compiled its rarer decode shapes in the background;
 2. drives it with `jaxserver bench` at each concurrency of --sweep (same prompts for every level);
 3. stops it, then times transformers (torch CPU, float32, and also bfloat16 when the server ran
-   bfloat16 weights) `generate` at batch 1 and at the largest concurrency, greedy, exactly --output-len
+   bfloat16 weights, as "auto" does on CPUs with AVX512-BF16) `generate` at batch 1 and at the largest concurrency, greedy, exactly --output-len
    new tokens, on the same chat-formatted prompts.
 
     python benchmarks/serving_vs_transformers.py [--sweep 1,8,32] [--input-len 128] [--output-len 128]
-                                                 [--dtype fp32|bf16]
+                                                 [--dtype auto|fp32|bf16]
 
 Prints a table, the issue's targets as ratios, and writes JSON (and a PNG of the sweep) under
 benchmarks/results/.
@@ -85,7 +85,12 @@ def main() -> None:
     parser.add_argument(
         "--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)"
     )
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the server's weights")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="the server's weights (default: its own)",
+    )
     args = parser.parse_args()
     levels = [int(c) for c in args.sweep.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -95,6 +100,8 @@ def main() -> None:
     rows = []
     try:
         wait_for_compile_ahead(server.url)
+        served = httpx.get(f"{server.url}/status", timeout=10).json()["dtype"]  # "auto" resolved
+        weights = {"float32": "fp32", "bfloat16": "bf16"}[served]
         for concurrency in levels:
             n = max(4, args.requests_per_level * concurrency)
             rows.append(measure(server.url, n, concurrency, args.input_len, args.output_len, None, seed=0))
@@ -108,7 +115,7 @@ def main() -> None:
     ours = {r["concurrency"]: r["output_tokens_per_s"] for r in rows}
     ratios: dict[str, float | None] = {}
     hf: dict[str, dict[int, float]] = {}
-    for dtype in sorted({"fp32", args.dtype}, reverse=True):
+    for dtype in sorted({"fp32", weights}, reverse=True):
         hf[dtype] = {
             batch: transformers_tokens_per_s(prompts, args.output_len, batch, dtype)
             for batch in sorted({1, top})
@@ -126,18 +133,18 @@ def main() -> None:
     ratios[f"jaxserver {top} streams / jaxserver 1 stream (target >= 4)"] = (
         ours[top] / ours[1] if 1 in ours else None
     )
-    print(f"\njaxserver ran {args.dtype} weights")
+    print(f"\njaxserver ran {weights} weights")
     for name, value in ratios.items():
         print(f"{name}: {value:.2f}" if value is not None else f"{name}: not measured")
     report = {
-        "settings": vars(args),
+        "settings": vars(args) | {"weights": weights},
         "machine": f"{os.cpu_count()} cores",
         "jaxserver": rows,
         "transformers_tokens_per_s": hf,
         "ratios": ratios,
     }
-    (RESULTS / f"serving_vs_transformers_{args.dtype}.json").write_text(json.dumps(report, indent=2))
-    plot(rows, RESULTS / f"serving_sweep_{args.dtype}.png")
+    (RESULTS / f"serving_vs_transformers_{weights}.json").write_text(json.dumps(report, indent=2))
+    plot(rows, RESULTS / f"serving_sweep_{weights}.png")
 
 
 if __name__ == "__main__":

@@ -56,17 +56,21 @@ def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
     # value-block widths (16 x 16 floats, 3 vectors of 48, 4 blocks of 256); a cache shorter than a block.
     [(3, 3, 64, 200), (2, 4, 32, 70), (1, 1, 128, 130), (2, 16, 16, 150), (1, 7, 48, 140), (1, 2, 256, 40)],
 )
-def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length):
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cache_dtype):
+    """The reference reads the cache's entries as float32 (a bf16 cache's values, widened exactly)."""
     rng = np.random.default_rng(head_dim)
     slots, batch = 6, 5
     q = rng.standard_normal((batch, kv_heads, group, head_dim)).astype(np.float32)
-    k_cache = rng.standard_normal((slots, kv_heads, head_dim, length)).astype(np.float32)
-    v_cache = rng.standard_normal((slots, kv_heads, length, head_dim)).astype(np.float32)
+    storage = llama.cache_storage_dtype(cache_dtype)
+    k_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, head_dim, length))), storage)
+    v_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, length, head_dim))), storage)
+    k_cache, v_cache = (np.asarray(llama.from_cache(c)) for c in (k_stored, v_stored))
     slot_ids = np.array([4, 0, 2, 5, 1], np.int32)
     # One position; a left-padded row; a partial last block; the whole cache; an idle row.
     starts = np.array([0, 7, 3, 0, 0], np.int32)
     ends = np.array([0, length - 2, length // 2 + 1, length - 1, length], np.int32)
-    got = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, k_cache, v_cache, slot_ids, starts, ends))
+    got = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, k_stored, v_stored, slot_ids, starts, ends))
     np.testing.assert_allclose(got, reference(q, k_cache, v_cache, slot_ids, starts, ends), atol=ATOL)
     assert not got[4].any()
 
@@ -74,7 +78,7 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length):
     positions = np.arange(length)
     mask = (positions >= starts[live, None]) & (positions <= ends[live, None])
     xla = llama.decode_attention(
-        *map(jnp.asarray, (q[live], k_cache, v_cache, slot_ids[live])), length, jnp.asarray(mask)
+        *map(jnp.asarray, (q[live], k_stored, v_stored, slot_ids[live])), length, jnp.asarray(mask)
     )
     np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
 

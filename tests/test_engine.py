@@ -43,7 +43,9 @@ def make_engine(model):
         engine.shutdown(drain_timeout_s=0)
 
 
-def start_engine(model, *, slots=8, max_waiting=64, steps=4, prefill_chunk=32, cache_len=128) -> Engine:
+def start_engine(
+    model, *, slots=8, max_waiting=64, steps=4, prefill_chunk=32, cache_len=128, cache_dtype=jnp.float32
+) -> Engine:
     cfg, params, tokenizer = model
     runner = Runner(
         cfg,
@@ -52,7 +54,7 @@ def start_engine(model, *, slots=8, max_waiting=64, steps=4, prefill_chunk=32, c
         cache_len=cache_len,
         steps_per_call=steps,
         eos_ids=tokenizer.eos_token_ids,
-        cache_dtype=jnp.float32,
+        cache_dtype=cache_dtype,
     )
     engine = Engine(
         runner, tokenizer, max_waiting=max_waiting, prefill_chunk_tokens=prefill_chunk, left_pad=True
@@ -71,8 +73,8 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, size=int(rng.integers(3, 60)))] for _ in range(n)]
 
 
-# bfloat16 weights decode through the CPU's bf16 matmul kernel, whose rows do not depend on each other;
-# XLA's bf16 dot, where the CPU lacks AVX512-BF16, makes no such promise.
+# bfloat16 weights (and KV cache) decode through the CPU's bf16 matmul kernel, whose rows do not depend on
+# each other; XLA's bf16 dot, where the CPU lacks AVX512-BF16, makes no such promise.
 WEIGHTS = [
     "float32",
     pytest.param(

@@ -11,7 +11,7 @@ import pytest
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
-from jaxserver.model import llama
+from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.loader import load_model
 from tests import tiny
 
@@ -153,3 +153,33 @@ def test_bfloat16_weights_track_float32(tiny_model):
         assert rounded.dtype == np.float32
         scale = np.abs(exact).max()
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale
+
+
+def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
+    """A prompt prefilled into a bfloat16 KV cache (kept as 16-bit integers) and one decode step through
+    the attention kernel, with bf16 weights: last-position logits within bf16 rounding of the float32
+    model's computed from scratch (the tolerance of the test above)."""
+    cfg, params, _ = tiny_model
+    half = llama.cast_params(params, jnp.bfloat16)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 24))
+    exact = full_logits(cfg, params, ids)[:, -1]
+    head, layers = llama.head_params(half), llama.layer_params(half, cfg)
+    cache = llama.init_cache(cfg, 2, 32, jnp.bfloat16)
+    assert cache.k[0].dtype == jnp.uint16
+    zeros = jnp.zeros((2,), jnp.int32)
+    _, cache = llama.forward(head, layers, cfg, jnp.asarray(ids[:, :-1]), cache, zeros, zeros, attn_len=32)
+    logits, _ = llama.forward(
+        head,
+        layers,
+        cfg,
+        jnp.asarray(ids[:, -1:]),
+        cache,
+        jnp.full((2,), 23, jnp.int32),
+        zeros,
+        attn_len=32,
+        logit_index=zeros,
+        decode_kernel=cpu_kernels.available(),
+        matmul_kernels=True,
+    )
+    scale = np.abs(exact).max()
+    assert 0 < np.abs(np.asarray(logits) - exact).max() < 0.05 * scale

@@ -55,9 +55,10 @@ class JAXServerConfig(BaseModel):
     mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "mp")
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1)
     # The seed defaults to fp16, which suits GPUs and TPUs; on a CPU float16 matmuls are emulated and
-    # slow. "auto", the default here, is bf16 where the machine multiplies bf16 natively (accelerators,
-    # and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32; "fp32", "bf16" and "fp16" choose.
-    dtype: str = "auto"
+    # slow, so the default here is fp32. "auto" is bf16 where the machine multiplies bf16 natively
+    # (accelerators, and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32. It is not the
+    # default because bf16 changes greedy answers of the default model (README, dtype).
+    dtype: str = "fp32"
     seed: int = 556
     use_prefix_tokenizer: bool = True
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, SamplingOptions
-from jaxserver.engine.runner import Runner, prompt_buckets
+from jaxserver.engine.runner import Runner, kernel_fits, prompt_buckets
 from jaxserver.errors import BadRequestError, ContextLengthError, EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint, cpu_kernels
 from jaxserver.model.config import ModelConfig
@@ -158,6 +158,13 @@ class JAXServer:
         assert self.params is not None and self.mesh is not None, "call shard_params first"
         slots = cfg.max_batch_size
         cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
+        sharding = cache_sharding(cache_shape, self.mesh)
+        # bfloat16 entries beside bfloat16 weights, where the decode attention kernel reads them (half the
+        # cache's memory and of what a step reads from it); float32 otherwise, as XLA's attention over a
+        # bfloat16 cache took a 32-row step to 236 ms from 81 (decode_step.py).
+        cache_dtype = jnp.float32
+        if self.weight_dtype == "bfloat16" and kernel_fits(model, jnp.bfloat16, sharding):
+            cache_dtype = jnp.bfloat16
         runner = Runner(
             model,
             self.params,
@@ -165,13 +172,15 @@ class JAXServer:
             cache_len=cfg.max_length,
             steps_per_call=cfg.max_compile_tokens,
             eos_ids=tokenizer.eos_token_ids,
-            # float32 whatever the weights: the decode attention kernel reads float32, and with a bfloat16
-            # cache (XLA's attention) a 32-row step took 236 ms instead of 81 (decode_step.py).
-            cache_dtype=jnp.float32,
-            cache_sharding=cache_sharding(cache_shape, self.mesh),
+            cache_dtype=cache_dtype,
+            cache_sharding=sharding,
         )
         log.info(
-            "KV cache: %.1f MiB for %d slots x %d tokens", runner.cache_bytes / 2**20, slots, cfg.max_length
+            "KV cache: %.1f MiB for %d slots x %d tokens (%s)",
+            runner.cache_bytes / 2**20,
+            slots,
+            cfg.max_length,
+            jnp.dtype(cache_dtype).name,
         )
         later_shapes = []
         if cfg.warm_up:

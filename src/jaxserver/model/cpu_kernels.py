@@ -35,6 +35,7 @@ KERNELS_DIR = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "bf16_gemm.cc")
 HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of the build's key
 TARGET_NAME = "jaxserver_decode_attention"
+BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
 # kTileColumns in bf16_gemm.cc
 GEMM_TILE_COLUMNS = 64
@@ -105,6 +106,7 @@ def _library() -> ctypes.CDLL | None:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         for name, symbol in (
             (TARGET_NAME, library.JaxserverDecodeAttention),
+            (BF16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionBf16),
             (GEMM_TARGET_NAME, library.JaxserverBf16Gemm),
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -147,12 +149,13 @@ def decode_attention(
     """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive).
 
     q [B, kv_heads, group, hd] float32; k_cache [slots, kv_heads, hd, length]; v_cache [slots, kv_heads,
-    length, hd]; slot_ids, starts, ends [B] int32 -> [B, kv_heads, group, hd]. A row whose end lies past
-    the cache (an idle row) gets zeros.
+    length, hd], float32 or bf16 stored as uint16 bits (`llama.KVCache`); slot_ids, starts, ends [B]
+    int32 -> [B, kv_heads, group, hd]. A row whose end lies past the cache (an idle row) gets zeros.
     """
     if not available():
         raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
-    return jax.ffi.ffi_call(TARGET_NAME, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    target = BF16_CACHE_TARGET_NAME if k_cache.dtype == jnp.uint16 else TARGET_NAME
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
         q.astype(jnp.float32),
         k_cache,
         v_cache,

@@ -42,7 +42,10 @@ class KVCache(NamedTuple):
     """Keys and values per layer: keys [slots, kv_heads, head_dim, length], values [slots, kv_heads,
     length, head_dim]. Keys are stored transposed so that decoding multiplies a query by the keys with
     the cache positions along the fast axis, in elementwise loops XLA:CPU vectorises, before reducing
-    over head_dim; at 8 rows the step ran 165 -> 117 ms (benchmarks/decode_step.py)."""
+    over head_dim; at 8 rows the step ran 165 -> 117 ms (benchmarks/decode_step.py).
+
+    Entries are float32, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`, `from_cache`):
+    XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers in place."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -56,11 +59,32 @@ class KVCache(NamedTuple):
         return sum(a.nbytes for a in (*self.k, *self.v))
 
 
+def cache_storage_dtype(dtype: Any) -> jnp.dtype:
+    """The array dtype a cache of `dtype` entries is kept in (see KVCache)."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def to_cache(x: jax.Array, storage: jnp.dtype) -> jax.Array:
+    """Keys or values as the cache keeps them."""
+    if storage == jnp.uint16:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+    return x.astype(storage)
+
+
+def from_cache(entries: jax.Array) -> jax.Array:
+    """Cache entries as float32."""
+    if entries.dtype == jnp.uint16:
+        entries = jax.lax.bitcast_convert_type(entries, jnp.bfloat16)
+    return entries.astype(jnp.float32)
+
+
 def init_cache(
     cfg: ModelConfig, slots: int, length: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
 ) -> KVCache:
+    """An empty cache with entries of `dtype` (float32 or bfloat16)."""
+
     def zeros(shape: tuple[int, ...]) -> jax.Array:
-        array = jnp.zeros(shape, dtype)
+        array = jnp.zeros(shape, cache_storage_dtype(dtype))
         return array if sharding is None else jax.device_put(array, sharding)
 
     keys = (slots, cfg.num_kv_heads, cfg.head_dim, length)
@@ -197,7 +221,7 @@ def decode_attention(
     def attend(first: jax.Array, out: jax.Array) -> jax.Array:
         ids = jax.lax.dynamic_slice_in_dim(slot_ids, first, rows)
         queries = jax.lax.dynamic_slice_in_dim(q, first, rows)  # [R, K, G, D]
-        keys, values = k_cache[ids, ..., :attn_len], v_cache[ids, :, :attn_len]
+        keys, values = from_cache(k_cache[ids, ..., :attn_len]), from_cache(v_cache[ids, :, :attn_len])
         # Multiply-and-reduce, the products along the cache positions (the fast axis of both caches as
         # read here): batched dots of these small shapes ran slower, as each slice was copied first.
         scores = (queries[..., None] * keys[:, :, None]).sum(axis=-2) * scale  # [R, K, G, T]
@@ -289,8 +313,8 @@ def forward(
         k = apply_rope(k.reshape(batch, seq, kv_heads, hd), cos, sin)
         v = v.reshape(batch, seq, kv_heads, hd)
         # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
-        k_cache = k_cache.at[rows[:, None], :, :, query_index].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows[:, None], :, query_index].set(v.astype(v_cache.dtype), mode="drop")
+        k_cache = k_cache.at[rows[:, None], :, :, query_index].set(to_cache(k, k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
         new_k.append(k_cache)
         new_v.append(v_cache)
         q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
@@ -300,7 +324,8 @@ def forward(
         elif seq == 1:
             out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
         else:
-            out = attention(q, k_cache[rows, ..., :attn_len], v_cache[rows, :, :attn_len], mask)
+            keys, values = from_cache(k_cache[rows, ..., :attn_len]), from_cache(v_cache[rows, :, :attn_len])
+            out = attention(q, keys, values, mask)
         x = x + dense(out, layer["wo"])
         gate, up = jnp.split(
             dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1

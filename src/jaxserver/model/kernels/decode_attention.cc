@@ -5,7 +5,8 @@
 // writes out the query-times-key products before reducing them (README, Performance). This kernel reads
 // every cached key and value once, from where it lies, and keeps the scores in L1.
 //
-// Layouts (float32, row-major), matching jaxserver.model.llama.KVCache:
+// Layouts (row-major; the caches float32 or bfloat16, widened to float32 as they are read), matching
+// jaxserver.model.llama.KVCache:
 //   q        [B, kv_heads, group, head_dim]
 //   k_cache  [slots, kv_heads, head_dim, length]   (keys transposed: positions along the fast axis)
 //   v_cache  [slots, kv_heads, length, head_dim]
@@ -33,6 +34,26 @@ using jaxserver_kernels::Splat;
 using jaxserver_kernels::Store;
 using jaxserver_kernels::Vec;
 using IntVec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
+using HalfBits = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+using Bits = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// Cache entries as float32: bf16 (stored as its 16 bits) widens exactly, by a shift into a float's top half.
+inline Vec LoadAs(const float* p) { return Load(p); }
+inline Vec LoadAs(const uint16_t* p) {
+  HalfBits half;
+  __builtin_memcpy(&half, p, sizeof half);
+  const Bits bits = __builtin_convertvector(half, Bits) << 16;
+  Vec v;
+  __builtin_memcpy(&v, &bits, sizeof v);
+  return v;
+}
+inline float ToFloat(float x) { return x; }
+inline float ToFloat(uint16_t half) {
+  const uint32_t bits = static_cast<uint32_t>(half) << 16;
+  float value;
+  __builtin_memcpy(&value, &bits, sizeof value);
+  return value;
+}
 
 // e^x for x <= 0 (softmax arguments after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
 // with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, 2^n built in the exponent bits. The scalar
@@ -71,13 +92,13 @@ struct Shapes {
 
 // Raw scores q . k * scale of positions [first, first + kBlock) for the G query heads, into
 // rows[g * stride + t]. Keys are contiguous along positions, so each head_dim row is read once for all G.
-template <int G>
-void ScoreBlock(const float* q, const float* keys, int64_t D, int64_t L, float scale, float* rows,
+template <int G, typename T>
+void ScoreBlock(const float* q, const T* keys, int64_t D, int64_t L, float scale, float* rows,
                 int64_t stride) {
   Vec acc[G][kBlockVecs] = {};
   for (int64_t d = 0; d < D; ++d) {
     Vec k[kBlockVecs];
-    for (int64_t j = 0; j < kBlockVecs; ++j) k[j] = Load(keys + d * L + j * kLanes);
+    for (int64_t j = 0; j < kBlockVecs; ++j) k[j] = LoadAs(keys + d * L + j * kLanes);
     for (int g = 0; g < G; ++g) {
       const Vec qd = Splat(q[g * D + d]);
       for (int64_t j = 0; j < kBlockVecs; ++j) acc[g][j] += qd * k[j];
@@ -89,12 +110,13 @@ void ScoreBlock(const float* q, const float* keys, int64_t D, int64_t L, float s
 }
 
 // The same for a block that would run past the cache's end: only `width` positions, scalar.
-void ScoreTail(int G, const float* q, const float* keys, int64_t D, int64_t L, float scale, float* rows,
+template <typename T>
+void ScoreTail(int G, const float* q, const T* keys, int64_t D, int64_t L, float scale, float* rows,
                int64_t stride, int64_t width) {
   for (int g = 0; g < G; ++g) {
     for (int64_t t = 0; t < width; ++t) {
       float dot = 0.0f;
-      for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * keys[d * L + t];
+      for (int64_t d = 0; d < D; ++d) dot += q[g * D + d] * ToFloat(keys[d * L + t]);
       rows[g * stride + t] = dot * scale;
     }
   }
@@ -102,13 +124,13 @@ void ScoreTail(int G, const float* q, const float* keys, int64_t D, int64_t L, f
 
 // out[g, :V vectors] = sum over t < n of rows[g * stride + t] * values[t * D, :V vectors], times
 // inverse_total[g]. V is a template argument so that the G x V sums stay in registers.
-template <int G, int V>
-void SumValues(const float* rows, int64_t stride, int64_t n, const float* values, int64_t D,
+template <int G, int V, typename T>
+void SumValues(const float* rows, int64_t stride, int64_t n, const T* values, int64_t D,
                const float* inverse_total, float* out) {
   Vec acc[G][V] = {};
   for (int64_t t = 0; t < n; ++t) {
     Vec v[V];
-    for (int j = 0; j < V; ++j) v[j] = Load(values + t * D + j * kLanes);
+    for (int j = 0; j < V; ++j) v[j] = LoadAs(values + t * D + j * kLanes);
     for (int g = 0; g < G; ++g) {
       const Vec p = Splat(rows[g * stride + t]);
       for (int j = 0; j < V; ++j) acc[g][j] += p * v[j];
@@ -120,8 +142,8 @@ void SumValues(const float* rows, int64_t stride, int64_t n, const float* values
 }
 
 // One (row, kv head): softmax(q k^T * scale) v over positions [start, end] for G query heads.
-template <int G>
-void AttendOne(const Shapes& s, const float* q, const float* k_cache, const float* v_cache, int32_t slot,
+template <int G, typename T>
+void AttendOne(const Shapes& s, const float* q, const T* k_cache, const T* v_cache, int32_t slot,
                int32_t start, int32_t end, float scale, float* out, std::vector<float>& scores) {
   const int64_t D = s.head_dim, L = s.length;
   start = std::max<int32_t>(start, 0);
@@ -133,15 +155,15 @@ void AttendOne(const Shapes& s, const float* q, const float* k_cache, const floa
   const int64_t stride = (n + kBlock - 1) / kBlock * kBlock;  // whole blocks per score row
   scores.resize(G * stride);
   float* rows = scores.data();
-  const float* keys = k_cache + slot * s.kv_heads * D * L + start;  // the caller offsets the head
-  const float* values = v_cache + slot * s.kv_heads * L * D + start * D;
+  const T* keys = k_cache + slot * s.kv_heads * D * L + start;  // the caller offsets the head
+  const T* values = v_cache + slot * s.kv_heads * L * D + start * D;
 
   // A block may read keys past `end` (other positions of the same slot, finite numbers); their scores
   // land in the padding of each row and are masked below. Only a block that would leave the slot's
   // positions altogether takes the scalar path.
   for (int64_t t0 = 0; t0 < n; t0 += kBlock) {
     if (start + t0 + kBlock <= L) {
-      ScoreBlock<G>(q, keys + t0, D, L, scale, rows + t0, stride);
+      ScoreBlock<G, T>(q, keys + t0, D, L, scale, rows + t0, stride);
     } else {
       ScoreTail(G, q, keys + t0, D, L, scale, rows + t0, stride, n - t0);
     }
@@ -173,28 +195,33 @@ void AttendOne(const Shapes& s, const float* q, const float* k_cache, const floa
   // Weighted values, kDimVecs vectors of head_dim at a time.
   for (int64_t d0 = 0; d0 < D; d0 += kDimVecs * kLanes) {
     switch (std::min(kDimVecs, (D - d0) / kLanes)) {
-      case 4: SumValues<G, 4>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
-      case 3: SumValues<G, 3>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
-      case 2: SumValues<G, 2>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
-      default: SumValues<G, 1>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      case 4: SumValues<G, 4, T>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      case 3: SumValues<G, 3, T>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      case 2: SumValues<G, 2, T>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
+      default: SumValues<G, 1, T>(rows, stride, n, values + d0, D, inverse_total, out + d0); break;
     }
   }
 }
 
-using AttendFn = void (*)(const Shapes&, const float*, const float*, const float*, int32_t, int32_t, int32_t,
-                          float, float*, std::vector<float>&);
+template <typename T>
+using AttendFn = void (*)(const Shapes&, const float*, const T*, const T*, int32_t, int32_t, int32_t, float,
+                          float*, std::vector<float>&);
 
 // AttendOne<group>, chosen once per call: with the group a compile-time constant, the group x block sums
 // above are fixed arrays of vectors the compiler keeps in registers.
-template <int... Gs>
-AttendFn PickAttend(int64_t group, std::integer_sequence<int, Gs...>) {
-  AttendFn fn = nullptr;
-  ((fn = (group == Gs + 1) ? &AttendOne<Gs + 1> : fn), ...);
+template <typename T, int... Gs>
+AttendFn<T> PickAttend(int64_t group, std::integer_sequence<int, Gs...>) {
+  AttendFn<T> fn = nullptr;
+  ((fn = (group == Gs + 1) ? &AttendOne<Gs + 1, T> : fn), ...);
   return fn;
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_cache,
-                           ffi::Buffer<ffi::F32> v_cache, ffi::Buffer<ffi::S32> slot_ids,
+// T is the caches' element type as the kernel reads it, Cache the FFI's name for it: float (F32), or
+// bf16 kept as its 16 bits (U16: jaxserver stores a bf16 cache as integers, which XLA:CPU scatters in
+// place where it copied a bf16 array whole).
+template <typename T, ffi::DataType Cache>
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<Cache> k_cache,
+                           ffi::Buffer<Cache> v_cache, ffi::Buffer<ffi::S32> slot_ids,
                            ffi::Buffer<ffi::S32> starts, ffi::Buffer<ffi::S32> ends,
                            ffi::ResultBuffer<ffi::F32> out) {
   auto qd = q.dimensions(), kd = k_cache.dimensions(), vd = v_cache.dimensions();
@@ -214,11 +241,13 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       ends.element_count() != s.batch) {
     return ffi::Error::InvalidArgument("decode_attention: slot_ids, starts and ends need one entry per row");
   }
-  const float *queries = q.typed_data(), *keys = k_cache.typed_data(), *values = v_cache.typed_data();
+  const float* queries = q.typed_data();
+  const auto* keys = reinterpret_cast<const T*>(k_cache.untyped_data());
+  const auto* values = reinterpret_cast<const T*>(v_cache.untyped_data());
   const int32_t *slots = slot_ids.typed_data(), *first = starts.typed_data(), *last = ends.typed_data();
   float* result = out->typed_data();
   const float scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
-  const AttendFn attend = PickAttend(s.group, std::make_integer_sequence<int, kMaxGroup>{});
+  const AttendFn<T> attend = PickAttend<T>(s.group, std::make_integer_sequence<int, kMaxGroup>{});
   // Items are (row, kv head) pairs.
   jaxserver_kernels::ParallelFor(pool, s.batch * s.kv_heads, [=](int64_t i) {
     thread_local std::vector<float> scores;
@@ -230,15 +259,23 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   return ffi::Error::Success();
 }
 
+// The handler's signature for caches of type Cache.
+template <ffi::DataType Cache>
+auto Signature() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<Cache>>()
+      .template Arg<ffi::Buffer<Cache>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttention, DecodeAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttention, (DecodeAttention<float, ffi::F32>),
+                              Signature<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttentionBf16, (DecodeAttention<uint16_t, ffi::U16>),
+                              Signature<ffi::U16>());
