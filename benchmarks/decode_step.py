@@ -94,7 +94,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", help="weight dtype (float32 or bfloat16)")
     parser.add_argument(
-        "--cache-dtype", default=None, help="KV cache dtype (default: the weights', as the server pairs them)"
+        "--cache-dtype",
+        default="float32",
+        help="KV cache dtype (float32, as the server's default, or bfloat16)",
     )
     parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print time by XLA operation kind")
@@ -119,12 +121,13 @@ def main() -> None:
         cache_len=args.max_length,
         steps_per_call=args.steps,
         eos_ids=(0,),
-        cache_dtype=jnp.dtype(args.cache_dtype or args.dtype),
+        cache_dtype=jnp.dtype(args.cache_dtype),
         decode_kernel=False if args.xla_attention or args.no_attention else None,
     )
     attention = "none" if args.no_attention else "CPU kernel" if runner.decode_kernel else "XLA"
-    cache = args.cache_dtype or args.dtype
-    print(f"jax {jax.__version__}, {args.dtype} weights, {cache} KV cache, decode attention: {attention}")
+    print(
+        f"jax {jax.__version__}, {args.dtype} weights, {args.cache_dtype} KV cache, decode attention: {attention}"
+    )
     print(f"{'rows':>5} {'attended':>9} {'ms/step':>8} {'tok/s':>7} {'cores busy':>10}")
     for rows in batches:
         state = busy_state(rows, runner.slots, args.context, greedy=not args.sample)

@@ -4,6 +4,7 @@ import itertools
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from jaxserver import JAXServer
@@ -54,6 +55,23 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
         assert list(pool.map(lambda p: answer(split, p), prompts)) == sharded
     single.shutdown()
     split.shutdown()
+
+
+def test_bf16_kv_cache_is_kept_as_integers_and_answers(tiny_llama_dir):
+    """kv_cache_dtype="bf16": the cache is uint16 (bf16 bits, half of float32's bytes) and greedy answers
+    come back whole (the kernel's reads are checked in test_cpu_kernels and test_model)."""
+    settings = {"mesh_axes_shape": (1, 1, 1), "dtype": "bf16"}
+    half = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype="bf16", **settings))
+    full = JAXServer.load(tiny_llama_dir, config=tiny.test_config(**settings))
+    try:
+        assert half.engine.runner.cache.k[0].dtype == jnp.uint16
+        assert full.engine.runner.cache.k[0].dtype == jnp.float32
+        assert half.engine.runner.cache_bytes * 2 == full.engine.runner.cache_bytes
+        text, tokens = list(half.process("Hello", greedy=True, max_new_tokens=12))[-1]
+        assert tokens == 12 and text
+    finally:
+        half.shutdown()
+        full.shutdown()
 
 
 def test_mesh_larger_than_the_machine_is_rejected(tiny_llama_dir):

@@ -55,10 +55,9 @@ class JAXServerConfig(BaseModel):
     mesh_axes_names: tuple[str, ...] = ("dp", "fsdp", "mp")
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1)
     # The seed defaults to fp16, which suits GPUs and TPUs; on a CPU float16 matmuls are emulated and
-    # slow, so the default here is fp32. "auto" is bf16 where the machine multiplies bf16 natively
-    # (accelerators, and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32. It is not the
-    # default because bf16 changes greedy answers of the default model (README, dtype).
-    dtype: str = "fp32"
+    # slow. "auto", the default here, is bf16 where the machine multiplies bf16 natively (accelerators,
+    # and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32; "fp32", "bf16" and "fp16" choose.
+    dtype: str = "auto"
     seed: int = 556
     use_prefix_tokenizer: bool = True
 
@@ -69,6 +68,14 @@ class JAXServerConfig(BaseModel):
             "How /instruct and /chat build prompts. 'template': the model's chat template. 'seed': the "
             "instruct_format/chat_format strings. 'auto': the template when the model has one and the "
             "seed format strings were not set explicitly, else the seed strings."
+        ),
+    )
+    kv_cache_dtype: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description=(
+            "KV cache entries. 'bf16' halves the cache and speeds decoding at long contexts, but changed "
+            "greedy answers of the default model where bf16 weights had not (README, dtype); it applies "
+            "where the decode attention kernel reads the cache, float32 is kept elsewhere."
         ),
     )
     max_batch_size: int = Field(

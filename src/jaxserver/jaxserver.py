@@ -159,11 +159,10 @@ class JAXServer:
         slots = cfg.max_batch_size
         cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
         sharding = cache_sharding(cache_shape, self.mesh)
-        # bfloat16 entries beside bfloat16 weights, where the decode attention kernel reads them (half the
-        # cache's memory and of what a step reads from it); float32 otherwise, as XLA's attention over a
-        # bfloat16 cache took a 32-row step to 236 ms from 81 (decode_step.py).
+        # A bfloat16 cache only where the decode attention kernel reads it: XLA's attention over one took
+        # a 32-row step to 236 ms from 81 (decode_step.py).
         cache_dtype = jnp.float32
-        if self.weight_dtype == "bfloat16" and kernel_fits(model, jnp.bfloat16, sharding):
+        if cfg.kv_cache_dtype == "bf16" and kernel_fits(model, jnp.bfloat16, sharding):
             cache_dtype = jnp.bfloat16
         runner = Runner(
             model,
