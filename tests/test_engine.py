@@ -256,6 +256,26 @@ def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):
     assert [t for c in no_logprobs for t in c.token_ids] == tokens
 
 
+def test_a_chunk_ends_at_the_step_where_a_row_finishes(model):
+    """Rows with 3 and 20 tokens to go in a chunk of up to 16 steps: the chunk stops after the third, so
+    the finished row's slot and answer are released at once; the other row goes on in the next chunk."""
+    cfg, params, _ = model
+    runner = Runner(
+        cfg, params, slots=4, cache_len=64, steps_per_call=16, eos_ids=(), cache_dtype=jnp.float32
+    )
+    state = idle_state(4)
+    greedy = sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
+    for slot, remaining in ((0, 3), (2, 20)):
+        set_slot(
+            state, slot, token=5, length=8, start=0, remaining=remaining, stop_at_eos=False, sampling=greedy
+        )
+    outputs, state = runner.decode(state)
+    assert outputs.emitted.sum(axis=1).tolist() == [3, 0, 3, 0]
+    assert state.active.tolist() == [False, False, True, False] and state.remaining[2] == 17
+    outputs, state = runner.decode(state)
+    assert outputs.emitted.sum(axis=1).tolist() == [0, 0, 16, 0]
+
+
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs,
     counting the shapes it has yet to compile (what /status reports) down to zero."""

@@ -11,7 +11,8 @@ Life of a request:
       slots are decoding, one such budget per iteration, so a long prompt never stalls them for long.
       A prompt's last piece samples its first token, and the slot joins the decode batch;
    d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens
-      (fewer while prompts wait, so that they are admitted sooner);
+      (fewer while prompts wait, so that they are admitted sooner; and it ends at the step where a
+      request finishes, so that its slot is free and its client has its answer at once);
    e. emit: new tokens are detokenized, stop strings checked, and a chunk goes to each request's stream.
 3. `_finish(item, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
    context ("length"), `abort` (client gone, shutdown) and engine failure ("error") all end there. It sends

@@ -176,9 +176,10 @@ def _decode_chunk(
     matmul_kernels: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
-    `state` holds their B rows). Returns the chunk's outputs, the new state, penalties and cache.
-    Attention reads the rows' first `attn_len` cache entries in place. `penalties` (all rows) is given
-    only when some row uses repetition penalties: it costs a [B, vocab] pass per step."""
+    `state` holds their B rows), fewer if a row finishes before (see `keep_going`). Returns the chunk's
+    outputs, the new state, penalties and cache. Attention reads the rows' first `attn_len` cache entries
+    in place. `penalties` (all rows) is given only when some row uses repetition penalties: it costs a
+    [B, vocab] pass per step."""
     cache_len = cache.length
     rows = state.tokens.shape[0]
     first = jnp.zeros((rows,), jnp.int32)
@@ -234,11 +235,15 @@ def _decode_chunk(
         )
         return i + 1, state, cache, rows_penalties, outputs
 
-    def keep_going(carry) -> jax.Array:
-        i, state = carry[0], carry[1]
-        return (i < steps) & jnp.any(state.active)
+    started_active = state.active
 
-    # A while loop rather than a scan: it stops as soon as every slot has finished.
+    def keep_going(carry) -> jax.Array:
+        # The chunk ends at the step where a row finishes, so that its slot and its last tokens are
+        # released at once rather than idling until the chunk's end (rows only ever leave a chunk).
+        i, state = carry[0], carry[1]
+        return (i < steps) & jnp.any(state.active) & jnp.all(state.active == started_active)
+
+    # A while loop rather than a scan: it stops as soon as a row finishes.
     logprobs = None
     if want_logprobs:
         top = (rows, max_steps, MAX_TOP_LOGPROBS)
