@@ -1,7 +1,12 @@
 """The CPU kernels against float64 numpy references: decode attention (and against the model's XLA
-attention) on random queries and caches: rows in scattered slots, left-padded starts, ranges from one
-position to the whole cache, idle rows, tolerance 1e-5 absolute on outputs of magnitude ~1; the few-row
-bf16-weight matmul, tolerance 1e-5 relative."""
+attention) on random queries and float32 or bf16 caches: rows in scattered slots, left-padded starts, ranges
+from one position to the whole cache, idle rows, tolerance 1e-5 absolute on outputs of magnitude ~1; the bf16
+matmul on bf16-rounded rows, tolerance 1e-5 relative; and the library's build for CPUs without AVX512-BF16."""
+
+import ctypes
+import platform
+import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -124,3 +129,18 @@ def test_bf16_gemm_refuses_shapes_it_does_not_tile():
         jax.block_until_ready(
             cpu_kernels.bf16_gemm(np.zeros((9, 16), np.float32), jnp.zeros((16, 100), jnp.bfloat16))
         )
+
+
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None, reason="builds for another x86-64 CPU"
+)
+def test_kernels_build_for_a_cpu_without_avx512_bf16(tmp_path):
+    """The library must build where the bf16 matmul cannot run (an AVX2 machine: -march=x86-64-v3), or
+    the attention kernel would be lost with it; there the matmul says it is unavailable."""
+    flags = [f for f in cpu_kernels.COMPILE_FLAGS if f != "-march=native"]
+    library = tmp_path / "avx2.so"
+    command = ["g++", *flags, "-march=x86-64-v3", "-I", jax.ffi.include_dir(), *map(str, cpu_kernels.SOURCES)]
+    subprocess.run([*command, "-o", str(library)], check=True, capture_output=True)
+    loaded = ctypes.cdll.LoadLibrary(str(library))
+    assert loaded.JaxserverHasBf16Gemm() == 0
+    assert loaded.JaxserverDecodeAttention and loaded.JaxserverDecodeAttentionBf16

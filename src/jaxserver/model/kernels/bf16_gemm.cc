@@ -17,8 +17,6 @@
 // the regime or the number of rows: a row's result does not depend on the rows beside it, so a request
 // decodes the same tokens alone or in a batch.
 
-#include <immintrin.h>
-
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -29,6 +27,8 @@
 namespace ffi = xla::ffi;
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__)
+
+#include <immintrin.h>
 
 namespace {
 
@@ -178,7 +178,7 @@ namespace {
 
 ffi::Error Bf16Gemm(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::BF16>,
                     ffi::ResultBuffer<ffi::F32>) {
-  return ffi::Error::Unimplemented("bf16_gemm: this CPU has no AVX512-BF16");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "bf16_gemm: this CPU has no AVX512-BF16");
 }
 
 }  // namespace
