@@ -88,16 +88,21 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cac
     np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
 
 
+def clear_kernel_caches() -> None:
+    cpu_kernels._load_library.cache_clear()
+    cpu_kernels.bf16_gemm_available.cache_clear()
+
+
 def test_without_a_compiler_the_kernel_is_unavailable_and_says_why(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("JAXSERVER_KERNEL_DIR", str(tmp_path / "kernels"))
-    cpu_kernels._library.cache_clear()
+    clear_kernel_caches()
     try:
         assert not cpu_kernels.available()
         assert "using XLA's operations instead" in caplog.text and "no-such-compiler" in caplog.text
     finally:
         monkeypatch.undo()
-        cpu_kernels._library.cache_clear()
+        clear_kernel_caches()
     assert cpu_kernels.available()
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from jaxserver import JAXServer
 from jaxserver.errors import BadRequestError
+from jaxserver.model import cpu_kernels
 from tests import tiny
 
 
@@ -41,8 +42,10 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
     device does."""
     assert len(jax.devices()) == 8
     assert tiny_server.mesh.shape["fsdp"] == 8  # params really sharded over the 8 simulated devices
-    single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1)))
-    split = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(2, 2, 2)))
+    # "auto" picks bf16 weights on one CPU device with AVX512-BF16, fp32 on several: pinned to compare meshes.
+    assert tiny_server.weight_dtype == "float32"
+    single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1), dtype="fp32"))
+    split = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(2, 2, 2), dtype="fp32"))
     assert tiny_server.engine.runner.decode_kernel and not split.engine.runner.decode_kernel
     prompts = ["Hello", "The capital of France is", "def add(a, b):", "Numbers like 12345"]
 
@@ -55,6 +58,15 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
         assert list(pool.map(lambda p: answer(split, p), prompts)) == sharded
     single.shutdown()
     split.shutdown()
+
+
+def test_auto_dtype_is_bf16_only_where_the_matmul_kernel_serves_it():
+    """bf16 weights pay on a CPU only through the bf16 matmul kernel (AVX512-BF16, weights whole on one
+    device); explicit choices are kept."""
+    one_device = JAXServer(tiny.test_config(mesh_axes_shape=(1, 1, 1))).weight_dtype
+    assert one_device == ("bfloat16" if cpu_kernels.bf16_gemm_available() else "float32")
+    assert JAXServer(tiny.test_config(mesh_axes_shape=(1, 2, 1))).weight_dtype == "float32"
+    assert JAXServer(tiny.test_config(dtype="bf16", mesh_axes_shape=(1, 2, 1))).weight_dtype == "bfloat16"
 
 
 def test_bf16_kv_cache_is_kept_as_integers_and_answers(tiny_llama_dir):

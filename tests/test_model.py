@@ -155,6 +155,25 @@ def test_bfloat16_weights_track_float32(tiny_model):
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale
 
 
+@pytest.mark.skipif(not cpu_kernels.bf16_gemm_available(), reason="no AVX512-BF16 here")
+@pytest.mark.parametrize(("shape", "through_kernel"), [((8, 1), True), ((2, 24), True), ((1, 128), False)])
+def test_bf16_matmul_kernel_runs_where_kernel_rows_says(tiny_model, shape, through_kernel):
+    """Decode steps and short prompt pieces lower to the kernel's custom call, long pieces to XLA's dot."""
+    cfg, params, _ = tiny_model
+    half = llama.cast_params(params, jnp.bfloat16)
+    batch, seq = shape
+    zeros = jnp.zeros((batch,), jnp.int32)
+
+    def logits(head, layers, ids, cache):
+        return llama.forward(head, layers, cfg, ids, cache, zeros, zeros, attn_len=seq, matmul_kernels=True)[
+            0
+        ]
+
+    args = (llama.head_params(half), llama.layer_params(half, cfg), jnp.zeros(shape, jnp.int32))
+    lowered = jax.jit(logits).lower(*args, llama.init_cache(cfg, batch, seq, jnp.float32)).as_text()
+    assert ("jaxserver_bf16_gemm" in lowered) == through_kernel
+
+
 def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
     """A prompt prefilled into a bfloat16 KV cache (kept as 16-bit integers) and one decode step through
     the attention kernel, with bf16 weights: last-position logits within bf16 rounding of the float32

@@ -56,7 +56,7 @@ class JAXServerConfig(BaseModel):
     mesh_axes_shape: tuple[int, ...] = (1, -1, 1)
     # The seed defaults to fp16, which suits GPUs and TPUs; on a CPU float16 matmuls are emulated and
     # slow. "auto", the default here, is bf16 where the machine multiplies bf16 natively (accelerators,
-    # and CPUs with AVX512-BF16 through jaxserver's kernel), else fp32; "fp32", "bf16" and "fp16" choose.
+    # and CPUs with AVX512-BF16 through jaxserver's kernel, on a one-device mesh), else fp32.
     dtype: str = "auto"
     seed: int = 556
     use_prefix_tokenizer: bool = True

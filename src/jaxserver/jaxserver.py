@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -137,11 +138,17 @@ class JAXServer:
 
     @property
     def weight_dtype(self) -> str:
-        """The weights' dtype: the config's, with "auto" resolved for this machine."""
+        """The weights' dtype: the config's, with "auto" resolved for this machine. On a CPU, bf16 pays
+        through jaxserver's matmul kernel, which needs each weight whole on one device: "auto" picks it
+        only for a one-device mesh."""
         name = self.config.jax_dtype_name
-        if name == "auto":
-            return "bfloat16" if cpu_kernels.multiplies_bf16_natively() else "float32"
-        return name
+        if name != "auto":
+            return name
+        if jax.default_backend() != "cpu":
+            return "bfloat16"
+        shape = self.config.mesh_axes_shape
+        devices = math.prod(jax.device_count() if size == -1 else size for size in shape)
+        return "bfloat16" if devices == 1 and cpu_kernels.bf16_gemm_available() else "float32"
 
     def shard_params(self, params: Params) -> Params:
         """Place params on the mesh built from `mesh_axes_names` / `mesh_axes_shape`."""
@@ -162,8 +169,14 @@ class JAXServer:
         # A bfloat16 cache only where the decode attention kernel reads it: XLA's attention over one took
         # a 32-row step to 236 ms from 81 (decode_step.py).
         cache_dtype = jnp.float32
-        if cfg.kv_cache_dtype == "bf16" and kernel_fits(model, jnp.bfloat16, sharding):
-            cache_dtype = jnp.bfloat16
+        if cfg.kv_cache_dtype == "bf16":
+            if kernel_fits(model, jnp.bfloat16, sharding):
+                cache_dtype = jnp.bfloat16
+            else:
+                log.warning(
+                    "kv_cache_dtype bf16 needs the decode attention kernel (one device's whole cache, "
+                    "supported heads, a C++ compiler); the KV cache stays float32"
+                )
         runner = Runner(
             model,
             self.params,

@@ -24,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import jax
@@ -97,9 +98,17 @@ def _build() -> Path:
     return library
 
 
-@functools.cache
+_BUILD_LOCK = threading.Lock()
+
+
 def _library() -> ctypes.CDLL | None:
     """The kernels' library, built and its targets registered; None where that fails (logged once)."""
+    with _BUILD_LOCK:  # a second thread's first call waits for the first's build instead of repeating it
+        return _load_library()
+
+
+@functools.cache
+def _load_library() -> ctypes.CDLL | None:
     if jax.default_backend() != "cpu":
         return None
     try:
@@ -126,11 +135,6 @@ def bf16_gemm_available() -> bool:
     """Whether `bf16_gemm` runs here: the kernels are built and the CPU has AVX512-BF16."""
     library = _library()
     return library is not None and bool(library.JaxserverHasBf16Gemm())
-
-
-def multiplies_bf16_natively() -> bool:
-    """Whether bf16 weights are the fast choice here: on accelerators, and on CPUs with `bf16_gemm`."""
-    return jax.default_backend() != "cpu" or bf16_gemm_available()
 
 
 def bf16_gemm_takes(inner: int, outer: int) -> bool:

@@ -157,14 +157,16 @@ ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   if (M == 0) return ffi::Error::Success();
   const float* x_data = x.typed_data();
   const auto* weights = reinterpret_cast<const uint16_t*>(w.typed_data());
-  std::vector<uint16_t> rounded(M * K);
+  // Rounded rows, read as (k, k+1) pairs of bf16: held as the pairs' type, and written by RoundRows only
+  // through vector stores and memcpy, which may alias any type.
+  std::vector<uint32_t> x_pairs(M * K / 2);
+  auto* rounded = reinterpret_cast<uint16_t*>(x_pairs.data());
   constexpr int64_t kRoundRows = 16;
   jaxserver_kernels::ParallelFor(pool, (M + kRoundRows - 1) / kRoundRows, [&](int64_t i) {
     const int64_t first = i * kRoundRows;
-    RoundRows(x_data, K, first, std::min(kRoundRows, M - first), rounded.data());
+    RoundRows(x_data, K, first, std::min(kRoundRows, M - first), rounded);
   });
-  const auto* x_pairs = reinterpret_cast<const uint32_t*>(rounded.data());
-  (M <= kBlockRows ? FewRows : ManyRows)(pool, x_pairs, M, K / 2, weights, N, out->typed_data());
+  (M <= kBlockRows ? FewRows : ManyRows)(pool, x_pairs.data(), M, K / 2, weights, N, out->typed_data());
   return ffi::Error::Success();
 }
 
