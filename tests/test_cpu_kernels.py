@@ -142,10 +142,9 @@ def test_bf16_gemm_refuses_shapes_it_does_not_tile():
 def test_kernels_build_for_a_cpu_without_avx512_bf16(tmp_path):
     """The library must build where the bf16 matmul cannot run (an AVX2 machine: -march=x86-64-v3), or
     the attention kernel would be lost with it; there the matmul says it is unavailable."""
-    flags = [f for f in cpu_kernels.COMPILE_FLAGS if f != "-march=native"]
+    flags = (*(f for f in cpu_kernels.COMPILE_FLAGS if f != "-march=native"), "-march=x86-64-v3")
     library = tmp_path / "avx2.so"
-    command = ["g++", *flags, "-march=x86-64-v3", "-I", jax.ffi.include_dir(), *map(str, cpu_kernels.SOURCES)]
-    subprocess.run([*command, "-o", str(library)], check=True, capture_output=True)
+    subprocess.run(cpu_kernels.compile_command("g++", library, flags), check=True, capture_output=True)
     loaded = ctypes.cdll.LoadLibrary(str(library))
     assert loaded.JaxserverHasBf16Gemm() == 0
     assert loaded.JaxserverDecodeAttention and loaded.JaxserverDecodeAttentionBf16

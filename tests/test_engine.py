@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from jaxserver.engine.engine import Engine
-from jaxserver.engine.request import GenerationRequest, SamplingOptions
+from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
 from jaxserver.errors import OverloadedError
 from jaxserver.model import cpu_kernels, llama
@@ -64,7 +64,11 @@ def start_engine(
 
 
 def run(engine: Engine, request: GenerationRequest) -> tuple[list[int], str, str]:
-    chunks = list(engine.submit(request))
+    return summary(list(engine.submit(request)))
+
+
+def summary(chunks: list[GenerationChunk]) -> tuple[list[int], str, str]:
+    """An answer's tokens, text and finish reason."""
     return [t for c in chunks for t in c.token_ids], "".join(c.text for c in chunks), chunks[-1].finish_reason
 
 
@@ -97,13 +101,7 @@ def test_concurrent_greedy_requests_equal_each_alone(make_engine, model, weights
 
     def answer(request: GenerationRequest) -> tuple[list[int], str, str, list]:
         chunks = list(engine.submit(request))
-        logprobs = [lp for c in chunks for lp in c.logprobs or []]
-        return (
-            [t for c in chunks for t in c.token_ids],
-            "".join(c.text for c in chunks),
-            chunks[-1].finish_reason,
-            logprobs,
-        )
+        return (*summary(chunks), [lp for c in chunks for lp in c.logprobs or []])
 
     alone = [answer(r) for r in requests]
     with ThreadPoolExecutor(24) as pool:

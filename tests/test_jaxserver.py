@@ -71,7 +71,8 @@ def test_auto_dtype_is_bf16_only_where_the_matmul_kernel_serves_it():
 
 def test_bf16_kv_cache_is_kept_as_integers_and_answers(tiny_llama_dir):
     """kv_cache_dtype="bf16": the cache is uint16 (bf16 bits, half of float32's bytes) and greedy answers
-    come back whole (the kernel's reads are checked in test_cpu_kernels and test_model)."""
+    come back whole. Their tokens differ from a float32 cache's after a few (as SmolLM2's did), so the
+    values are checked to tolerance in test_cpu_kernels and test_model instead."""
     settings = {"mesh_axes_shape": (1, 1, 1), "dtype": "bf16"}
     half = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype="bf16", **settings))
     full = JAXServer.load(tiny_llama_dir, config=tiny.test_config(**settings))

@@ -27,7 +27,7 @@ def reference_logits(folder, ids: np.ndarray) -> np.ndarray:
         return model(torch.tensor(ids)).logits.numpy()
 
 
-def full_logits(cfg, params, ids: np.ndarray, matmul_kernels: bool = False) -> np.ndarray:
+def full_logits(cfg, params, ids: np.ndarray, matmul_kernel: bool = False) -> np.ndarray:
     """Logits at every position, computed from scratch in one pass."""
     batch, seq = ids.shape
     cache = llama.init_cache(cfg, batch, seq, jnp.float32)
@@ -41,7 +41,7 @@ def full_logits(cfg, params, ids: np.ndarray, matmul_kernels: bool = False) -> n
         zeros,
         zeros,
         attn_len=seq,
-        matmul_kernels=matmul_kernels,
+        matmul_kernel=matmul_kernel,
     )
     return np.asarray(logits)
 
@@ -147,9 +147,9 @@ def test_bfloat16_weights_track_float32(tiny_model):
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     cases = [((2, 24), False), ((1, 1), False), ((1, 1), True), ((8, 1), True), ((2, 24), True)]
-    for shape, matmul_kernels in cases:
+    for shape, matmul_kernel in cases:
         ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=shape)
-        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids, matmul_kernels)
+        exact, rounded = full_logits(cfg, params, ids), full_logits(cfg, half, ids, matmul_kernel)
         assert rounded.dtype == np.float32
         scale = np.abs(exact).max()
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale
@@ -165,9 +165,7 @@ def test_bf16_matmul_kernel_runs_where_kernel_rows_says(tiny_model, shape, throu
     zeros = jnp.zeros((batch,), jnp.int32)
 
     def logits(head, layers, ids, cache):
-        return llama.forward(head, layers, cfg, ids, cache, zeros, zeros, attn_len=seq, matmul_kernels=True)[
-            0
-        ]
+        return llama.forward(head, layers, cfg, ids, cache, zeros, zeros, attn_len=seq, matmul_kernel=True)[0]
 
     args = (llama.head_params(half), llama.layer_params(half, cfg), jnp.zeros(shape, jnp.int32))
     lowered = jax.jit(logits).lower(*args, llama.init_cache(cfg, batch, seq, jnp.float32)).as_text()
@@ -198,7 +196,7 @@ def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
         attn_len=32,
         logit_index=zeros,
         decode_kernel=cpu_kernels.available(),
-        matmul_kernels=True,
+        matmul_kernel=True,
     )
     scale = np.abs(exact).max()
     assert 0 < np.abs(np.asarray(logits) - exact).max() < 0.05 * scale

@@ -78,6 +78,11 @@ def _library_path(compiler: str) -> Path:
     return root / f"jaxserver-kernels-{key.hexdigest()[:16]}.so"
 
 
+def compile_command(compiler: str, output: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> list[str]:
+    """The command that builds the kernels' library into `output`."""
+    return [compiler, *flags, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(output)]
+
+
 def _build() -> Path:
     compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
@@ -89,9 +94,9 @@ def _build() -> Path:
     # Built under a temporary name and renamed, so concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
-        sources = [str(source) for source in SOURCES]
-        command = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), *sources, "-o", str(partial)]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        result = subprocess.run(
+            compile_command(compiler, partial), capture_output=True, text=True, check=False
+        )
         if result.returncode != 0:
             raise RuntimeError(f"compiling the kernels failed:\n{result.stderr[-2000:]}")
         os.replace(partial, library)

@@ -120,13 +120,13 @@ def linear(x: jax.Array, w: jax.Array, kernel: bool = False) -> jax.Array:
     return jnp.matmul(pair, w, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], -1)
 
 
-def kernel_rows(matmul_kernels: bool, batch: int, seq: int) -> bool:
+def kernel_rows(matmul_kernel: bool, batch: int, seq: int) -> bool:
     """Whether `forward` multiplies `batch` x `seq` tokens through the bf16 matmul kernel. Decode steps
     (seq == 1) always do: its results for a row do not depend on the batch, so a request decodes the same
     tokens alone or beside others, and it beat XLA's dot at every decode batch measured (1 to 64 rows:
     streaming the weights at few rows, 230 vs 190 GFLOP/s at 32). Prompt pieces do up to `GEMM_MAX_ROWS`
     tokens; from 128 rows on, XLA's dot was faster (benchmarks/matmul_dtypes.py)."""
-    return matmul_kernels and cpu_kernels.bf16_gemm_available() and (seq == 1 or batch * seq <= GEMM_MAX_ROWS)
+    return matmul_kernel and cpu_kernels.bf16_gemm_available() and (seq == 1 or batch * seq <= GEMM_MAX_ROWS)
 
 
 def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -276,7 +276,7 @@ def forward(
     logit_index: jax.Array | None = None,
     decode_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
-    matmul_kernels: bool = False,
+    matmul_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
@@ -289,11 +289,11 @@ def forward(
     single-token steps attend through the CPU kernel, which reads each row's own range and ignores
     `attn_len`. `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode
     chunk computes all its steps' before its loop, because XLA fuses cos and sin into every layer's
-    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernels`
+    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernel`
     allows the bf16 matmul kernel where `kernel_rows` says.
     """
     batch, seq = tokens.shape
-    dense = functools.partial(linear, kernel=kernel_rows(matmul_kernels, batch, seq))
+    dense = functools.partial(linear, kernel=kernel_rows(matmul_kernel, batch, seq))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
     cos, sin = rotary(query_index - start[:, None], cfg) if rope is None else rope
@@ -333,7 +333,7 @@ def forward(
         x = x + dense(jax.nn.silu(gate) * up, layer["w_down"])
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
-        dense = functools.partial(linear, kernel=kernel_rows(matmul_kernels, batch, 1))
+        dense = functools.partial(linear, kernel=kernel_rows(matmul_kernel, batch, 1))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     logits = dense(x, params["lm_head"])
     return logits, KVCache(tuple(new_k), tuple(new_v))
