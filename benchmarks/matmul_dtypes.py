@@ -1,7 +1,8 @@
 """Weight-matmul throughput by dtype and rows, as `llama.linear` runs them: 30 matmuls of [rows, 576] x
 [576, 3072] (SmolLM2-135M's hidden size; 3072 = the gate/up width) in one jitted call, float32 against
 bfloat16 weights with float32 accumulation, a bfloat16 result for comparison, and the AVX512-BF16 kernel
-`cpu_kernels.bf16_gemm` that decode steps use for bf16 weights (where the CPU has AVX512-BF16).
+`cpu_kernels.bf16_gemm` that jaxserver uses for bf16 weights (where the CPU has AVX512-BF16), on weights
+packed for it.
 
     python benchmarks/matmul_dtypes.py [--rows 1,2,8,32,256]
 
@@ -41,6 +42,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     f32 = [jnp.asarray(rng.standard_normal((HIDDEN, WIDTH)) * 0.02, jnp.float32) for _ in range(LAYERS)]
     bf16 = [w.astype(jnp.bfloat16) for w in f32]
+    packed = [cpu_kernels.pack_bf16_weight(w) for w in bf16] if cpu_kernels.bf16_gemm_available() else []
     # Summing a slice of each product keeps every matmul live without adding much work.
     variants = {
         "f32": (f32, lambda x, ws: sum((x @ w)[:, :HIDDEN] for w in ws)),
@@ -52,7 +54,7 @@ def main() -> None:
         ),
         "bf16 x bf16 -> bf16": (bf16, lambda x, ws: sum((x.astype(w.dtype) @ w)[:, :HIDDEN] for w in ws)),
         "bf16 x bf16 -> f32, kernel": (
-            bf16,
+            packed,
             lambda x, ws: sum(cpu_kernels.bf16_gemm(x, w)[:, :HIDDEN] for w in ws),
         ),
     }

@@ -112,27 +112,45 @@ needs_bf16_gemm = pytest.mark.skipif(
 
 
 @needs_bf16_gemm
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 9, 32, 100])
-@pytest.mark.parametrize(("inner", "outer"), [(576, 960), (38, 128), (2, 64)])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 9, 32, 100, 200])
+@pytest.mark.parametrize(("inner", "outer"), [(576, 960), (38, 128), (2, 64), (64, 320)])
 def test_bf16_gemm_matches_numpy_on_rounded_rows(rows, inner, outer):
-    """Every row-block size (6 and what is left of it), row counts that leave a partial conversion
-    vector, and K of a single pair. The reference rounds x to bf16 as the kernel does; the sums are
-    float32 in a different order than float64's."""
+    """Every row-block size (6 and what is left of it), row counts past one work item (96 rows) and
+    that leave a partial conversion vector, K of a single pair, and tile counts that leave single tiles
+    beside the few-rows regime's wide items (5 tiles: 4 + 1, 3 + 2 and 2 + 2 + 1). The reference rounds
+    x to bf16 as the kernel does; the sums are float32 in a different order than float64's."""
     rng = np.random.default_rng(rows * inner + outer)
     x = rng.standard_normal((rows, inner)).astype(np.float32)
     w = jnp.asarray(rng.standard_normal((inner, outer)), jnp.bfloat16)
     x_rounded = np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
     expected = x_rounded @ np.asarray(w.astype(jnp.float32), np.float64)
-    got = np.asarray(jax.jit(cpu_kernels.bf16_gemm)(x, w))
+    got = np.asarray(jax.jit(cpu_kernels.bf16_gemm)(x, cpu_kernels.pack_bf16_weight(w)))
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5 * np.sqrt(inner))
 
 
 @needs_bf16_gemm
-def test_bf16_gemm_refuses_shapes_it_does_not_tile():
+def test_bf16_gemm_rows_do_not_depend_on_the_batch():
+    """A row's result is bit-identical alone, in a few-rows call and in a many-rows one."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((130, 576)).astype(np.float32)
+    packed = cpu_kernels.pack_bf16_weight(jnp.asarray(rng.standard_normal((576, 960)), jnp.bfloat16))
+    gemm = jax.jit(cpu_kernels.bf16_gemm)
+    whole = np.asarray(gemm(x, packed))
+    for rows in (slice(0, 1), slice(3, 5), slice(100, 130)):
+        np.testing.assert_array_equal(np.asarray(gemm(x[rows], packed)), whole[rows])
+
+
+def test_bf16_weights_pack_only_in_whole_tiles():
     assert not cpu_kernels.bf16_gemm_takes(16, 100) and not cpu_kernels.bf16_gemm_takes(15, 64)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="multiple of 64"):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cpu_kernels.pack_bf16_weight(jnp.zeros((16, 100), jnp.bfloat16))
+
+
+@needs_bf16_gemm
+def test_bf16_gemm_refuses_unpacked_weights():
+    with pytest.raises(jax.errors.JaxRuntimeError, match="pack_bf16_weight"):
         jax.block_until_ready(
-            cpu_kernels.bf16_gemm(np.zeros((9, 16), np.float32), jnp.zeros((16, 100), jnp.bfloat16))
+            cpu_kernels.bf16_gemm(np.zeros((9, 16), np.float32), jnp.zeros((8, 4, 64, 2), jnp.bfloat16))
         )
 
 

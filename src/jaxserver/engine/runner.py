@@ -116,7 +116,6 @@ def _prefill(
     cfg: ModelConfig,
     attn_len: int,
     want_logprobs: bool,
-    matmul_kernel: bool,
 ) -> tuple[jax.Array, LogprobArrays | None, Penalties | None, KVCache]:
     """A piece of one prompt, tokens [1, P], into cache row `slot` [1] from index `write_pos`, attending
     to everything before it. Returns the token sampled after position `logit_index` of the piece [1] (and
@@ -133,7 +132,6 @@ def _prefill(
         attn_len=attn_len,
         slot_ids=slot,
         logit_index=logit_index,
-        matmul_kernel=matmul_kernel,
     )
     tokens_before_next = write_pos + logit_index + 1 - start
     raw_logits = logits
@@ -173,7 +171,6 @@ def _decode_chunk(
     attn_len: int,
     want_logprobs: bool,
     decode_kernel: bool,
-    matmul_kernel: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows), fewer if a row finishes before (see `keep_going`). Returns the chunk's
@@ -203,7 +200,6 @@ def _decode_chunk(
             slot_ids=slot_ids,
             logit_index=first,
             decode_kernel=decode_kernel,
-            matmul_kernel=matmul_kernel,
             rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
         live = state.active
@@ -283,6 +279,11 @@ class Runner:
         self.cfg = cfg
         self.params = llama.head_params(params)
         self.layers = llama.layer_params(params, cfg)
+        # bf16 products go through the CPU matmul kernel where it runs; it reads each weight whole, so
+        # only on one device (whatever attends: the attention and matmul kernels are independent).
+        whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
+        if whole_weights and cpu_kernels.bf16_gemm_available():
+            self.params, self.layers = llama.pack_matmul_weights(self.params, self.layers)
         self.slots = slots
         self.cache_len = cache_len
         self.steps_per_call = steps_per_call
@@ -292,24 +293,17 @@ class Runner:
         if decode_kernel is None:
             decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
         self.decode_kernel = decode_kernel
-        # bf16 products through the CPU matmul kernel (`llama.kernel_rows`) need each weight whole on one
-        # device (whatever attends: the attention and matmul kernels are independent).
-        self.matmul_kernel = cpu_kernels.bf16_gemm_available() and all(
-            len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params)
-        )
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
         )
         self._prefill = jax.jit(
-            functools.partial(_prefill, cfg=cfg, matmul_kernel=self.matmul_kernel),
+            functools.partial(_prefill, cfg=cfg),
             static_argnames=("attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )
         self._decode = jax.jit(
-            functools.partial(
-                _decode_chunk, cfg=cfg, decode_kernel=decode_kernel, matmul_kernel=self.matmul_kernel
-            ),
+            functools.partial(_decode_chunk, cfg=cfg, decode_kernel=decode_kernel),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )

@@ -4,8 +4,10 @@ XLA:CPU has no fused attention: for decoding it gathers each row's cache slice i
 writes out the query-times-key products before reducing them (README, Performance). `decode_attention`
 reads each row's cache in place, only the positions it attends. And its bf16-weight dot reads the weights at
 about half the memory bandwidth when only a few rows multiply them, as in a decode step with few streams,
-and reaches about 190 GFLOP/s at 32 rows: `bf16_gemm` streams the weights once for few rows and reaches
-about 230 at 32, with AVX512-BF16's dot products, and gives every row the same result at any batch size.
+and reaches 210-275 GFLOP/s from 32 to 256 rows: `bf16_gemm`, over weights packed for it once
+(`pack_bf16_weight`), streams them at close to the memory's bandwidth for few rows and reaches 260-320 at
+32 rows and 340-410 at 256, with AVX512-BF16's dot products, and gives every row the same result at any
+batch size.
 
 The C++ sources ship in `kernels/`; they are compiled with the system's C++ compiler against the FFI headers
 jaxlib ships (`jax.ffi.include_dir()`) into one library in `~/.cache/jaxserver/kernels` (or
@@ -38,7 +40,7 @@ HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of
 TARGET_NAME = "jaxserver_decode_attention"
 BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
-# kTileColumns in bf16_gemm.cc
+# kTileColumns in bf16_gemm.cc: the packed weights' tile width
 GEMM_TILE_COLUMNS = 64
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
@@ -147,6 +149,23 @@ def bf16_gemm_takes(inner: int, outer: int) -> bool:
     return inner % 2 == 0 and outer % GEMM_TILE_COLUMNS == 0
 
 
+def pack_bf16_weight(w: jax.Array) -> jax.Array:
+    """w [K, N] as `bf16_gemm` reads it: bfloat16 [N / 64, K / 2, 64, 2], tiles of 64 columns whose row
+    pairs (k, k+1) are interleaved column by column (see kernels/bf16_gemm.cc)."""
+    inner, outer = w.shape
+    if not bf16_gemm_takes(inner, outer):
+        raise ValueError(
+            f"bf16_gemm takes K even and N a multiple of {GEMM_TILE_COLUMNS}, not [{inner}, {outer}]"
+        )
+    tiles = w.astype(jnp.bfloat16).reshape(inner // 2, 2, outer // GEMM_TILE_COLUMNS, GEMM_TILE_COLUMNS)
+    return tiles.transpose(2, 0, 3, 1)
+
+
+def is_packed(w: jax.Array) -> bool:
+    """Whether w is a weight packed by `pack_bf16_weight` (the only 4-dimensional weights)."""
+    return w.ndim == 4
+
+
 def decode_attention(
     q: jax.Array,
     k_cache: jax.Array,
@@ -174,11 +193,13 @@ def decode_attention(
     )
 
 
-def bf16_gemm(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [M, K] @ w [K, N] bfloat16 -> [M, N] float32, x rounded to bfloat16 first (as XLA's bf16 dot
-    does), through AVX512-BF16 dot products; see `bf16_gemm_available` and `bf16_gemm_takes`."""
+def bf16_gemm(x: jax.Array, packed: jax.Array) -> jax.Array:
+    """x [M, K] @ w [K, N] -> [M, N] float32, given w packed by `pack_bf16_weight`, with x rounded to
+    bfloat16 first (as XLA's bf16 dot does), through AVX512-BF16 dot products; see
+    `bf16_gemm_available`."""
     if not bf16_gemm_available():
         raise RuntimeError("the bf16 matmul kernel needs the CPU kernels and AVX512-BF16")
-    return jax.ffi.ffi_call(GEMM_TARGET_NAME, jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32))(
-        x.astype(jnp.float32), w
+    outer = packed.shape[0] * packed.shape[2]
+    return jax.ffi.ffi_call(GEMM_TARGET_NAME, jax.ShapeDtypeStruct((x.shape[0], outer), jnp.float32))(
+        x.astype(jnp.float32), packed
     )

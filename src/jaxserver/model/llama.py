@@ -19,7 +19,6 @@ Rotary positions are `index - start`, so padding never changes what a token sees
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -32,8 +31,6 @@ from jaxserver.model.config import ModelConfig
 
 Params = dict[str, Any]
 
-# Most prompt tokens per piece that `forward` multiplies through `cpu_kernels.bf16_gemm` (`kernel_rows`).
-GEMM_MAX_ROWS = 64
 # Finite, so a fully masked row (a pad query) gives a harmless uniform softmax instead of NaN.
 MASK_VALUE = -1e30
 
@@ -103,30 +100,21 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return (normed * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def linear(x: jax.Array, w: jax.Array, kernel: bool = False) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out] in the weight's dtype, accumulated and returned in float32.
 
-    With bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it):
-    on a 2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
+    A weight packed for the bf16 matmul kernel (`pack_matmul_weights`) goes through it. Otherwise, with
+    bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it): on a
+    2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
     instead ran 4x slower than float32, and a single row took another path, 10x slower than two rows:
-    a lone row is therefore padded to two. With `kernel` (see `kernel_rows`), bf16 products go through
-    `cpu_kernels.bf16_gemm`, where its tiles fit the weight."""
+    a lone row is therefore padded to two."""
     rows = math.prod(x.shape[:-1])
-    if kernel and w.dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_takes(*w.shape):
+    if cpu_kernels.is_packed(w):
         return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
     if w.dtype == jnp.float32 or rows != 1:
         return jnp.matmul(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     pair = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)]).astype(w.dtype)
     return jnp.matmul(pair, w, preferred_element_type=jnp.float32)[:1].reshape(*x.shape[:-1], -1)
-
-
-def kernel_rows(matmul_kernel: bool, batch: int, seq: int) -> bool:
-    """Whether `forward` multiplies `batch` x `seq` tokens through the bf16 matmul kernel. Decode steps
-    (seq == 1) always do: its results for a row do not depend on the batch, so a request decodes the same
-    tokens alone or beside others, and it beat XLA's dot at every decode batch measured (1 to 64 rows:
-    streaming the weights at few rows, 230 vs 190 GFLOP/s at 32). Prompt pieces do up to `GEMM_MAX_ROWS`
-    tokens; from 128 rows on, XLA's dot was faster (benchmarks/matmul_dtypes.py)."""
-    return matmul_kernel and cpu_kernels.bf16_gemm_available() and (seq == 1 or batch * seq <= GEMM_MAX_ROWS)
 
 
 def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -276,7 +264,6 @@ def forward(
     logit_index: jax.Array | None = None,
     decode_kernel: bool = False,
     rope: tuple[jax.Array, jax.Array] | None = None,
-    matmul_kernel: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
 
@@ -289,11 +276,10 @@ def forward(
     single-token steps attend through the CPU kernel, which reads each row's own range and ignores
     `attn_len`. `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode
     chunk computes all its steps' before its loop, because XLA fuses cos and sin into every layer's
-    rotation and evaluates them there again for each head (4 ms of a 32-row step). `matmul_kernel`
-    allows the bf16 matmul kernel where `kernel_rows` says.
+    rotation and evaluates them there again for each head (4 ms of a 32-row step). Weights packed by
+    `pack_matmul_weights` are multiplied through the bf16 matmul kernel.
     """
     batch, seq = tokens.shape
-    dense = functools.partial(linear, kernel=kernel_rows(matmul_kernel, batch, seq))
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
     cos, sin = rotary(query_index - start[:, None], cfg) if rope is None else rope
@@ -305,7 +291,7 @@ def forward(
     x = embed_rows(params["embed"], tokens)
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
-        qkv = dense(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
+        qkv = linear(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
         if cfg.attention_bias:
             qkv = qkv + layer["bqkv"]
         q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
@@ -326,16 +312,15 @@ def forward(
         else:
             keys, values = from_cache(k_cache[rows, ..., :attn_len]), from_cache(v_cache[rows, :, :attn_len])
             out = attention(q, keys, values, mask)
-        x = x + dense(out, layer["wo"])
+        x = x + linear(out, layer["wo"])
         gate, up = jnp.split(
-            dense(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
+            linear(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
         )
-        x = x + dense(jax.nn.silu(gate) * up, layer["w_down"])
+        x = x + linear(jax.nn.silu(gate) * up, layer["w_down"])
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
-        dense = functools.partial(linear, kernel=kernel_rows(matmul_kernel, batch, 1))
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = dense(x, params["lm_head"])
+    logits = linear(x, params["lm_head"])
     return logits, KVCache(tuple(new_k), tuple(new_v))
 
 
@@ -347,6 +332,27 @@ def head_params(params: Params) -> Params:
     if "lm_head" not in head:
         head["lm_head"] = params["embed"].T  # eager, so a new row-major array
     return head
+
+
+# What `linear` multiplies by: the head's and each layer's (after `layer_params`) matmul weights.
+HEAD_MATMULS = ("lm_head",)
+LAYER_MATMULS = ("wqkv", "wo", "w_gate_up", "w_down")
+
+
+def pack_matmul_weights(head: Params, layers: list[Params]) -> tuple[Params, list[Params]]:
+    """`head_params` and `layer_params` with every bfloat16 matmul weight the bf16 matmul kernel takes
+    packed for it (`cpu_kernels.pack_bf16_weight`), so that `linear` multiplies by it there; the rest
+    as they were. For a single device where `cpu_kernels.bf16_gemm_available()`: the kernel reads
+    whole weights."""
+
+    def pack(part: Params, names: tuple[str, ...]) -> Params:
+        def packed(name: str, w: jax.Array) -> jax.Array:
+            fits = name in names and w.dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_takes(*w.shape)
+            return cpu_kernels.pack_bf16_weight(w) if fits else w
+
+        return {name: packed(name, w) for name, w in part.items()}
+
+    return pack(head, HEAD_MATMULS), [pack(layer, LAYER_MATMULS) for layer in layers]
 
 
 # --- parameters ---------------------------------------------------------------------------------------
