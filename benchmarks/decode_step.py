@@ -122,9 +122,9 @@ def main() -> None:
         steps_per_call=args.steps,
         eos_ids=(0,),
         cache_dtype=jnp.dtype(args.cache_dtype),
-        decode_kernel=False if args.xla_attention or args.no_attention else None,
+        attention_kernel=False if args.xla_attention or args.no_attention else None,
     )
-    attention = "none" if args.no_attention else "CPU kernel" if runner.decode_kernel else "XLA"
+    attention = "none" if args.no_attention else "CPU kernel" if runner.attention_kernel else "XLA"
     print(
         f"jax {jax.__version__}, {args.dtype} weights, {args.cache_dtype} KV cache, decode attention: {attention}"
     )

@@ -46,7 +46,7 @@ def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):
     assert tiny_server.weight_dtype == "float32"
     single = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1), dtype="fp32"))
     split = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(2, 2, 2), dtype="fp32"))
-    assert tiny_server.engine.runner.decode_kernel and not split.engine.runner.decode_kernel
+    assert tiny_server.engine.runner.attention_kernel and not split.engine.runner.attention_kernel
     prompts = ["Hello", "The capital of France is", "def add(a, b):", "Numbers like 12345"]
 
     def answer(server: JAXServer, prompt: str) -> tuple[str, int]:

@@ -73,8 +73,8 @@ def tiny_model(tiny_llama_dir):
     return cfg, jax.tree.map(jnp.asarray, params), tokenizer
 
 
-@pytest.mark.parametrize("decode_kernel", [False, True], ids=["xla-attention", "cpu-kernel"])
-def test_cached_decode_equals_recompute(tiny_model, decode_kernel):
+@pytest.mark.parametrize("attention_kernel", [False, True], ids=["xla-attention", "cpu-kernel"])
+def test_cached_decode_equals_recompute(tiny_model, attention_kernel):
     """Feeding tokens one by one through the cache gives the logits of a full recomputation."""
     cfg, params, _ = tiny_model
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, 24))
@@ -93,7 +93,7 @@ def test_cached_decode_equals_recompute(tiny_model, decode_kernel):
             zero,
             attn_len=32,
             logit_index=zero,
-            decode_kernel=decode_kernel,
+            attention_kernel=attention_kernel,
         )
         np.testing.assert_allclose(np.asarray(logits)[0], expected[pos], atol=ATOL, rtol=1e-4)
 
@@ -106,7 +106,14 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
 
 
 def engine_greedy(
-    cfg, params, tokenizer, prompt: list[int], n: int, left_pad: bool, prefill_chunk: int, decode_kernel: bool
+    cfg,
+    params,
+    tokenizer,
+    prompt: list[int],
+    n: int,
+    left_pad: bool,
+    prefill_chunk: int,
+    attention_kernel: bool,
 ):
     runner = Runner(
         cfg,
@@ -116,7 +123,7 @@ def engine_greedy(
         steps_per_call=5,
         eos_ids=(-1,),
         cache_dtype=jnp.float32,
-        decode_kernel=decode_kernel,
+        attention_kernel=attention_kernel,
     )
     engine = Engine(runner, tokenizer, max_waiting=4, prefill_chunk_tokens=prefill_chunk, left_pad=left_pad)
     engine.start()
@@ -127,17 +134,18 @@ def engine_greedy(
 
 
 @pytest.mark.parametrize(
-    ("left_pad", "prefill_chunk", "decode_kernel"),
+    ("left_pad", "prefill_chunk", "attention_kernel"),
     [(False, 32, True), (True, 32, True), (False, 16, True), (True, 32, False)],
 )
-def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, decode_kernel):
+def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, attention_kernel):
     """Prefill into a padded bucket (or in 16-token pieces), then decode in chunks of 5 steps (through
     the CPU attention kernel or XLA's ops), equals step-by-step argmax over the full sequence."""
     cfg, params, tokenizer = tiny_model
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, cfg.vocab_size, 23)]  # pads to 32
     expected = greedy_by_recompute(cfg, params, prompt, 12)
     assert (
-        engine_greedy(cfg, params, tokenizer, prompt, 12, left_pad, prefill_chunk, decode_kernel) == expected
+        engine_greedy(cfg, params, tokenizer, prompt, 12, left_pad, prefill_chunk, attention_kernel)
+        == expected
     )
 
 
@@ -214,7 +222,7 @@ def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
         zeros,
         attn_len=32,
         logit_index=zeros,
-        decode_kernel=cpu_kernels.available(),
+        attention_kernel=cpu_kernels.available(),
     )
     scale = np.abs(exact).max()
     assert 0 < np.abs(np.asarray(logits) - exact).max() < 0.05 * scale

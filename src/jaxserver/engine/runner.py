@@ -6,13 +6,13 @@ compiled loop, so Python is entered once per chunk. Stop conditions that need no
 budget, the end of the cache) are evaluated on device; stop strings are the caller's job.
 
 Shapes are bucketed so the number of compilations stays small: prompts are padded by `prompt_bucket`.
-Decoding attends through the CPU kernel (`model/cpu_kernels.py`) wherever it can; the kernel reads each
-row's own cache range, so decode shapes differ only in their number of rows (`row_bucket`), and all are
-compiled before the server is ready. Otherwise (a cache split over devices) decode attends with XLA's ops
-over the first `attn_len` cache entries, the smallest power of two (at least `MIN_ATTN_BUCKET`) that
-covers what the active rows can reach by the end of the chunk; those buckets stay coarse because every
-decode shape is compiled in advance (the common ones before the server is ready, the rest beside it), at
-some seconds each.
+Prompts and decoding attend through the CPU kernel (`model/cpu_kernels.py`) wherever it can; the kernel
+reads each query's own cache range, so prompt shapes differ only in their padded length and decode shapes
+only in their number of rows (`row_bucket`), and all are compiled before the server is ready. Otherwise (a
+cache split over devices) they attend with XLA's ops over the first `attn_len` cache entries: for decoding,
+the smallest power of two (at least `MIN_ATTN_BUCKET`) that covers what the active rows can reach by the
+end of the chunk; those buckets stay coarse because every decode shape is compiled in advance (the common
+ones before the server is ready, the rest beside it), at some seconds each.
 """
 
 from __future__ import annotations
@@ -116,6 +116,7 @@ def _prefill(
     cfg: ModelConfig,
     attn_len: int,
     want_logprobs: bool,
+    attention_kernel: bool,
 ) -> tuple[jax.Array, LogprobArrays | None, Penalties | None, KVCache]:
     """A piece of one prompt, tokens [1, P], into cache row `slot` [1] from index `write_pos`, attending
     to everything before it. Returns the token sampled after position `logit_index` of the piece [1] (and
@@ -132,6 +133,7 @@ def _prefill(
         attn_len=attn_len,
         slot_ids=slot,
         logit_index=logit_index,
+        attention_kernel=attention_kernel,
     )
     tokens_before_next = write_pos + logit_index + 1 - start
     raw_logits = logits
@@ -170,7 +172,7 @@ def _decode_chunk(
     max_steps: int,
     attn_len: int,
     want_logprobs: bool,
-    decode_kernel: bool,
+    attention_kernel: bool,
 ) -> tuple[ChunkOutputs, DecodeState, Penalties | None, KVCache]:
     """Up to `steps` (<= max_steps, a runtime value) tokens for the cache rows `slot_ids` [B] (distinct;
     `state` holds their B rows), fewer if a row finishes before (see `keep_going`). Returns the chunk's
@@ -199,7 +201,7 @@ def _decode_chunk(
             attn_len=attn_len,
             slot_ids=slot_ids,
             logit_index=first,
-            decode_kernel=decode_kernel,
+            attention_kernel=attention_kernel,
             rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
         live = state.active
@@ -272,10 +274,10 @@ class Runner:
         eos_ids: tuple[int, ...],
         cache_dtype: jnp.dtype,
         cache_sharding: jax.sharding.Sharding | None = None,
-        decode_kernel: bool | None = None,
+        attention_kernel: bool | None = None,
     ):
-        """`decode_kernel`: attend through `cpu_kernels.decode_attention` while decoding; by default
-        wherever it can (`kernel_fits`)."""
+        """`attention_kernel`: attend through `cpu_kernels.decode_attention`; by default wherever it
+        can (`kernel_fits`)."""
         self.cfg = cfg
         self.params = llama.head_params(params)
         self.layers = llama.layer_params(params, cfg)
@@ -290,20 +292,20 @@ class Runner:
         self.eos_ids = jnp.asarray(eos_ids, jnp.int32)
         self.shapes_to_compile = 0  # decode shapes `compile_ahead` has yet to compile
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
-        if decode_kernel is None:
-            decode_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
-        self.decode_kernel = decode_kernel
+        if attention_kernel is None:
+            attention_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
+        self.attention_kernel = attention_kernel
         # Only rows of requests with repetition penalties are kept up to date (see Engine).
         self.penalties = Penalties(
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
         )
         self._prefill = jax.jit(
-            functools.partial(_prefill, cfg=cfg),
+            functools.partial(_prefill, cfg=cfg, attention_kernel=attention_kernel),
             static_argnames=("attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )
         self._decode = jax.jit(
-            functools.partial(_decode_chunk, cfg=cfg, decode_kernel=decode_kernel),
+            functools.partial(_decode_chunk, cfg=cfg, attention_kernel=attention_kernel),
             static_argnames=("max_steps", "attn_len", "want_logprobs"),
             donate_argnums=(2, 3),
         )
@@ -328,7 +330,10 @@ class Runner:
         the piece's position `logit_index` (meaningful for the prompt's last piece) and, if wanted, its
         logprobs ([1]-row host arrays). `penalize_prompt` (the whole prompt) starts the slot's
         repetition-penalty row and applies it to this token."""
-        attn_len = fine_bucket(write_pos + len(tokens), MIN_PROMPT_BUCKET, self.cache_len)
+        reach = write_pos + len(tokens)
+        attn_len = (
+            self.cache_len if self.attention_kernel else fine_bucket(reach, MIN_PROMPT_BUCKET, self.cache_len)
+        )
         in_prompt = None
         if penalize_prompt is not None:
             in_prompt = np.zeros((self.cfg.vocab_size,), bool)
@@ -360,7 +365,7 @@ class Runner:
         batch size."""
         active = state.active
         live = max(int(active.sum()), 1)
-        if self.decode_kernel:
+        if self.attention_kernel:
             return row_bucket(live, self.slots), self.cache_len
         rows = bucket(live, 1, self.slots)
         reach = state.lengths[active] + np.minimum(state.remaining[active], steps)
@@ -427,7 +432,7 @@ class Runner:
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
         started = time.perf_counter()
-        if self.decode_kernel:
+        if self.attention_kernel:
             every = {(row_bucket(n, self.slots), self.cache_len) for n in range(1, self.slots + 1)}
             common = every
         else:
@@ -477,7 +482,7 @@ class Runner:
 def kernel_fits(
     cfg: ModelConfig, cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None
 ) -> bool:
-    """Whether decoding can use the CPU attention kernel: it is built, reads the cache's dtype (float32
+    """Whether prompts and decoding can use the CPU attention kernel: it is built, reads the cache's dtype (float32
     or bfloat16), takes the model's head shapes, and sees whole cache rows (a cache split over devices
     would need it run per shard)."""
     split = isinstance(cache_sharding, jax.sharding.NamedSharding) and any(
