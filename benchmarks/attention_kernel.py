@@ -1,7 +1,8 @@
 """The decode-attention kernel alone (src/jaxserver/model/kernels/decode_attention.cc): milliseconds for
-one decode step's attention over all layers, at SmolLM2-135M's heads (30 layers, 3 kv heads of 64, 3
-query heads each), every row attending to `--context` cached positions of its own slot in a cache of
-`--cache-length`, and the cache bytes read per second.
+one decode step's attention over all layers (each row's new key and value written, then attended), at
+SmolLM2-135M's heads (30 layers, 3 kv heads of 64, 3 query heads each), every row attending to
+`--context` cached positions of its own slot in a cache of `--cache-length`, and the cache bytes read per
+second.
 
     python benchmarks/attention_kernel.py [--rows 1,8,32] [--context 200,900] [--cache-length 1024]
 
@@ -12,6 +13,7 @@ from memory, not from the CPU's caches.
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -46,11 +48,18 @@ def main() -> None:
         for _ in range(LAYERS)
     ]
 
-    @jax.jit
+    # The caches are donated, as in the engine, so the kernel writes each row's new entry in place.
+    @functools.partial(jax.jit, donate_argnums=(4, 5))
     def all_layers(q, slot_ids, starts, ends, k_caches, v_caches):
+        new_k, new_v = [], []
         for k_cache, v_cache in zip(k_caches, v_caches, strict=True):  # each output feeds the next call
-            q = cpu_kernels.decode_attention(q * 0.1, k_cache, v_cache, slot_ids, starts, ends)
-        return q
+            entry = q[:, :, 0]  # the new key and value: [rows, kv heads, head_dim]
+            q, k_cache, v_cache = cpu_kernels.decode_attention(
+                q * 0.1, entry, entry, k_cache, v_cache, slot_ids, starts, ends
+            )
+            new_k.append(k_cache)
+            new_v.append(v_cache)
+        return q, new_k, new_v
 
     print(f"jax {jax.__version__}; {LAYERS} layers, {KV_HEADS} kv heads x {GROUP} queries x {HEAD_DIM}")
     print(" rows  context  ms/step  cache GB/s")
@@ -60,12 +69,12 @@ def main() -> None:
             slot_ids = jnp.arange(rows, dtype=jnp.int32)
             starts = jnp.zeros(rows, jnp.int32)
             ends = jnp.full(rows, context - 1, jnp.int32)
-            arguments = (q, slot_ids, starts, ends, k_caches, v_caches)
-            all_layers(*arguments).block_until_ready()  # compile
+            _, k_caches, v_caches = all_layers(q, slot_ids, starts, ends, k_caches, v_caches)  # compile
             times = []
             for _ in range(args.repeats):
                 started = time.perf_counter()
-                all_layers(*arguments).block_until_ready()
+                out, k_caches, v_caches = all_layers(q, slot_ids, starts, ends, k_caches, v_caches)
+                out.block_until_ready()
                 times.append(time.perf_counter() - started)
             seconds = float(np.median(times))
             cache_bytes = 2 * LAYERS * rows * KV_HEADS * context * HEAD_DIM * 4

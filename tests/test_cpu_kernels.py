@@ -32,10 +32,11 @@ def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
     ids = np.zeros((1,), np.int32)
     for group, head_dim in ((cpu_kernels.MAX_GROUP + 1, 16), (1, 8)):
         q = np.zeros((1, 1, group, head_dim), np.float32)
+        new = np.zeros((1, 1, head_dim), np.float32)
         cache = np.zeros((1, 1, head_dim, 4), np.float32)
         with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
             jax.block_until_ready(
-                cpu_kernels.decode_attention(q, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
+                cpu_kernels.decode_attention(q, new, new, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
             )
 
 
@@ -63,29 +64,62 @@ def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
 )
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cache_dtype):
-    """The reference reads the cache's entries as float32 (a bf16 cache's values, widened exactly)."""
+    """Each row's new key and value land at its end position, converted as `llama.to_cache` converts
+    them (bit for bit), and nowhere else; then the reference attends over the caches so updated, reading
+    their entries as float32 (a bf16 cache's values, widened exactly). Rows 5 and 6 share slot 3, the
+    second attending to the first's new entry, as the tokens of a prompt piece do."""
     rng = np.random.default_rng(head_dim)
-    slots, batch = 6, 5
+    slots, batch = 6, 7
     q = rng.standard_normal((batch, kv_heads, group, head_dim)).astype(np.float32)
+    k_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
+    v_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
     storage = llama.cache_storage_dtype(cache_dtype)
     k_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, head_dim, length))), storage)
     v_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, length, head_dim))), storage)
-    k_cache, v_cache = (np.asarray(llama.from_cache(c)) for c in (k_stored, v_stored))
-    slot_ids = np.array([4, 0, 2, 5, 1], np.int32)
-    # One position; a left-padded row; a partial last block; the whole cache; an idle row.
-    starts = np.array([0, 7, 3, 0, 0], np.int32)
-    ends = np.array([0, length - 2, length // 2 + 1, length - 1, length], np.int32)
-    got = np.asarray(jax.jit(cpu_kernels.decode_attention)(q, k_stored, v_stored, slot_ids, starts, ends))
+    slot_ids = np.array([4, 0, 2, 5, 1, 3, 3], np.int32)
+    # One position; a left-padded row; a partial last block; the whole cache; an idle row; two rows of
+    # one slot.
+    starts = np.array([0, 7, 3, 0, 0, 2, 2], np.int32)
+    ends = np.array([0, length - 2, length // 2 + 1, length - 1, length, 10, 11], np.int32)
+    expected_k, expected_v = np.array(k_stored), np.array(v_stored)
+    for b in range(batch):
+        if ends[b] < length:
+            expected_k[slot_ids[b], :, :, ends[b]] = llama.to_cache(jnp.asarray(k_new[b]), storage)
+            expected_v[slot_ids[b], :, ends[b]] = llama.to_cache(jnp.asarray(v_new[b]), storage)
+    got, k_written, v_written = map(
+        np.asarray,
+        jax.jit(cpu_kernels.decode_attention)(q, k_new, v_new, k_stored, v_stored, slot_ids, starts, ends),
+    )
+    np.testing.assert_array_equal(k_written, expected_k)
+    np.testing.assert_array_equal(v_written, expected_v)
+    k_cache, v_cache = (np.asarray(llama.from_cache(jnp.asarray(c))) for c in (expected_k, expected_v))
     np.testing.assert_allclose(got, reference(q, k_cache, v_cache, slot_ids, starts, ends), atol=ATOL)
     assert not got[4].any()
 
-    live = slice(0, 4)  # the XLA path has no notion of idle rows: compare the live ones
+    live = [0, 1, 2, 3, 5, 6]  # the XLA path has no notion of idle rows: compare the live ones
     positions = np.arange(length)
     mask = (positions >= starts[live, None]) & (positions <= ends[live, None])
     xla = llama.decode_attention(
-        *map(jnp.asarray, (q[live], k_stored, v_stored, slot_ids[live])), length, jnp.asarray(mask)
+        *map(jnp.asarray, (q[live], expected_k, expected_v, slot_ids[live])), length, jnp.asarray(mask)
     )
     np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -3e38, 1e-40])
+def test_bf16_cache_entries_round_as_xla_converts(value):
+    """Ties to even, infinities, overflow to infinity, subnormals and NaN, against XLA's conversion."""
+    q = np.zeros((1, 1, 1, 16), np.float32)
+    new = np.full((1, 1, 16), value, np.float32)
+    cache = jnp.zeros((1, 1, 16, 4), jnp.uint16)
+    _, k_written, _ = cpu_kernels.decode_attention(
+        q, new, new, cache, cache.transpose(0, 1, 3, 2), *np.zeros((3, 1), np.int32)
+    )
+    expected = np.asarray(llama.to_cache(jnp.asarray(new[0, 0]), jnp.dtype(jnp.uint16)))
+    written = np.asarray(k_written)[0, 0, :, 0]
+    if np.isnan(value):
+        assert np.isnan(np.asarray(llama.from_cache(jnp.asarray(written)))).all()
+    else:
+        np.testing.assert_array_equal(written, expected)
 
 
 def clear_kernel_caches() -> None:

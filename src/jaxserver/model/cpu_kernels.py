@@ -168,23 +168,36 @@ def is_packed(w: jax.Array) -> bool:
 
 def decode_attention(
     q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
     k_cache: jax.Array,
     v_cache: jax.Array,
     slot_ids: jax.Array,
     starts: jax.Array,
     ends: jax.Array,
-) -> jax.Array:
-    """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive).
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive),
+    after writing the row's own key and value at position ends[b]. Rows may share a slot (the tokens of
+    a prompt piece): every write lands before any row attends.
 
-    q [B, kv_heads, group, hd] float32; k_cache [slots, kv_heads, hd, length]; v_cache [slots, kv_heads,
-    length, hd], float32 or bf16 stored as uint16 bits (`llama.KVCache`); slot_ids, starts, ends [B]
-    int32 -> [B, kv_heads, group, hd]. A row whose end lies past the cache (an idle row) gets zeros.
+    q [B, kv_heads, group, hd] float32; k_new, v_new [B, kv_heads, hd]; k_cache [slots, kv_heads, hd,
+    length]; v_cache [slots, kv_heads, length, hd], float32 or bf16 stored as uint16 bits
+    (`llama.KVCache`); slot_ids, starts, ends [B] int32 -> (out [B, kv_heads, group, hd], k_cache,
+    v_cache), the caches updated in place where the caller donates them. A row whose end lies past the
+    cache (an idle row) writes nothing and gets zeros.
     """
     if not available():
         raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
     target = BF16_CACHE_TARGET_NAME if k_cache.dtype == jnp.uint16 else TARGET_NAME
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, jnp.float32))(
+    results = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+        jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+    )
+    return jax.ffi.ffi_call(target, results, input_output_aliases={3: 1, 4: 2})(
         q.astype(jnp.float32),
+        k_new.astype(jnp.float32),
+        v_new.astype(jnp.float32),
         k_cache,
         v_cache,
         slot_ids.astype(jnp.int32),

@@ -300,16 +300,14 @@ def forward(
         q = apply_rope(q.reshape(batch, seq, heads, hd), cos, sin)
         k = apply_rope(k.reshape(batch, seq, kv_heads, hd), cos, sin)
         v = v.reshape(batch, seq, kv_heads, hd)
-        # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
-        k_cache = k_cache.at[rows[:, None], :, :, query_index].set(to_cache(k, k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
-        new_k.append(k_cache)
-        new_v.append(v_cache)
         q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
         if attention_kernel:
-            # Each query position is a row of the kernel's, attending to its slot's [start, position].
-            out = cpu_kernels.decode_attention(
+            # Each query position is a row of the kernel's: it writes its key and value, then attends to
+            # its slot's [start, position].
+            out, k_cache, v_cache = cpu_kernels.decode_attention(
                 q.reshape(batch * seq, kv_heads, heads // kv_heads, hd),
+                k.reshape(batch * seq, kv_heads, hd),
+                v.reshape(batch * seq, kv_heads, hd),
                 k_cache,
                 v_cache,
                 jnp.repeat(rows, seq),
@@ -317,11 +315,20 @@ def forward(
                 query_index.reshape(-1),
             )
             out = out.reshape(batch, seq, -1)
-        elif seq == 1:
-            out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
         else:
-            keys, values = from_cache(k_cache[rows, ..., :attn_len]), from_cache(v_cache[rows, :, :attn_len])
-            out = attention(q, keys, values, mask)
+            # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
+            k_cache = k_cache.at[rows[:, None], :, :, query_index].set(
+                to_cache(k, k_cache.dtype), mode="drop"
+            )
+            v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
+            if seq == 1:
+                out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
+            else:
+                keys = from_cache(k_cache[rows, ..., :attn_len])
+                values = from_cache(v_cache[rows, :, :attn_len])
+                out = attention(q, keys, values, mask)
+        new_k.append(k_cache)
+        new_v.append(v_cache)
         x = x + linear(out, layer["wo"])
         gate, up = jnp.split(
             linear(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
