@@ -44,8 +44,18 @@ def make_engine(model):
 
 
 def start_engine(
-    model, *, slots=8, max_waiting=64, steps=4, prefill_chunk=32, cache_len=128, cache_dtype=jnp.float32
+    model,
+    *,
+    slots=8,
+    max_waiting=64,
+    steps=4,
+    prefill_chunk=32,
+    prefill_budget=None,
+    cache_len=128,
+    cache_dtype=jnp.float32,
+    start=True,
 ) -> Engine:
+    """An engine on `model`, its thread started unless `start` is False (a test then drives its steps)."""
     cfg, params, tokenizer = model
     runner = Runner(
         cfg,
@@ -57,9 +67,15 @@ def start_engine(
         cache_dtype=cache_dtype,
     )
     engine = Engine(
-        runner, tokenizer, max_waiting=max_waiting, prefill_chunk_tokens=prefill_chunk, left_pad=True
+        runner,
+        tokenizer,
+        max_waiting=max_waiting,
+        prefill_chunk_tokens=prefill_chunk,
+        prefill_budget_tokens=prefill_budget or prefill_chunk,
+        left_pad=True,
     )
-    engine.start()
+    if start:
+        engine.start()
     return engine
 
 
@@ -272,6 +288,22 @@ def test_a_chunk_ends_at_the_step_where_a_row_finishes(model):
     assert state.active.tolist() == [False, False, True, False] and state.remaining[2] == 17
     outputs, state = runner.decode(state)
     assert outputs.emitted.sum(axis=1).tolist() == [0, 0, 16, 0]
+
+
+@pytest.mark.parametrize(("budget", "first_turn"), [(32, 3), (2048, 5)])
+def test_prefill_budget_bounds_the_prompts_written_while_others_decode(model, budget, first_turn):
+    """Five 12-token prompts wait. The first is prefilled whatever the budget (nothing decodes yet); then
+    pieces follow while budget remains (the one that crosses it included): with 32 tokens, three prompts
+    in the first turn and the other two in the next; with 2048, all five at once."""
+    engine = start_engine(model, prefill_chunk=16, prefill_budget=budget, start=False)
+    for i in range(5):
+        engine.submit(GenerationRequest([5 + i] * 12, 4, SamplingOptions(greedy=True)))
+    engine._take_inbox(block=False)
+    engine.scheduler.admit(engine.tokenizer.incremental_decoder)
+    engine._prefill()
+    assert (len(engine.scheduler.decoding), engine.totals.prompt_tokens) == (first_turn, 12 * first_turn)
+    engine._prefill()
+    assert (len(engine.scheduler.decoding), len(engine.scheduler.prefilling)) == (5, 0)
 
 
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):

@@ -125,7 +125,14 @@ def engine_greedy(
         cache_dtype=jnp.float32,
         attention_kernel=attention_kernel,
     )
-    engine = Engine(runner, tokenizer, max_waiting=4, prefill_chunk_tokens=prefill_chunk, left_pad=left_pad)
+    engine = Engine(
+        runner,
+        tokenizer,
+        max_waiting=4,
+        prefill_chunk_tokens=prefill_chunk,
+        prefill_budget_tokens=prefill_chunk,
+        left_pad=left_pad,
+    )
     engine.start()
     request = GenerationRequest(prompt, n, SamplingOptions(greedy=True), ignore_eos=True)
     tokens = [t for chunk in engine.submit(request) for t in chunk.token_ids]

@@ -206,6 +206,7 @@ class JAXServer:
             tokenizer,
             max_waiting=cfg.max_waiting_requests,
             prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+            prefill_budget_tokens=cfg.prefill_budget_tokens,
             left_pad=cfg.use_prefix_tokenizer,
         )
         self.engine.start()

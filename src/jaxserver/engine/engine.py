@@ -8,7 +8,8 @@ Life of a request:
    a. inbox: new requests join the waiting queue; aborts finish their request;
    b. schedule: waiting requests take free slots, oldest first;
    c. prefill: prompt pieces of at most `prefill_chunk_tokens` are written into their slots; while other
-      slots are decoding, one such budget per iteration, so a long prompt never stalls them for long.
+      slots are decoding, up to `prefill_budget_tokens` per iteration, so that prompts never stall them
+      for long.
       A prompt's last piece samples its first token, and the slot joins the decode batch;
    d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens
       (fewer while prompts wait, so that they are admitted sooner; and it ends at the step where a
@@ -82,12 +83,14 @@ class Engine:
         *,
         max_waiting: int,
         prefill_chunk_tokens: int,
+        prefill_budget_tokens: int,
         left_pad: bool,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_waiting = max_waiting
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefill_budget_tokens = prefill_budget_tokens
         self.left_pad = left_pad
         self.scheduler = Scheduler(runner.slots)
         self.state = idle_state(runner.slots)
@@ -222,8 +225,11 @@ class Engine:
                 self._finish(payload, "error", error=self.error)
 
     def _prefill(self) -> None:
-        """Write prompt pieces; limited to one chunk budget per iteration while others decode."""
-        budget = self.prefill_chunk_tokens
+        """Write prompt pieces; up to the budget per iteration while others decode. With the default model
+        on 2 cores, 32 streams of 160-token prompts: a budget of 512 tokens gave 329 output tokens/s at 21.7
+        rows per step, 2048 gave 376 at 24.3 (the batch refills sooner after requests finish), for
+        inter-token latency p99 140 -> 243 ms (jaxserver bench)."""
+        budget = self.prefill_budget_tokens
         while self.scheduler.prefilling and (budget > 0 or not self.scheduler.decoding):
             seq = self.scheduler.prefilling[0]
             written, token, logprobs = self._prefill_piece(seq)
