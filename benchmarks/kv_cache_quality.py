@@ -1,0 +1,87 @@
+"""How much bfloat16 weights and a bfloat16 KV cache change the default model's predictions.
+
+Teacher-forced next-token distributions over a text (by default this repository's README), one token per
+decode step through the engine's forward pass (the attention kernel reads the cache as the server does),
+for each weights / cache combination against float32 weights over a float32 cache: how often the most
+likely token agrees with the reference's, the mean KL divergence from the reference's distribution, and
+the mean negative log-likelihood of the text's own next tokens.
+
+    python benchmarks/kv_cache_quality.py [--text FILE] [--tokens 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserver.model import cpu_kernels, llama
+from jaxserver.model.loader import load_model
+
+SETTINGS = [
+    ("float32", "float32"),
+    ("bfloat16", "float32"),
+    ("bfloat16", "bfloat16"),
+    ("float32", "bfloat16"),
+]
+
+
+def log_probs(cfg, params, tokens: list[int], weights: str, cache_dtype: str) -> np.ndarray:
+    """Log-probabilities [len(tokens), vocab] of the token after each position, fed one at a time."""
+    cast = llama.cast_params(params, jnp.dtype(weights))
+    head, layers = llama.head_params(cast), llama.layer_params(cast, cfg)
+    if weights == "bfloat16" and cpu_kernels.bf16_gemm_available():
+        head, layers = llama.pack_matmul_weights(head, layers)
+    cache = llama.init_cache(cfg, 1, len(tokens), jnp.dtype(cache_dtype))
+    zero = jnp.zeros((1,), jnp.int32)
+
+    @jax.jit
+    def step(cache, token, position):
+        logits, cache = llama.forward(
+            head,
+            layers,
+            cfg,
+            token.reshape(1, 1),
+            cache,
+            position.reshape(1),
+            zero,
+            attn_len=len(tokens),
+            logit_index=zero,
+            attention_kernel=cpu_kernels.available(),
+        )
+        return cache, jax.nn.log_softmax(logits[0])
+
+    rows = []
+    for position, token in enumerate(tokens):
+        cache, row = step(cache, jnp.int32(token), jnp.int32(position))
+        rows.append(np.asarray(row, np.float64))
+    return np.stack(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--text", type=Path, default=Path(__file__).parents[1] / "README.md")
+    parser.add_argument("--tokens", type=int, default=512)
+    args = parser.parse_args()
+    cfg, params, tokenizer = load_model(None)
+    params = jax.tree.map(jnp.asarray, params)
+    tokens = tokenizer.encode(args.text.read_text())[: args.tokens]
+    following = np.asarray(tokens[1:])
+    results = {setting: log_probs(cfg, params, tokens, *setting) for setting in SETTINGS}
+    reference = results[SETTINGS[0]]
+    print(f"{len(tokens)} tokens of {args.text.name}; reference: float32 weights, float32 cache")
+    print(f"{'weights':>9} {'cache':>9} {'top-1 agrees':>13} {'KL (nats)':>10} {'NLL':>7}")
+    for (weights, cache_dtype), rows in results.items():
+        agree = np.mean(rows.argmax(-1) == reference.argmax(-1))
+        kl = np.mean(np.sum(np.exp(reference) * (reference - rows), axis=-1))
+        nll = -np.mean(rows[np.arange(len(following)), following])
+        print(f"{weights:>9} {cache_dtype:>9} {agree:>13.3f} {kl:>10.5f} {nll:>7.3f}")
+
+
+if __name__ == "__main__":
+    main()
