@@ -303,7 +303,8 @@ class Runner:
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
         )
         # A prompt's rotary tables, computed apart from `_prefill` (`llama.forward`'s `rope`): inside it XLA
-        # evaluated cos and sin again in every layer's rotation, 7.6 of the 115 ms a 160-token prompt took.
+        # evaluated cos and sin again in every layer's rotation, 7.6 of the 115 ms a 160-token prompt took
+        # (benchmarks/prefill_step.py --profile).
         self._rotary = jax.jit(functools.partial(llama.rotary, cfg=cfg))
         self._prefill = jax.jit(
             functools.partial(_prefill, cfg=cfg, attention_kernel=attention_kernel),
@@ -336,6 +337,7 @@ class Runner:
         the piece's position `logit_index` (meaningful for the prompt's last piece) and, if wanted, its
         logprobs ([1]-row host arrays). `penalize_prompt` (the whole prompt) starts the slot's
         repetition-penalty row and applies it to this token."""
+        # The kernel reads each query's own range: one shape per piece length, whatever it attends.
         reach = write_pos + len(tokens)
         attn_len = (
             self.cache_len if self.attention_kernel else fine_bucket(reach, MIN_PROMPT_BUCKET, self.cache_len)
@@ -489,9 +491,9 @@ class Runner:
 def kernel_fits(
     cfg: ModelConfig, cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None
 ) -> bool:
-    """Whether prompts and decoding can use the CPU attention kernel: it is built, reads the cache's dtype (float32
-    or bfloat16), takes the model's head shapes, and sees whole cache rows (a cache split over devices
-    would need it run per shard)."""
+    """Whether prompts and decoding can use the CPU attention kernel: it is built, reads the cache's dtype
+    (float32 or bfloat16), takes the model's head shapes, and sees whole cache rows (a cache split over
+    devices would need it run per shard)."""
     split = isinstance(cache_sharding, jax.sharding.NamedSharding) and any(
         axis is not None for axis in cache_sharding.spec
     )

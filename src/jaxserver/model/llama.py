@@ -275,21 +275,26 @@ def forward(
     None) in float32, and the updated cache. With `attention_kernel` (`cpu_kernels.available()`),
     queries attend through the CPU kernel, which reads each query's own range and ignores `attn_len`:
     in prompt pieces, XLA's attention wrote out and copied the scores (45 of the 145 ms a 160-token
-    prompt took with bf16 weights, against about 14 ms in the kernel). `rope`, when given, is `rotary`
-    of the tokens' positions, computed by the caller; a decode chunk computes all its steps' before its
-    loop, because XLA fuses cos and sin into every layer's rotation and evaluates them there again for
-    each head (4 ms of a 32-row step). Weights packed by
+    prompt took with bf16 weights, against about 14 ms in the kernel; benchmarks/prefill_step.py).
+    `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode chunk
+    computes all its steps' before its loop, because XLA fuses cos and sin into every layer's rotation
+    and evaluates them there again for each head (4 ms of a 32-row step). Weights packed by
     `pack_matmul_weights` are multiplied through the bf16 matmul kernel.
     """
     batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
     cos, sin = rotary(query_index - start[:, None], cfg) if rope is None else rope
-    key_index = jnp.arange(attn_len)
-    mask = (key_index[None, None, :] <= query_index[:, :, None]) & (
-        key_index[None, None, :] >= start[:, None, None]
-    )  # [B, S, T]
     rows = jnp.arange(batch) if slot_ids is None else slot_ids
+    if attention_kernel:
+        # Each query position is a row of the kernel's: it writes its key and value, then attends to its
+        # slot's [start, position]. Slots, starts and positions per kernel row:
+        kernel_rows = (jnp.repeat(rows, seq), jnp.repeat(start, seq), query_index.reshape(-1))
+    else:
+        key_index = jnp.arange(attn_len)
+        mask = (key_index[None, None, :] <= query_index[:, :, None]) & (
+            key_index[None, None, :] >= start[:, None, None]
+        )  # [B, S, T]
     x = embed_rows(params["embed"], tokens)
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
@@ -302,17 +307,13 @@ def forward(
         v = v.reshape(batch, seq, kv_heads, hd)
         q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
         if attention_kernel:
-            # Each query position is a row of the kernel's: it writes its key and value, then attends to
-            # its slot's [start, position].
             out, k_cache, v_cache = cpu_kernels.decode_attention(
                 q.reshape(batch * seq, kv_heads, heads // kv_heads, hd),
                 k.reshape(batch * seq, kv_heads, hd),
                 v.reshape(batch * seq, kv_heads, hd),
                 k_cache,
                 v_cache,
-                jnp.repeat(rows, seq),
-                jnp.repeat(start, seq),
-                query_index.reshape(-1),
+                *kernel_rows,
             )
             out = out.reshape(batch, seq, -1)
         else:
