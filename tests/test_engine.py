@@ -13,6 +13,7 @@ import pytest
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
+from jaxserver.engine.scheduler import SlotContents
 from jaxserver.errors import OverloadedError
 from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.loader import load_model
@@ -54,6 +55,8 @@ def start_engine(
     cache_len=128,
     cache_dtype=jnp.float32,
     start=True,
+    reuse_prefixes=True,
+    attention_kernel=None,
 ) -> Engine:
     """An engine on `model`, its thread started unless `start` is False (a test then drives its steps)."""
     cfg, params, tokenizer = model
@@ -65,6 +68,7 @@ def start_engine(
         steps_per_call=steps,
         eos_ids=tokenizer.eos_token_ids,
         cache_dtype=cache_dtype,
+        attention_kernel=attention_kernel,
     )
     engine = Engine(
         runner,
@@ -73,6 +77,7 @@ def start_engine(
         prefill_chunk_tokens=prefill_chunk,
         prefill_budget_tokens=prefill_budget or prefill_chunk,
         left_pad=True,
+        reuse_prefixes=reuse_prefixes,
     )
     if start:
         engine.start()
@@ -304,6 +309,76 @@ def test_prefill_budget_bounds_the_prompts_written_while_others_decode(model, bu
     assert (len(engine.scheduler.decoding), engine.totals.prompt_tokens) == (first_turn, 12 * first_turn)
     engine._prefill()
     assert (len(engine.scheduler.decoding), len(engine.scheduler.prefilling)) == (5, 0)
+
+
+def answer_with_logprobs(engine: Engine, prompt: list[int], n: int = 8) -> tuple[list[int], list]:
+    chunks = list(engine.submit(GenerationRequest(prompt, n, GREEDY, ignore_eos=True, logprobs=2)))
+    return [t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or []]
+
+
+@pytest.mark.parametrize("attention_kernel", [None, pytest.param(False, id="xla-attention")])
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_prefix_reuse_prefills_only_the_rest_and_changes_no_answer(
+    make_engine, model, weights, attention_kernel
+):
+    """Prompts that begin as an earlier one did (a shared 20-token start; a conversation's next turn,
+    which holds the last answer) prefill only what follows the tokens their slot still holds, and get
+    the tokens and log-probabilities they get from an engine that reuses nothing: to the last bit where
+    the kernels attend (one row at a time), to 1e-5 where XLA attends over padded buckets, whose sums
+    round differently by shape (as prompts prefilled in other pieces do)."""
+    vocab = model[0].vocab_size
+    shared, first_tail, second_tail = prompts(3, vocab)[0][:20], [7, 8, 9, 10], [11, 12, 13]
+    first = shared + first_tail
+    settings = {"weights": weights, "slots": 2, "attention_kernel": attention_kernel, "prefill_chunk": 16}
+
+    def same(got: tuple[list[int], list], want: tuple[list[int], list]) -> bool:
+        if attention_kernel is None:
+            return got == want
+        values = [[lp.logprob, *(v for _, v in lp.top)] for lp in got[1]]
+        wanted = [[lp.logprob, *(v for _, v in lp.top)] for lp in want[1]]
+        return got[0] == want[0] and np.allclose(values, wanted, rtol=0, atol=1e-5)
+
+    fresh = make_engine(reuse_prefixes=False, **settings)
+    first_answer = answer_with_logprobs(fresh, first)
+    conversation = first + first_answer[0] + [14, 15, 16]
+    expected = [answer_with_logprobs(fresh, p) for p in (conversation, shared + second_tail)]
+    assert fresh.totals.prompt_tokens_reused == 0
+
+    engine = make_engine(reuse_prefixes=True, **settings)
+    assert same(answer_with_logprobs(engine, first), first_answer)
+    assert engine.totals.prompt_tokens_reused == 0
+    # The first prompt's slot holds it and all but the last token of its answer (never fed back).
+    assert same(answer_with_logprobs(engine, conversation), expected[0])
+    reused_by_conversation = len(first) + len(first_answer[0]) - 1
+    assert engine.totals.prompt_tokens_reused == reused_by_conversation
+    assert same(answer_with_logprobs(engine, shared + second_tail), expected[1])
+    assert engine.totals.prompt_tokens_reused == reused_by_conversation + len(shared)
+    written = len(first) + len(conversation) + len(shared + second_tail) - engine.totals.prompt_tokens_reused
+    assert engine.totals.prompt_tokens == written
+
+
+def test_prefix_reuse_picks_the_slot_with_the_longest_match_and_keeps_the_answers_room(model):
+    """Among free slots, the one holding the longest start of the prompt; never the whole prompt (its
+    last token's logits give the first new token); a left-padded slot only if the answer still fits;
+    else the least recently freed slot, leaving the newer contents for later."""
+    engine = start_engine(model, slots=4, cache_len=64, start=False)
+    scheduler = engine.scheduler
+    held = {0: (0, [1, 2, 3, 4]), 1: (0, [1, 2, 3, 4, 5, 6, 7]), 2: (0, [1, 2]), 3: (40, [1, 2, 3, 4, 5, 6])}
+    for slot, (start, tokens) in held.items():
+        scheduler.contents[slot] = SlotContents(start, np.asarray(tokens))
+    scheduler.free_slots = [1, 0, 3, 2]  # slot 2 freed first, slot 1 last
+
+    def pick(prompt: list[int], max_new_tokens: int = 8) -> tuple[int, int, int]:
+        return scheduler._pick_slot(GenerationRequest(prompt, max_new_tokens, GREEDY))
+
+    assert pick([1, 2, 3, 4, 5, 6, 7, 9]) == (1, 0, 7)
+    # The whole prompt is held: its last token is prefilled again. Slot 3 leaves 64 - 40 - 7 < 20.
+    assert pick([1, 2, 3, 4, 5, 6, 7], max_new_tokens=20) == (1, 0, 6)
+    assert pick([1, 2, 3, 4, 5, 6, 9]) == (3, 40, 6)  # equal matches: the less recently freed slot
+    assert pick([1, 2, 3, 4, 5, 6, 9], max_new_tokens=20) == (1, 0, 6)
+    assert pick([9, 9]) == (2, 0, 0)
+    scheduler.reuse_prefixes = False
+    assert pick([1, 2, 3, 4, 5, 6, 9]) == (2, 0, 0)
 
 
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):

@@ -132,6 +132,7 @@ def engine_greedy(
         prefill_chunk_tokens=prefill_chunk,
         prefill_budget_tokens=prefill_chunk,
         left_pad=left_pad,
+        reuse_prefixes=False,
     )
     engine.start()
     request = GenerationRequest(prompt, n, SamplingOptions(greedy=True), ignore_eos=True)

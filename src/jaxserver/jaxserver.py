@@ -208,6 +208,7 @@ class JAXServer:
             prefill_chunk_tokens=cfg.prefill_chunk_tokens,
             prefill_budget_tokens=cfg.prefill_budget_tokens,
             left_pad=cfg.use_prefix_tokenizer,
+            reuse_prefixes=cfg.enable_prefix_caching,
         )
         self.engine.start()
         if later_shapes:

@@ -68,6 +68,7 @@ class StepTotals:
     prefill_calls: int = 0
     prompt_tokens: int = 0  # prompt tokens written into the cache
     prompt_tokens_computed: int = 0  # the same with the padding of their buckets
+    prompt_tokens_reused: int = 0  # prompt tokens found in the cache, left by earlier requests
     decode_seconds: float = 0.0
     decode_calls: int = 0
     decode_steps: int = 0  # forward passes of the decode batch
@@ -85,6 +86,7 @@ class Engine:
         prefill_chunk_tokens: int,
         prefill_budget_tokens: int,
         left_pad: bool,
+        reuse_prefixes: bool,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -92,7 +94,7 @@ class Engine:
         self.prefill_chunk_tokens = prefill_chunk_tokens
         self.prefill_budget_tokens = prefill_budget_tokens
         self.left_pad = left_pad
-        self.scheduler = Scheduler(runner.slots)
+        self.scheduler = Scheduler(runner.slots, runner.cache_len, reuse_prefixes)
         self.state = idle_state(runner.slots)
         self.error: str | None = None
         self.finished: Counter[str] = Counter()  # finish reason -> requests
@@ -183,7 +185,8 @@ class Engine:
         try:
             while not self._stopping:
                 self._take_inbox(block=self.scheduler.idle)
-                self.scheduler.admit(self.tokenizer.incremental_decoder)
+                for seq in self.scheduler.admit(self.tokenizer.incremental_decoder):
+                    self.totals.prompt_tokens_reused += seq.reused
                 self._prefill()
                 if self.scheduler.decoding:
                     self._decode()
@@ -253,7 +256,8 @@ class Engine:
         else:
             part = prompt[seq.prefilled : seq.prefilled + self.prefill_chunk_tokens]
             padded = prompt_bucket(len(part), self.prefill_chunk_tokens)
-            tokens, write_pos, logit_index = part + [pad] * (padded - len(part)), seq.prefilled, len(part) - 1
+            tokens, logit_index = part + [pad] * (padded - len(part)), len(part) - 1
+            write_pos = seq.start + seq.prefilled
             piece = len(part)
         last = seq.prefilled + piece >= len(prompt)
         want_logprobs = last and request.logprobs is not None

@@ -118,14 +118,22 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
-    """embed[tokens] as float32 (the residual stream's dtype in any weight dtype). A bf16 table is gathered
-    as 16-bit integers: XLA:CPU gathers no bf16, so it converted the whole table to float32 first (once
-    per decode chunk, hoisted out of its loop: 1.0 ms per step for SmolLM2). It still copies the table
-    as integers once per chunk, half the bytes (0.4 ms per step)."""
-    if embed.dtype != jnp.bfloat16:
-        return embed[tokens].astype(jnp.float32)
-    bits = jax.lax.bitcast_convert_type(embed, jnp.uint16)[tokens]
-    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+    """embed[tokens] as float32 (the residual stream's dtype in any weight dtype). XLA:CPU gathers no
+    bf16: given a bf16 table, it converted the whole table to float32 first (once per decode chunk,
+    hoisted out of its loop: 1.0 ms per step for SmolLM2), and gathering it as 16-bit integers still
+    copied it as integers once per chunk (13 ms per 32-step chunk). A table stored as its bits
+    (`embedding_as_bits`, uint16) is gathered in place."""
+    if embed.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(embed[tokens], jnp.bfloat16).astype(jnp.float32)
+    return embed[tokens].astype(jnp.float32)
+
+
+def embedding_as_bits(head: Params) -> Params:
+    """`head` with a bf16 embedding table stored as its 16-bit patterns (uint16), which `embed_rows`
+    reads; other dtypes unchanged."""
+    if head["embed"].dtype != jnp.bfloat16:
+        return head
+    return head | {"embed": jax.lax.bitcast_convert_type(head["embed"], jnp.uint16)}
 
 
 def rope_inverse_frequencies(cfg: ModelConfig) -> np.ndarray:
