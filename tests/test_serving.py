@@ -128,6 +128,8 @@ def test_bench_tool_reports_a_sweep(live, tmp_path):
             <= min(row["concurrency"], engine["decode_rows_computed_per_step"])
         )
     assert rows[0]["engine"]["decode_rows_per_step"] == 1
+    # Every prompt starts with the same format text, which prefix caching finds in a freed slot.
+    assert 0 < rows[0]["engine"]["prompt_reused_share"] < 1
     assert png.stat().st_size > 10_000
 
 

@@ -138,7 +138,9 @@ def engine_profile(before: dict[str, float], after: dict[str, float], duration_s
     """Where the engine's time went between two readings of its step totals."""
     d = {key: after[key] - before[key] for key in after}
     steps = max(d["decode_steps"], 1)
+    reused = d.get("prompt_tokens_reused", 0)  # servers before prefix caching do not report it
     return {
+        "prompt_reused_share": reused / max(d["prompt_tokens"] + reused, 1),
         "prefill_share": d["prefill_seconds"] / duration_s,
         "decode_share": d["decode_seconds"] / duration_s,
         "prompt_padding_share": 1 - d["prompt_tokens"] / max(d["prompt_tokens_computed"], 1),
@@ -215,9 +217,12 @@ def print_table(rows: list[dict]) -> None:
         )
     profiled = [r for r in rows if "engine" in r]
     if profiled:
-        print("\nengine profile (share of wall time; decode rows: generating / computed per step)")
+        print(
+            "\nengine profile (share of wall time; prompt tokens found in the cache, and padding; "
+            "decode rows: generating / computed per step)"
+        )
         header = (
-            f"{'conc':>5} {'prefill':>8} {'decode':>7} {'padding':>8} {'prefill tok/s':>14} "
+            f"{'conc':>5} {'prefill':>8} {'decode':>7} {'reused':>7} {'padding':>8} {'prefill tok/s':>14} "
             f"{'ms/step':>8} {'rows':>12} {'steps/call':>11}"
         )
         print(header)
@@ -227,7 +232,7 @@ def print_table(rows: list[dict]) -> None:
             rows_text = f"{e['decode_rows_per_step']:.1f}/{e['decode_rows_computed_per_step']:.1f}"
             print(
                 f"{r['concurrency']:>5} {e['prefill_share']:>8.0%} {e['decode_share']:>7.0%} "
-                f"{e['prompt_padding_share']:>8.0%} {e['prefill_tokens_per_s']:>14.0f} "
+                f"{e['prompt_reused_share']:>7.0%} {e['prompt_padding_share']:>8.0%} {e['prefill_tokens_per_s']:>14.0f} "
                 f"{e['decode_ms_per_step']:>8.1f} {rows_text:>12} {e['decode_steps_per_call']:>11.1f}"
             )
     for r in rows:
