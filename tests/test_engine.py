@@ -316,10 +316,11 @@ def answer_with_logprobs(engine: Engine, prompt: list[int], n: int = 8) -> tuple
     return [t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or []]
 
 
+@pytest.mark.parametrize("prefill_chunk", [16, 64])  # 64: prompts are left-padded (start > 0), in one piece
 @pytest.mark.parametrize("attention_kernel", [None, pytest.param(False, id="xla-attention")])
 @pytest.mark.parametrize("weights", WEIGHTS)
 def test_prefix_reuse_prefills_only_the_rest_and_changes_no_answer(
-    make_engine, model, weights, attention_kernel
+    make_engine, model, weights, attention_kernel, prefill_chunk
 ):
     """Prompts that begin as an earlier one did (a shared 20-token start; a conversation's next turn,
     which holds the last answer) prefill only what follows the tokens their slot still holds, and get
@@ -327,9 +328,10 @@ def test_prefix_reuse_prefills_only_the_rest_and_changes_no_answer(
     the kernels attend (one row at a time), to 1e-5 where XLA attends over padded buckets, whose sums
     round differently by shape (as prompts prefilled in other pieces do)."""
     vocab = model[0].vocab_size
-    shared, first_tail, second_tail = prompts(3, vocab)[0][:20], [7, 8, 9, 10], [11, 12, 13]
+    shared, first_tail, second_tail = prompts(3, vocab)[0][:20], [7, 8, 9], [11, 12, 13, 14, 15]
     first = shared + first_tail
-    settings = {"weights": weights, "slots": 2, "attention_kernel": attention_kernel, "prefill_chunk": 16}
+    settings = {"weights": weights, "slots": 2, "attention_kernel": attention_kernel}
+    settings["prefill_chunk"] = prefill_chunk
 
     def same(got: tuple[list[int], list], want: tuple[list[int], list]) -> bool:
         if attention_kernel is None:
