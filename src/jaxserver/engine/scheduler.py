@@ -99,9 +99,9 @@ class Scheduler:
 
     def _pick_slot(self, request) -> tuple[int, int, int]:
         """(slot, its start, prompt tokens already there) for a request: the free slot holding the longest
-        beginning of its prompt (of equal ones, the least recently freed), else the next free one. At least the prompt's last token is left to
-        prefill (its logits give the first new token), and a reused slot must leave the answer as much
-        room as a fresh one would."""
+        beginning of its prompt (of equal ones, the least recently freed), else the next free one. At
+        least the prompt's last token is left to prefill (its logits give the first new token), and a
+        reused slot must leave the answer as much room as a fresh one would."""
         best = (self.free_slots[-1], 0, 0)
         if not self.reuse_prefixes:
             return best
