@@ -186,7 +186,7 @@ class Engine:
             while not self._stopping:
                 self._take_inbox(block=self.scheduler.idle)
                 for seq in self.scheduler.admit(self.tokenizer.incremental_decoder):
-                    self.totals.prompt_tokens_reused += seq.reused
+                    self.totals.prompt_tokens_reused += seq.prefilled  # found in the slot
                 self._prefill()
                 if self.scheduler.decoding:
                     self._decode()

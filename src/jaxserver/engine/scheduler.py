@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from jaxserver.engine.request import OutputStream
+from jaxserver.engine.request import GenerationRequest, OutputStream
 from jaxserver.model.tokenizer import IncrementalDetokenizer
 
 
@@ -28,8 +28,7 @@ class Sequence:
     slot: int
     detokenizer: IncrementalDetokenizer
     start: int = 0  # cache index of the first prompt token (> 0 when left-padded)
-    prefilled: int = 0  # prompt tokens already in the cache (reused ones included)
-    reused: int = 0  # prompt tokens whose entries a previous request left in the slot
+    prefilled: int = 0  # prompt tokens already in the cache (at admission: those an earlier request left)
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0  # text already sent to the consumer
 
@@ -91,13 +90,12 @@ class Scheduler:
                 detokenizer=new_detokenizer(),
                 start=start,
                 prefilled=reused,
-                reused=reused,
             )
             self.prefilling.append(seq)
             admitted.append(seq)
         return admitted
 
-    def _pick_slot(self, request) -> tuple[int, int, int]:
+    def _pick_slot(self, request: GenerationRequest) -> tuple[int, int, int]:
         """(slot, its start, prompt tokens already there) for a request: the free slot holding the longest
         beginning of its prompt (of equal ones, the least recently freed), else the next free one. At
         least the prompt's last token is left to prefill (its logits give the first new token), and a
