@@ -39,8 +39,11 @@ def main() -> None:
     rows_list = [int(n) for n in args.rows.split(",")]
     slots, length = max(rows_list), args.cache_length
     rng = np.random.default_rng(0)
+    key_blocks = -(-length // cpu_kernels.KEY_BLOCK)  # keys in blocks of positions, as llama.KVCache
     k_caches = [
-        jnp.asarray(rng.standard_normal((slots, KV_HEADS, HEAD_DIM, length), np.float32))
+        jnp.asarray(
+            rng.standard_normal((slots, KV_HEADS, key_blocks, HEAD_DIM, cpu_kernels.KEY_BLOCK), np.float32)
+        )
         for _ in range(LAYERS)
     ]
     v_caches = [

@@ -33,11 +33,20 @@ def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
     for group, head_dim in ((cpu_kernels.MAX_GROUP + 1, 16), (1, 8)):
         q = np.zeros((1, 1, group, head_dim), np.float32)
         new = np.zeros((1, 1, head_dim), np.float32)
-        cache = np.zeros((1, 1, head_dim, 4), np.float32)
+        keys = np.zeros((1, 1, 1, head_dim, cpu_kernels.KEY_BLOCK), np.float32)
+        values = np.zeros((1, 1, 4, head_dim), np.float32)
         with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
-            jax.block_until_ready(
-                cpu_kernels.decode_attention(q, new, new, cache, cache.transpose(0, 1, 3, 2), ids, ids, ids)
-            )
+            jax.block_until_ready(cpu_kernels.decode_attention(q, new, new, keys, values, ids, ids, ids))
+
+
+def in_key_blocks(keys: np.ndarray) -> np.ndarray:
+    """Keys [slots, kv_heads, head_dim, length] as the cache holds them (llama.KVCache), zero-padded to
+    whole blocks."""
+    *lead, head_dim, length = keys.shape
+    blocks = -(-length // cpu_kernels.KEY_BLOCK)
+    padded = np.zeros((*lead, head_dim, blocks * cpu_kernels.KEY_BLOCK), keys.dtype)
+    padded[..., :length] = keys
+    return padded.reshape(*lead, head_dim, blocks, cpu_kernels.KEY_BLOCK).swapaxes(-3, -2)
 
 
 def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
@@ -74,25 +83,30 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cac
     k_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
     v_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
     storage = llama.cache_storage_dtype(cache_dtype)
-    k_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, head_dim, length))), storage)
+    k_by_position = rng.standard_normal((slots, kv_heads, head_dim, length))
+    k_stored = llama.to_cache(jnp.asarray(in_key_blocks(k_by_position)), storage)
     v_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, length, head_dim))), storage)
     slot_ids = np.array([4, 0, 2, 5, 1, 3, 3], np.int32)
     # One position; a left-padded row; a partial last block; the whole cache; an idle row; two rows of
     # one slot.
     starts = np.array([0, 7, 3, 0, 0, 2, 2], np.int32)
     ends = np.array([0, length - 2, length // 2 + 1, length - 1, length, 10, 11], np.int32)
-    expected_k, expected_v = np.array(k_stored), np.array(v_stored)
+    expected_k = np.array(llama.to_cache(jnp.asarray(k_by_position), storage))
+    expected_v = np.array(v_stored)
     for b in range(batch):
         if ends[b] < length:
             expected_k[slot_ids[b], :, :, ends[b]] = llama.to_cache(jnp.asarray(k_new[b]), storage)
             expected_v[slot_ids[b], :, ends[b]] = llama.to_cache(jnp.asarray(v_new[b]), storage)
+    expected_k = in_key_blocks(expected_k)
     got, k_written, v_written = map(
         np.asarray,
         jax.jit(cpu_kernels.decode_attention)(q, k_new, v_new, k_stored, v_stored, slot_ids, starts, ends),
     )
     np.testing.assert_array_equal(k_written, expected_k)
     np.testing.assert_array_equal(v_written, expected_v)
-    k_cache, v_cache = (np.asarray(llama.from_cache(jnp.asarray(c))) for c in (expected_k, expected_v))
+    all_slots = jnp.arange(slots)
+    k_cache = np.asarray(llama.from_cache(llama.keys_by_position(jnp.asarray(expected_k), all_slots, length)))
+    v_cache = np.asarray(llama.from_cache(jnp.asarray(expected_v)))
     np.testing.assert_allclose(got, reference(q, k_cache, v_cache, slot_ids, starts, ends), atol=ATOL)
     assert not got[4].any()
 
@@ -110,12 +124,11 @@ def test_bf16_cache_entries_round_as_xla_converts(value):
     """Ties to even, infinities, overflow to infinity, subnormals and NaN, against XLA's conversion."""
     q = np.zeros((1, 1, 1, 16), np.float32)
     new = np.full((1, 1, 16), value, np.float32)
-    cache = jnp.zeros((1, 1, 16, 4), jnp.uint16)
-    _, k_written, _ = cpu_kernels.decode_attention(
-        q, new, new, cache, cache.transpose(0, 1, 3, 2), *np.zeros((3, 1), np.int32)
-    )
+    keys = jnp.zeros((1, 1, 1, 16, cpu_kernels.KEY_BLOCK), jnp.uint16)
+    values = jnp.zeros((1, 1, 4, 16), jnp.uint16)
+    _, k_written, _ = cpu_kernels.decode_attention(q, new, new, keys, values, *np.zeros((3, 1), np.int32))
     expected = np.asarray(llama.to_cache(jnp.asarray(new[0, 0]), jnp.dtype(jnp.uint16)))
-    written = np.asarray(k_written)[0, 0, :, 0]
+    written = np.asarray(k_written)[0, 0, 0, :, 0]
     if np.isnan(value):
         assert np.isnan(np.asarray(llama.from_cache(jnp.asarray(written)))).all()
     else:

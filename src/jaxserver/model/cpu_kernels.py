@@ -43,6 +43,8 @@ BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
 # kTileColumns in bf16_gemm.cc: the packed weights' tile width
 GEMM_TILE_COLUMNS = 64
+# kKeyBlock in decode_attention.cc: cached keys come in blocks of this many positions (llama.KVCache)
+KEY_BLOCK = 16
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
 COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
@@ -181,8 +183,8 @@ def decode_attention(
     after writing the row's own key and value at position ends[b]. Rows may share a slot (the tokens of
     a prompt piece): every write lands before any row attends.
 
-    q [B, kv_heads, group, hd] float32; k_new, v_new [B, kv_heads, hd]; k_cache [slots, kv_heads, hd,
-    length]; v_cache [slots, kv_heads, length, hd], float32 or bf16 stored as uint16 bits
+    q [B, kv_heads, group, hd] float32; k_new, v_new [B, kv_heads, hd]; k_cache [slots, kv_heads, blocks,
+    hd, KEY_BLOCK]; v_cache [slots, kv_heads, length, hd], float32 or bf16 stored as uint16 bits
     (`llama.KVCache`); slot_ids, starts, ends [B] int32 -> (out [B, kv_heads, group, hd], k_cache,
     v_cache), the caches updated in place where the caller donates them. A row whose end lies past the
     cache (an idle row) writes nothing and gets zeros.

@@ -35,11 +35,19 @@ Params = dict[str, Any]
 MASK_VALUE = -1e30
 
 
+# Keys are cached in blocks of this many positions (`KVCache`), as the attention kernel reads them.
+KEY_BLOCK = cpu_kernels.KEY_BLOCK
+
+
 class KVCache(NamedTuple):
-    """Keys and values per layer: keys [slots, kv_heads, head_dim, length], values [slots, kv_heads,
-    length, head_dim]. Keys are stored transposed so that decoding multiplies a query by the keys with
-    the cache positions along the fast axis, in elementwise loops XLA:CPU vectorises, before reducing
-    over head_dim; at 8 rows the step ran 165 -> 117 ms (benchmarks/decode_step.py).
+    """Keys and values per layer: keys [slots, kv_heads, blocks, head_dim, KEY_BLOCK] (blocks *
+    KEY_BLOCK >= length), values [slots, kv_heads, length, head_dim].
+
+    Keys lie with the positions along the fast axis, so a query multiplies one key dimension by many
+    positions at once, in blocks of 16 positions so that a run of positions is one contiguous stream and
+    a new key lands in one place: stored [head_dim, length], each position's dimensions lay a page apart,
+    which cost the attention kernel 2.4 ms of 15 at 24 rows of 225 positions (see
+    kernels/decode_attention.cc). XLA's attention reads them through `keys_by_position`.
 
     Entries are float32, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`, `from_cache`):
     XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers in place."""
@@ -75,6 +83,14 @@ def from_cache(entries: jax.Array) -> jax.Array:
     return entries.astype(jnp.float32)
 
 
+def keys_by_position(k_cache: jax.Array, rows: jax.Array, length: int) -> jax.Array:
+    """The cached keys [slots, kv_heads, blocks, head_dim, KEY_BLOCK] of cache rows `rows` [R] as [R,
+    kv_heads, head_dim, length]: their first `length` positions, one after the other."""
+    blocks = -(-length // KEY_BLOCK)
+    keys = jnp.moveaxis(k_cache[rows, :, :blocks], 2, 3)  # [R, kv_heads, head_dim, blocks, KEY_BLOCK]
+    return keys.reshape(*keys.shape[:3], blocks * KEY_BLOCK)[..., :length]
+
+
 def init_cache(
     cfg: ModelConfig, slots: int, length: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
 ) -> KVCache:
@@ -84,7 +100,7 @@ def init_cache(
         array = jnp.zeros(shape, cache_storage_dtype(dtype))
         return array if sharding is None else jax.device_put(array, sharding)
 
-    keys = (slots, cfg.num_kv_heads, cfg.head_dim, length)
+    keys = (slots, cfg.num_kv_heads, -(-length // KEY_BLOCK), cfg.head_dim, KEY_BLOCK)
     values = (slots, cfg.num_kv_heads, length, cfg.head_dim)
     return KVCache(
         tuple(zeros(keys) for _ in range(cfg.num_layers)), tuple(zeros(values) for _ in range(cfg.num_layers))
@@ -206,9 +222,9 @@ def decode_attention(
 ) -> jax.Array:
     """Attention of one new token per row, reading each row's cache in place.
 
-    q [B, kv_heads, group, hd]; k_cache [slots, kv_heads, hd, length]; v_cache [slots, kv_heads, length,
-    hd]; slot_ids [B]: each row's cache row; mask [B, attn_len] -> [B, 1, kv_heads*group*hd]. Only the first
-    `attn_len` (static) cache entries are read.
+    q [B, kv_heads, group, hd]; k_cache, v_cache: one layer's, as `KVCache` holds them; slot_ids [B]: each
+    row's cache row; mask [B, attn_len] -> [B, 1, kv_heads*group*hd]. Only the first `attn_len` (static)
+    cache entries are read.
     """
     batch = q.shape[0]
     rows = _largest_divisor_at_most(batch, max(1, DECODE_GROUP_TOKENS // attn_len))
@@ -217,7 +233,8 @@ def decode_attention(
     def attend(first: jax.Array, out: jax.Array) -> jax.Array:
         ids = jax.lax.dynamic_slice_in_dim(slot_ids, first, rows)
         queries = jax.lax.dynamic_slice_in_dim(q, first, rows)  # [R, K, G, D]
-        keys, values = from_cache(k_cache[ids, ..., :attn_len]), from_cache(v_cache[ids, :, :attn_len])
+        keys = from_cache(keys_by_position(k_cache, ids, attn_len))
+        values = from_cache(v_cache[ids, :, :attn_len])
         # Multiply-and-reduce, the products along the cache positions (the fast axis of both caches as
         # read here): batched dots of these small shapes ran slower, as each slice was copied first.
         scores = (queries[..., None] * keys[:, :, None]).sum(axis=-2) * scale  # [R, K, G, T]
@@ -325,15 +342,17 @@ def forward(
             )
             out = out.reshape(batch, seq, -1)
         else:
-            # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
-            k_cache = k_cache.at[rows[:, None], :, :, query_index].set(
+            # Advanced indices between slices: the indexed block is [B, S, kv_heads, hd], like k and v.
+            # (An index past the cache's length but within its last key block writes keys no query reads.)
+            block, lane = query_index // KEY_BLOCK, query_index % KEY_BLOCK
+            k_cache = k_cache.at[rows[:, None], :, block, :, lane].set(
                 to_cache(k, k_cache.dtype), mode="drop"
             )
             v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
             if seq == 1:
                 out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
             else:
-                keys = from_cache(k_cache[rows, ..., :attn_len])
+                keys = from_cache(keys_by_position(k_cache, rows, attn_len))
                 values = from_cache(v_cache[rows, :, :attn_len])
                 out = attention(q, keys, values, mask)
         new_k.append(k_cache)
