@@ -1,4 +1,4 @@
-"""How much bfloat16 weights and a bfloat16 KV cache change the default model's predictions.
+"""How much bfloat16 weights and a 16-bit (bfloat16 or float16) KV cache change the default model's predictions.
 
 Teacher-forced next-token distributions over a text (by default this repository's README), one token per
 decode step through the engine's forward pass (the attention kernel reads the cache as the server does),
@@ -25,7 +25,9 @@ SETTINGS = [
     ("float32", "float32"),
     ("bfloat16", "float32"),
     ("bfloat16", "bfloat16"),
+    ("bfloat16", "float16"),
     ("float32", "bfloat16"),
+    ("float32", "float16"),
 ]
 
 

@@ -1,5 +1,5 @@
 """The CPU kernels against float64 numpy references: decode attention (and against the model's XLA
-attention) on random queries and float32 or bf16 caches: rows in scattered slots, left-padded starts, ranges
+attention) on random queries and float32, float16 or bf16 caches: rows in scattered slots, left-padded starts, ranges
 from one position to the whole cache, idle rows, tolerance 1e-5 absolute on outputs of magnitude ~1; the bf16
 matmul on bf16-rounded rows, tolerance 1e-5 relative; and the library's build for CPUs without AVX512-BF16."""
 
@@ -71,7 +71,7 @@ def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
     # value-block widths (16 x 16 floats, 3 vectors of 48, 4 blocks of 256); a cache shorter than a block.
     [(3, 3, 64, 200), (2, 4, 32, 70), (1, 1, 128, 130), (2, 16, 16, 150), (1, 7, 48, 140), (1, 2, 256, 40)],
 )
-@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
 def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cache_dtype):
     """Each row's new key and value land at its end position, converted as `llama.to_cache` converts
     them (bit for bit), and nowhere else; then the reference attends over the caches so updated, reading
@@ -119,15 +119,33 @@ def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cac
     np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8, -3e38, 1e-40])
-def test_bf16_cache_entries_round_as_xla_converts(value):
-    """Ties to even, infinities, overflow to infinity, subnormals and NaN, against XLA's conversion."""
+@pytest.mark.parametrize(
+    "value",
+    # NaN, infinities, ties to even for bf16 (8 bits) and float16 (11), overflow, subnormals of each
+    [
+        np.nan,
+        np.inf,
+        -np.inf,
+        1 + 2.0**-8,
+        1 + 3 * 2.0**-8,
+        1 + 2.0**-11,
+        1 + 3 * 2.0**-11,
+        -3e38,
+        7e4,
+        1e-40,
+        3e-6,
+    ],
+)
+@pytest.mark.parametrize("cache_dtype", ["float16", "bfloat16"])
+def test_16_bit_cache_entries_round_as_xla_converts(value, cache_dtype):
+    """A new entry written by the kernel is XLA's conversion of it, bit for bit (NaN: a NaN)."""
+    storage = llama.cache_storage_dtype(cache_dtype)
     q = np.zeros((1, 1, 1, 16), np.float32)
     new = np.full((1, 1, 16), value, np.float32)
-    keys = jnp.zeros((1, 1, 1, 16, cpu_kernels.KEY_BLOCK), jnp.uint16)
-    values = jnp.zeros((1, 1, 4, 16), jnp.uint16)
+    keys = jnp.zeros((1, 1, 1, 16, cpu_kernels.KEY_BLOCK), storage)
+    values = jnp.zeros((1, 1, 4, 16), storage)
     _, k_written, _ = cpu_kernels.decode_attention(q, new, new, keys, values, *np.zeros((3, 1), np.int32))
-    expected = np.asarray(llama.to_cache(jnp.asarray(new[0, 0]), jnp.dtype(jnp.uint16)))
+    expected = np.asarray(llama.to_cache(jnp.asarray(new[0, 0]), storage))
     written = np.asarray(k_written)[0, 0, 0, :, 0]
     if np.isnan(value):
         assert np.isnan(np.asarray(llama.from_cache(jnp.asarray(written)))).all()

@@ -69,15 +69,16 @@ def test_auto_dtype_is_bf16_only_where_the_matmul_kernel_serves_it():
     assert JAXServer(tiny.test_config(dtype="bf16", mesh_axes_shape=(1, 2, 1))).weight_dtype == "bfloat16"
 
 
-def test_bf16_kv_cache_is_kept_as_integers_and_answers(tiny_llama_dir):
-    """kv_cache_dtype="bf16": the cache is uint16 (bf16 bits, half of float32's bytes) and greedy answers
-    come back whole. Their tokens differ from a float32 cache's after a few (as SmolLM2's did), so the
-    values are checked to tolerance in test_cpu_kernels and test_model instead."""
+@pytest.mark.parametrize(("kv_cache_dtype", "storage"), [("bf16", jnp.uint16), ("fp16", jnp.float16)])
+def test_16_bit_kv_caches_take_half_the_memory_and_answer(tiny_llama_dir, kv_cache_dtype, storage):
+    """kv_cache_dtype="bf16" or "fp16": the cache holds bf16 bits as uint16, or float16, half of float32's
+    bytes, and greedy answers come back whole. Their tokens may differ from a float32 cache's after a few
+    (bf16's did for SmolLM2), so the values are checked to tolerance in test_cpu_kernels and test_model."""
     settings = {"mesh_axes_shape": (1, 1, 1), "dtype": "bf16"}
-    half = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype="bf16", **settings))
+    half = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype=kv_cache_dtype, **settings))
     full = JAXServer.load(tiny_llama_dir, config=tiny.test_config(**settings))
     try:
-        assert half.engine.runner.cache.k[0].dtype == jnp.uint16
+        assert half.engine.runner.cache.k[0].dtype == storage
         assert full.engine.runner.cache.k[0].dtype == jnp.float32
         assert half.engine.runner.cache_bytes * 2 == full.engine.runner.cache_bytes
         text, tokens = list(half.process("Hello", greedy=True, max_new_tokens=12))[-1]

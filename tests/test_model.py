@@ -205,10 +205,11 @@ def lowered_forward(cfg, head, layers, batch: int, seq: int) -> str:
     return jax.jit(logits).lower(head, layers, ids, cache).as_text()
 
 
-def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
-    """A prompt prefilled into a bfloat16 KV cache (kept as 16-bit integers) and one decode step through
-    the attention kernel, with bf16 weights: last-position logits within bf16 rounding of the float32
-    model's computed from scratch (the tolerance of the test above)."""
+@pytest.mark.parametrize(("cache_dtype", "storage"), [(jnp.bfloat16, jnp.uint16), (jnp.float16, jnp.float16)])
+def test_16_bit_cache_decode_step_tracks_float32(tiny_model, cache_dtype, storage):
+    """A prompt prefilled into a bfloat16 (kept as 16-bit integers) or float16 KV cache and one decode
+    step through the attention kernel, with bf16 weights: last-position logits within bf16 rounding of the
+    float32 model's computed from scratch (the tolerance of the test above)."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 24))
@@ -216,8 +217,8 @@ def test_bfloat16_cache_decode_step_tracks_float32(tiny_model):
     head, layers = llama.head_params(half), llama.layer_params(half, cfg)
     if cpu_kernels.bf16_gemm_available():
         head, layers = llama.pack_matmul_weights(head, layers)
-    cache = llama.init_cache(cfg, 2, 32, jnp.bfloat16)
-    assert cache.k[0].dtype == jnp.uint16
+    cache = llama.init_cache(cfg, 2, 32, cache_dtype)
+    assert cache.k[0].dtype == storage
     zeros = jnp.zeros((2,), jnp.int32)
     _, cache = llama.forward(head, layers, cfg, jnp.asarray(ids[:, :-1]), cache, zeros, zeros, attn_len=32)
     logits, _ = llama.forward(

@@ -35,6 +35,9 @@ from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
 
 log = logging.getLogger(__name__)
 
+# The config's kv_cache_dtype names -> cache entry dtypes.
+KV_CACHE_DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+
 
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
     return (
@@ -166,17 +169,16 @@ class JAXServer:
         slots = cfg.max_batch_size
         cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
         sharding = cache_sharding(cache_shape, self.mesh)
-        # A bfloat16 cache only where the decode attention kernel reads it: XLA's attention over one took
-        # a 32-row step to 236 ms from 81 (decode_step.py).
-        cache_dtype = jnp.float32
-        if cfg.kv_cache_dtype == "bf16":
-            if kernel_fits(model, jnp.bfloat16, sharding):
-                cache_dtype = jnp.bfloat16
-            else:
-                log.warning(
-                    "kv_cache_dtype bf16 needs the decode attention kernel (one device's whole cache, "
-                    "supported heads, a C++ compiler); the KV cache stays float32"
-                )
+        # A 16-bit cache only where the decode attention kernel reads it: XLA's attention over a bfloat16
+        # one took a 32-row step to 236 ms from 81 (decode_step.py).
+        cache_dtype = jnp.dtype(KV_CACHE_DTYPES[cfg.kv_cache_dtype])
+        if cache_dtype != jnp.float32 and not kernel_fits(model, cache_dtype, sharding):
+            log.warning(
+                "kv_cache_dtype %s needs the decode attention kernel (one device's whole cache, supported "
+                "heads, a C++ compiler); the KV cache stays float32",
+                cfg.kv_cache_dtype,
+            )
+            cache_dtype = jnp.dtype(jnp.float32)
         runner = Runner(
             model,
             self.params,

@@ -499,13 +499,13 @@ def kernel_fits(
     cfg: ModelConfig, cache_dtype: jnp.dtype, cache_sharding: jax.sharding.Sharding | None
 ) -> bool:
     """Whether prompts and decoding can use the CPU attention kernel: it is built, reads the cache's dtype
-    (float32 or bfloat16), takes the model's head shapes, and sees whole cache rows (a cache split over
+    (float32, float16 or bfloat16), takes the model's head shapes, and sees whole cache rows (a cache split over
     devices would need it run per shard)."""
     split = isinstance(cache_sharding, jax.sharding.NamedSharding) and any(
         axis is not None for axis in cache_sharding.spec
     )
     shapes_fit = cpu_kernels.takes_heads(cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-    dtype_fits = jnp.dtype(cache_dtype) in (jnp.float32, jnp.bfloat16)
+    dtype_fits = jnp.dtype(cache_dtype) in (jnp.float32, jnp.float16, jnp.bfloat16)
     return dtype_fits and shapes_fit and not split and cpu_kernels.available()
 
 

@@ -40,6 +40,7 @@ SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "bf16_gemm.cc")
 HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of the build's key
 TARGET_NAME = "jaxserver_decode_attention"
 BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
+F16_CACHE_TARGET_NAME = "jaxserver_decode_attention_f16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
 # kTileColumns in bf16_gemm.cc: the packed weights' tile width
 GEMM_TILE_COLUMNS = 64
@@ -126,6 +127,7 @@ def _load_library() -> ctypes.CDLL | None:
         for name, symbol in (
             (TARGET_NAME, library.JaxserverDecodeAttention),
             (BF16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionBf16),
+            (F16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionF16),
             (GEMM_TARGET_NAME, library.JaxserverBf16Gemm),
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
@@ -184,14 +186,15 @@ def decode_attention(
     a prompt piece): every write lands before any row attends.
 
     q [B, kv_heads, group, hd] float32; k_new, v_new [B, kv_heads, hd]; k_cache [slots, kv_heads, blocks,
-    hd, KEY_BLOCK]; v_cache [slots, kv_heads, length, hd], float32 or bf16 stored as uint16 bits
+    hd, KEY_BLOCK]; v_cache [slots, kv_heads, length, hd], float32, float16, or bf16 stored as uint16 bits
     (`llama.KVCache`); slot_ids, starts, ends [B] int32 -> (out [B, kv_heads, group, hd], k_cache,
     v_cache), the caches updated in place where the caller donates them. A row whose end lies past the
     cache (an idle row) writes nothing and gets zeros.
     """
     if not available():
         raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
-    target = BF16_CACHE_TARGET_NAME if k_cache.dtype == jnp.uint16 else TARGET_NAME
+    targets = {jnp.dtype(jnp.uint16): BF16_CACHE_TARGET_NAME, jnp.dtype(jnp.float16): F16_CACHE_TARGET_NAME}
+    target = targets.get(jnp.dtype(k_cache.dtype), TARGET_NAME)
     results = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

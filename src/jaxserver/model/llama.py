@@ -49,8 +49,9 @@ class KVCache(NamedTuple):
     which cost the attention kernel 2.4 ms of 15 at 24 rows of 225 positions (see
     kernels/decode_attention.cc). XLA's attention reads them through `keys_by_position`.
 
-    Entries are float32, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`, `from_cache`):
-    XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers in place."""
+    Entries are float32, float16, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`,
+    `from_cache`): XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers
+    in place. (16-bit caches are used only where the attention kernel writes them.)"""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -94,7 +95,7 @@ def keys_by_position(k_cache: jax.Array, rows: jax.Array, length: int) -> jax.Ar
 def init_cache(
     cfg: ModelConfig, slots: int, length: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
 ) -> KVCache:
-    """An empty cache with entries of `dtype` (float32 or bfloat16)."""
+    """An empty cache with entries of `dtype` (float32, float16 or bfloat16)."""
 
     def zeros(shape: tuple[int, ...]) -> jax.Array:
         array = jnp.zeros(shape, cache_storage_dtype(dtype))

@@ -8,7 +8,7 @@
 // writes out the query-times-key products before reducing them (README, Performance). This kernel reads
 // every cached key and value once, from where it lies, and keeps the scores in L1.
 //
-// Layouts (row-major; the caches float32 or bfloat16, widened to float32 as they are read), matching
+// Layouts (row-major; the caches float32, float16 or bfloat16, widened to float32 as they are read), matching
 // jaxserver.model.llama.KVCache:
 //   q        [B, kv_heads, group, head_dim]
 //   k_new, v_new [B, kv_heads, head_dim] float32: the rows' own keys and values
@@ -34,6 +34,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -49,6 +53,7 @@ using jaxserver_kernels::Vec;
 using IntVec = int32_t __attribute__((vector_size(kLanes * sizeof(int32_t))));
 using HalfBits = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 using Bits = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+using Halves = _Float16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
 
 // Cache entries as float32: bf16 (stored as its 16 bits) widens exactly, by a shift into a float's top half.
 inline Vec LoadAs(const float* p) { return Load(p); }
@@ -60,9 +65,31 @@ inline Vec LoadAs(const uint16_t* p) {
   __builtin_memcpy(&v, &bits, sizeof v);
   return v;
 }
+// float16 widens exactly too: by F16C's conversion where the CPU has it (GCC 12 turned the generic
+// vector conversion into one scalar conversion per element, which ran 2.6x slower than float32).
+inline Vec LoadAs(const _Float16* p) {
+  Vec v;
+#if defined(__AVX512F__)
+  const __m512 wide = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  __builtin_memcpy(&v, &wide, sizeof v);
+#elif defined(__F16C__)
+  const __m256 low = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m256 high = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kLanes / 2)));
+  __builtin_memcpy(&v, &low, sizeof low);
+  __builtin_memcpy(reinterpret_cast<char*>(&v) + sizeof low, &high, sizeof high);
+#else
+  Halves half;
+  __builtin_memcpy(&half, p, sizeof half);
+  v = __builtin_convertvector(half, Vec);
+#endif
+  return v;
+}
 inline float ToFloat(float x) { return x; }
+inline float ToFloat(_Float16 x) { return static_cast<float>(x); }
 // float32 to a cache entry: bf16 rounds to nearest even, as XLA's conversion does (NaN stays NaN).
 inline void FromFloat(float x, float* entry) { *entry = x; }
+// float16: the conversion rounds to nearest even, as XLA's does.
+inline void FromFloat(float x, _Float16* entry) { *entry = static_cast<_Float16>(x); }
 inline void FromFloat(float x, uint16_t* entry) {
   uint32_t bits;
   __builtin_memcpy(&bits, &x, sizeof bits);
@@ -235,9 +262,9 @@ AttendFn<T> PickAttend(int64_t group, std::integer_sequence<int, Gs...>) {
   return fn;
 }
 
-// T is the caches' element type as the kernel reads it, Cache the FFI's name for it: float (F32), or
-// bf16 kept as its 16 bits (U16: jaxserver stores a bf16 cache as integers, which XLA:CPU scatters in
-// place where it copied a bf16 array whole).
+// T is the caches' element type as the kernel reads it, Cache the FFI's name for it: float (F32), float16
+// (F16), or bf16 kept as its 16 bits (U16: jaxserver stores a bf16 cache as integers, which XLA:CPU
+// scatters in place where it copied a bf16 array whole).
 template <typename T, ffi::DataType Cache>
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                            ffi::Buffer<ffi::F32> v_new, ffi::Buffer<Cache> k_cache, ffi::Buffer<Cache> v_cache,
@@ -343,3 +370,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttention, (DecodeAttention<float, 
                               Signature<ffi::F32>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttentionBf16, (DecodeAttention<uint16_t, ffi::U16>),
                               Signature<ffi::U16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverDecodeAttentionF16, (DecodeAttention<_Float16, ffi::F16>),
+                              Signature<ffi::F16>());
