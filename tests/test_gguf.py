@@ -103,8 +103,11 @@ def test_last_position_logits_match_transformers(smollm, hf_model):
 
 @pytest.fixture(scope="module")
 def smollm_server():
-    # float32 weights, as transformers runs them: the tokens are compared exactly ("auto" may pick bf16).
-    config = tiny.test_config(max_length=512, max_compile_tokens=16, mesh_axes_shape=(1, 1, 1), dtype="fp32")
+    # float32 weights and cache, as transformers runs them: the tokens are compared exactly ("auto" may
+    # pick bf16 weights and picks a float16 cache).
+    config = tiny.test_config(
+        max_length=512, max_compile_tokens=16, mesh_axes_shape=(1, 1, 1), dtype="fp32", kv_cache_dtype="fp32"
+    )
     return JAXServer.load(None, config=config)
 
 

@@ -76,7 +76,7 @@ def test_16_bit_kv_caches_take_half_the_memory_and_answer(tiny_llama_dir, kv_cac
     (bf16's did for SmolLM2), so the values are checked to tolerance in test_cpu_kernels and test_model."""
     settings = {"mesh_axes_shape": (1, 1, 1), "dtype": "bf16"}
     half = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype=kv_cache_dtype, **settings))
-    full = JAXServer.load(tiny_llama_dir, config=tiny.test_config(**settings))
+    full = JAXServer.load(tiny_llama_dir, config=tiny.test_config(kv_cache_dtype="fp32", **settings))
     try:
         assert half.engine.runner.cache.k[0].dtype == storage
         assert full.engine.runner.cache.k[0].dtype == jnp.float32
@@ -86,6 +86,20 @@ def test_16_bit_kv_caches_take_half_the_memory_and_answer(tiny_llama_dir, kv_cac
     finally:
         half.shutdown()
         full.shutdown()
+
+
+def test_auto_kv_cache_is_float16_where_the_kernel_reads_it_and_float32_elsewhere(tiny_llama_dir, caplog):
+    """The default cache: float16 on one device (the attention kernel reads it); float32 on a split mesh,
+    where XLA's attention would read it, without a warning (nothing was asked for explicitly)."""
+    one = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 1)))
+    split = JAXServer.load(tiny_llama_dir, config=tiny.test_config(mesh_axes_shape=(1, 1, 2)))
+    try:
+        assert one.engine.runner.cache.k[0].dtype == jnp.float16
+        assert split.engine.runner.cache.k[0].dtype == jnp.float32
+        assert "kv_cache_dtype" not in caplog.text
+    finally:
+        one.shutdown()
+        split.shutdown()
 
 
 def test_mesh_larger_than_the_machine_is_rejected(tiny_llama_dir):

@@ -70,13 +70,13 @@ class JAXServerConfig(BaseModel):
             "seed format strings were not set explicitly, else the seed strings."
         ),
     )
-    kv_cache_dtype: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32",
+    kv_cache_dtype: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
         description=(
-            "KV cache entries. 'fp16' and 'bf16' halve the cache and speed decoding; bf16 changed greedy "
-            "answers of the default model where bf16 weights had not, fp16 (8x finer steps, range to "
-            "65504) stays closer to float32 (README, Performance). They apply where the decode attention "
-            "kernel reads the cache; float32 is kept elsewhere."
+            "KV cache entries. 'fp16' and 'bf16' halve the cache and speed decoding; they apply where the "
+            "decode attention kernel reads the cache (float32 is kept elsewhere). fp16 stays within float32's "
+            "predictions (8x finer steps than bf16; range to 65504, llama.cpp's default); bf16 changed "
+            "greedy answers of the default model. 'auto': fp16 where the kernel reads the cache, else fp32."
         ),
     )
     enable_prefix_caching: bool = Field(

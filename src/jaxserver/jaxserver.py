@@ -35,8 +35,8 @@ from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
 
 log = logging.getLogger(__name__)
 
-# The config's kv_cache_dtype names -> cache entry dtypes.
-KV_CACHE_DTYPES = {"fp32": jnp.float32, "fp16": jnp.float16, "bf16": jnp.bfloat16}
+# The config's 16-bit kv_cache_dtype names -> cache entry dtypes.
+KV_CACHE_DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
 
 
 def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
@@ -158,6 +158,24 @@ class JAXServer:
         self.mesh = make_mesh(self.config.mesh_axes_names, self.config.mesh_axes_shape)
         return shard_params(params, self.mesh)
 
+    def kv_cache_dtype(self, model: ModelConfig, sharding: jax.sharding.Sharding) -> jnp.dtype:
+        """The KV cache's entry dtype: the config's, with "auto" resolved. A 16-bit cache only where the
+        decode attention kernel reads it: XLA's attention over a bfloat16 one took a 32-row step to 236 ms
+        from 81 (decode_step.py)."""
+        wanted = self.config.kv_cache_dtype
+        if wanted == "fp32":
+            return jnp.dtype(jnp.float32)
+        dtype = jnp.dtype(KV_CACHE_DTYPES["fp16" if wanted == "auto" else wanted])
+        if kernel_fits(model, dtype, sharding):
+            return dtype
+        if wanted != "auto":
+            log.warning(
+                "kv_cache_dtype %s needs the decode attention kernel (one device's whole cache, supported "
+                "heads, a C++ compiler); the KV cache stays float32",
+                wanted,
+            )
+        return jnp.dtype(jnp.float32)
+
     def configure_generate_functions(self, model: ModelConfig, tokenizer: Tokenizer) -> None:
         """Build the runner (compiled prefill and decode over the KV cache) and start the engine that
         batches all requests. An override must set `self.engine` (started) and `self._funcs_generated`."""
@@ -169,16 +187,7 @@ class JAXServer:
         slots = cfg.max_batch_size
         cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
         sharding = cache_sharding(cache_shape, self.mesh)
-        # A 16-bit cache only where the decode attention kernel reads it: XLA's attention over a bfloat16
-        # one took a 32-row step to 236 ms from 81 (decode_step.py).
-        cache_dtype = jnp.dtype(KV_CACHE_DTYPES[cfg.kv_cache_dtype])
-        if cache_dtype != jnp.float32 and not kernel_fits(model, cache_dtype, sharding):
-            log.warning(
-                "kv_cache_dtype %s needs the decode attention kernel (one device's whole cache, supported "
-                "heads, a C++ compiler); the KV cache stays float32",
-                cfg.kv_cache_dtype,
-            )
-            cache_dtype = jnp.dtype(jnp.float32)
+        cache_dtype = self.kv_cache_dtype(model, sharding)
         runner = Runner(
             model,
             self.params,
