@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument(
         "--cache-dtype",
         default="float32",
-        help="KV cache dtype (float32, as the server's default, or bfloat16)",
+        help="KV cache dtype: float32, float16 (the server's default where the attention kernel runs) or bfloat16",
     )
     parser.add_argument("--sample", action="store_true", help="top-k/top-p sampling instead of greedy")
     parser.add_argument("--profile", action="store_true", help="print time by XLA operation kind")
