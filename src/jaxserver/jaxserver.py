@@ -203,7 +203,7 @@ class JAXServer:
             runner.cache_bytes / 2**20,
             slots,
             cfg.max_length,
-            jnp.dtype(cache_dtype).name,
+            cache_dtype.name,
         )
         later_shapes = []
         if cfg.warm_up:

@@ -174,6 +174,7 @@ class Engine:
             "requests_finished": dict(self.finished),
             "tokens_generated": self.tokens_generated,
             "kv_cache_bytes": self.runner.cache_bytes,
+            "kv_cache_dtype": self.runner.cache_dtype.name,
             "decode_shapes_compiling": self.runner.shapes_to_compile,
             "step_totals": asdict(self.totals),
             "engine_error": self.error,

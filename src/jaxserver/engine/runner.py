@@ -301,6 +301,7 @@ class Runner:
         self.steps_per_call = steps_per_call
         self.eos_ids = jnp.asarray(eos_ids, jnp.int32)
         self.shapes_to_compile = 0  # decode shapes `compile_ahead` has yet to compile
+        self.cache_dtype = jnp.dtype(cache_dtype)  # the entries' (a bf16 cache is stored as uint16)
         self.cache = llama.init_cache(cfg, slots, cache_len, cache_dtype, cache_sharding)
         if attention_kernel is None:
             attention_kernel = kernel_fits(cfg, cache_dtype, cache_sharding)
