@@ -84,11 +84,9 @@ inline Vec LoadAs(const _Float16* p) {
 #endif
   return v;
 }
-inline float ToFloat(float x) { return x; }
-inline float ToFloat(_Float16 x) { return static_cast<float>(x); }
-// float32 to a cache entry: bf16 rounds to nearest even, as XLA's conversion does (NaN stays NaN).
+// float32 to a cache entry, rounded to nearest even as XLA's conversions round: float16 by the compiler's
+// conversion, bf16 (its 16 bits) by hand, NaN staying NaN.
 inline void FromFloat(float x, float* entry) { *entry = x; }
-// float16: the conversion rounds to nearest even, as XLA's does.
 inline void FromFloat(float x, _Float16* entry) { *entry = static_cast<_Float16>(x); }
 inline void FromFloat(float x, uint16_t* entry) {
   uint32_t bits;
@@ -96,12 +94,6 @@ inline void FromFloat(float x, uint16_t* entry) {
   const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;  // tested on the bits: -ffast-math drops isnan
   *entry = nan ? static_cast<uint16_t>((bits >> 16) | 0x40)
                : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-inline float ToFloat(uint16_t half) {
-  const uint32_t bits = static_cast<uint32_t>(half) << 16;
-  float value;
-  __builtin_memcpy(&value, &bits, sizeof value);
-  return value;
 }
 
 // e^x for x <= 0 (softmax arguments after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
