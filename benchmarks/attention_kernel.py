@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.model import cpu_kernels
+from jaxserver.model import cpu_kernels, llama
 
 LAYERS, KV_HEADS, GROUP, HEAD_DIM = 30, 3, 3, 64
 
@@ -39,13 +39,8 @@ def main() -> None:
     rows_list = [int(n) for n in args.rows.split(",")]
     slots, length = max(rows_list), args.cache_length
     rng = np.random.default_rng(0)
-    key_blocks = -(-length // cpu_kernels.KEY_BLOCK)  # keys in blocks of positions, as llama.KVCache
-    k_caches = [
-        jnp.asarray(
-            rng.standard_normal((slots, KV_HEADS, key_blocks, HEAD_DIM, cpu_kernels.KEY_BLOCK), np.float32)
-        )
-        for _ in range(LAYERS)
-    ]
+    keys = (slots, KV_HEADS, llama.key_blocks(length), HEAD_DIM, llama.KEY_BLOCK)  # as llama.KVCache
+    k_caches = [jnp.asarray(rng.standard_normal(keys, np.float32)) for _ in range(LAYERS)]
     v_caches = [
         jnp.asarray(rng.standard_normal((slots, KV_HEADS, length, HEAD_DIM), np.float32))
         for _ in range(LAYERS)

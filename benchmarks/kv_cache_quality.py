@@ -31,8 +31,11 @@ SETTINGS = [
 ]
 
 
-def log_probs(cfg, params, tokens: list[int], weights: str, cache_dtype: str) -> np.ndarray:
-    """Log-probabilities [len(tokens), vocab] of the token after each position, fed one at a time."""
+def log_probs(
+    cfg, params, tokens: list[int], weights: str, cache_dtype: str
+) -> tuple[np.ndarray, float, float]:
+    """Log-probabilities [len(tokens), vocab] of the token after each position, fed one at a time, and the
+    largest magnitude among the cached keys and among the values (what a 16-bit cache must hold)."""
     cast = llama.cast_params(params, jnp.dtype(weights))
     head, layers = llama.head_params(cast), llama.layer_params(cast, cfg)
     if weights == "bfloat16" and cpu_kernels.bf16_gemm_available():
@@ -60,7 +63,8 @@ def log_probs(cfg, params, tokens: list[int], weights: str, cache_dtype: str) ->
     for position, token in enumerate(tokens):
         cache, row = step(cache, jnp.int32(token), jnp.int32(position))
         rows.append(np.asarray(row, np.float64))
-    return np.stack(rows)
+    largest = [max(float(jnp.abs(llama.from_cache(a)).max()) for a in arrays) for arrays in cache]
+    return np.stack(rows), *largest
 
 
 def main() -> None:
@@ -75,10 +79,11 @@ def main() -> None:
     tokens = tokenizer.encode(args.text.read_text())[: args.tokens]
     following = np.asarray(tokens[1:])
     results = {setting: log_probs(cfg, params, tokens, *setting) for setting in SETTINGS}
-    reference = results[SETTINGS[0]]
+    reference, largest_key, largest_value = results[SETTINGS[0]]
     print(f"{len(tokens)} tokens of {args.text.name}; reference: float32 weights, float32 cache")
+    print(f"largest cached |key| {largest_key:.1f}, |value| {largest_value:.1f} (float16 holds up to 65504)")
     print(f"{'weights':>9} {'cache':>9} {'top-1 agrees':>13} {'KL (nats)':>10} {'NLL':>7}")
-    for (weights, cache_dtype), rows in results.items():
+    for (weights, cache_dtype), (rows, _, _) in results.items():
         agree = np.mean(rows.argmax(-1) == reference.argmax(-1))
         kl = np.mean(np.sum(np.exp(reference) * (reference - rows), axis=-1))
         nll = -np.mean(rows[np.arange(len(following)), following])

@@ -43,7 +43,7 @@ def in_key_blocks(keys: np.ndarray) -> np.ndarray:
     """Keys [slots, kv_heads, head_dim, length] as the cache holds them (llama.KVCache), zero-padded to
     whole blocks."""
     *lead, head_dim, length = keys.shape
-    blocks = -(-length // cpu_kernels.KEY_BLOCK)
+    blocks = llama.key_blocks(length)
     padded = np.zeros((*lead, head_dim, blocks * cpu_kernels.KEY_BLOCK), keys.dtype)
     padded[..., :length] = keys
     return padded.reshape(*lead, head_dim, blocks, cpu_kernels.KEY_BLOCK).swapaxes(-3, -2)

@@ -506,7 +506,7 @@ def kernel_fits(
         axis is not None for axis in cache_sharding.spec
     )
     shapes_fit = cpu_kernels.takes_heads(cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-    dtype_fits = jnp.dtype(cache_dtype) in (jnp.float32, jnp.float16, jnp.bfloat16)
+    dtype_fits = llama.cache_storage_dtype(cache_dtype) in cpu_kernels.CACHE_TARGETS
     return dtype_fits and shapes_fit and not split and cpu_kernels.available()
 
 

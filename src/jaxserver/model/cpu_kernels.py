@@ -42,6 +42,12 @@ TARGET_NAME = "jaxserver_decode_attention"
 BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
 F16_CACHE_TARGET_NAME = "jaxserver_decode_attention_f16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
+# The attention kernel's target for each cache array dtype it reads (bf16 entries are kept as uint16 bits).
+CACHE_TARGETS = {
+    jnp.dtype(jnp.float32): TARGET_NAME,
+    jnp.dtype(jnp.float16): F16_CACHE_TARGET_NAME,
+    jnp.dtype(jnp.uint16): BF16_CACHE_TARGET_NAME,
+}
 # kTileColumns in bf16_gemm.cc: the packed weights' tile width
 GEMM_TILE_COLUMNS = 64
 # kKeyBlock in decode_attention.cc: cached keys come in blocks of this many positions (llama.KVCache)
@@ -193,8 +199,7 @@ def decode_attention(
     """
     if not available():
         raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
-    targets = {jnp.dtype(jnp.uint16): BF16_CACHE_TARGET_NAME, jnp.dtype(jnp.float16): F16_CACHE_TARGET_NAME}
-    target = targets.get(jnp.dtype(k_cache.dtype), TARGET_NAME)
+    target = CACHE_TARGETS[jnp.dtype(k_cache.dtype)]
     results = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
         jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),

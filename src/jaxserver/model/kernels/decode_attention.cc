@@ -24,8 +24,8 @@
 // Why keys come in blocks: a query multiplies one key dimension by 16 positions per vector, so positions
 // must lie along the fast axis; but with keys stored [head_dim, length], 64 dimensions of one position sat
 // in 64 different pages, a new key took 64 scattered stores, and a short read touched 64 pages for a few
-// lines each. In blocks, a run of positions is one contiguous stream and a new key lands in one page. 24
-// rows, 30 layers of SmolLM2's heads: 14.8 -> 12.4 ms at 225 positions, 6.7 -> 4.3 ms at 32 (float32).
+// lines each. In blocks, a run of positions is one contiguous stream and a new key lands in one page
+// (benchmarks/attention_kernel.py, 32 rows of 200 positions: 19.7-24.4 -> 13.4-14.8 ms).
 
 #include <algorithm>
 #include <cmath>
@@ -66,7 +66,8 @@ inline Vec LoadAs(const uint16_t* p) {
   return v;
 }
 // float16 widens exactly too: by F16C's conversion where the CPU has it (GCC 12 turned the generic
-// vector conversion into one scalar conversion per element, which ran about 1.8x slower than float32).
+// vector conversion into one scalar conversion per element: about 1.8x slower than float32 in a one-off
+// harness).
 inline Vec LoadAs(const _Float16* p) {
   Vec v;
 #if defined(__AVX512F__)
@@ -308,7 +309,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   };
   // Rows in distinct slots (a decode step) write their entries in their own work items, side by side.
   // Rows that share a slot (a prompt piece's tokens) attend to each other's entries: those are all
-  // written first. (Written one by one, 24 decode rows' entries took 1 of a step's 12 ms of attention.)
+  // written first. (Written one by one, 24 decode rows' entries took about 1 ms of 12 in a one-off harness.)
   std::vector<bool> taken(s.slots, false);
   bool distinct = true;
   for (int64_t b = 0; b < s.batch && distinct; ++b) {
