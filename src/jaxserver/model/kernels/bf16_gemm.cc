@@ -41,9 +41,9 @@ constexpr int kBlockRows = 6;         // 6 x 4 sums + 1 weight vector + 1 broadc
 // one-off harness outside the repository, 96 rows per item beat 48 at 256 rows).
 constexpr int64_t kItemRows = 16 * kBlockRows;
 
-// x rows [first, first + count) to bf16 pairs, rounding to nearest even. K is even.
-void RoundRows(const float* x, int64_t K, int64_t first, int64_t count, uint16_t* out) {
-  for (int64_t i = first * K, end = (first + count) * K; i < end; i += 32) {
+// x [M, K] to bf16 pairs, rounding to nearest even. K is even.
+void RoundRows(const float* x, int64_t M, int64_t K, uint16_t* out) {
+  for (int64_t i = 0, end = M * K; i < end; i += 32) {
     if (i + 32 <= end) {
       const __m512bh halves = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(x + i));
       _mm512_storeu_si512(out + i, reinterpret_cast<const __m512i&>(halves));
@@ -136,11 +136,9 @@ ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   // through vector stores and memcpy, which may alias any type.
   std::vector<uint32_t> x_pairs(M * pairs);
   auto* rounded = reinterpret_cast<uint16_t*>(x_pairs.data());
-  constexpr int64_t kRoundRows = 16;
-  jaxserver_kernels::ParallelFor(pool, (M + kRoundRows - 1) / kRoundRows, [&](int64_t i) {
-    const int64_t first = i * kRoundRows;
-    RoundRows(x_data, 2 * pairs, first, std::min(kRoundRows, M - first), rounded);
-  });
+  // On the calling thread: waking a pool thread for it cost more than the rounding itself (10% of the
+  // matmuls of a 24-row decode step, benchmarks/matmul_dtypes.py's shapes in a one-off harness).
+  RoundRows(x_data, M, 2 * pairs, rounded);
   (M <= kBlockRows ? FewRows : ManyRows)(pool, x_pairs.data(), M, pairs, weights, tiles, out->typed_data());
   return ffi::Error::Success();
 }
