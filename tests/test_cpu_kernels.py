@@ -180,8 +180,8 @@ needs_bf16_gemm = pytest.mark.skipif(
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 7, 9, 32, 100, 200])
 @pytest.mark.parametrize(("inner", "outer"), [(576, 960), (38, 128), (2, 64), (64, 320)])
 def test_bf16_gemm_matches_numpy_on_rounded_rows(rows, inner, outer):
-    """Every row-block size (6 and what is left of it), row counts past one work item (96 rows) and
-    that leave a partial conversion vector, K of a single pair, and tile counts that leave single tiles
+    """Every row-block size (6 and what is left of it), row counts past one work item (96 rows), split in
+    two items over few tiles (960 columns: 15 tiles), and that leave a partial conversion vector, K of a single pair, and tile counts that leave single tiles
     beside the few-rows regime's wide items (5 tiles: 4 + 1, 3 + 2 and 2 + 2 + 1). The reference rounds
     x to bf16 as the kernel does; the sums are float32 in a different order than float64's."""
     rng = np.random.default_rng(rows * inner + outer)
