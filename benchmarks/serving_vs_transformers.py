@@ -83,7 +83,12 @@ def main() -> None:
     parser.add_argument("--input-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument(
-        "--requests-per-level", type=int, default=2, help="requests = this x concurrency (min 4)"
+        "--requests-per-level",
+        type=int,
+        default=4,
+        help="requests = this x concurrency (min 4): the ramp while the first requests are prefilled and "
+        "the tail while the last ones drain weigh less with more (at 32 streams, 4 gave 9%% more "
+        "tokens/s than 2)",
     )
     parser.add_argument(
         "--dtype",
