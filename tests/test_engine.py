@@ -383,6 +383,82 @@ def test_prefix_reuse_picks_the_slot_with_the_longest_match_and_keeps_the_answer
     assert pick([1, 2, 3, 4, 5, 6, 9]) == (2, 0, 0)
 
 
+def test_prefix_donor_is_the_slot_holding_the_most_of_the_prompt_busy_or_free(model):
+    """`donor` looks at every other slot: what a free one remembers, what a busy one has written (the
+    prompt so far, then all but the last generated token), and names the one holding the longest start of
+    the prompt, if that is at least MIN_COPY_TOKENS more than the request's own slot holds; never the
+    whole prompt, and never a left-padded row."""
+    engine = start_engine(model, slots=4, cache_len=96, start=False)
+    scheduler = engine.scheduler
+    base = list(range(100, 140))
+    requests = [GenerationRequest(p, 8, GREEDY) for p in (base[:30], base[:34] + [1, 2], base[:25])]
+    for request in requests:
+        engine.submit(request)
+    engine._take_inbox(block=False)
+    writer, taker, whole = scheduler.admit(engine.tokenizer.incremental_decoder)
+    assert scheduler.donor(taker) is None  # nothing written yet
+    writer.prefilled = 30
+    assert scheduler.donor(taker) == (writer.slot, 0, 30)
+    assert scheduler.donor(whole) == (writer.slot, 0, 24)  # the prompt's last token is prefilled
+    scheduler.start_decoding(writer)
+    writer.generated = [130, 131, 132, 133, 134]  # base continues; the last token has no entry yet
+    assert scheduler.donor(taker) == (writer.slot, 0, 34)
+    taker.prefilled = 19  # 34 - 19 < MIN_COPY_TOKENS
+    assert scheduler.donor(taker) is None
+    taker.prefilled = 0
+    engine._finish(writer, "stop")  # freed slots keep offering what they hold
+    assert scheduler.donor(taker) == (writer.slot, 0, 34)
+    scheduler.contents[writer.slot] = SlotContents(3, np.asarray(base))
+    assert scheduler.donor(taker) == (writer.slot, 3, 34)
+    scheduler.contents[writer.slot] = SlotContents(96 - 36 - 8 + 1, np.asarray(base))
+    assert scheduler.donor(taker) is None  # the answer would not have its 8 tokens of room
+    scheduler.contents[writer.slot] = SlotContents(3, np.asarray(base))
+    taker.prefilled = 1  # at start 0
+    assert scheduler.donor(taker) is None
+    scheduler.reuse_prefixes = False
+    scheduler.contents[writer.slot] = SlotContents(0, np.asarray(base))
+    assert scheduler.donor(taker) is None
+
+
+@pytest.mark.parametrize("prefill_chunk", [16, 64])  # 64: the first prompt is left-padded, the others follow
+@pytest.mark.parametrize("attention_kernel", [None, pytest.param(False, id="xla-attention")])
+@pytest.mark.parametrize("weights", WEIGHTS)
+def test_prompts_sharing_a_start_copy_it_from_each_other_and_change_no_answer(
+    make_engine, model, weights, attention_kernel, prefill_chunk
+):
+    """Requests that arrive together with one 40-token start (a system prompt) and different ends: the
+    first prefills it, the others copy its entries from the first's slot (with its left padding, if any)
+    and prefill only their ends, and each gets the tokens and log-probabilities it gets from an engine
+    that reuses nothing (to the last bit where the kernels attend, to 1e-5 where XLA attends over padded
+    buckets)."""
+    vocab = model[0].vocab_size
+    shared = (prompts(1, vocab)[0] * 40)[:40]
+    requests = [shared + [7 + i] * (3 + i) for i in range(3)]
+    settings = {"weights": weights, "slots": 4, "attention_kernel": attention_kernel}
+    settings["prefill_chunk"] = prefill_chunk
+    fresh = make_engine(reuse_prefixes=False, **settings)
+    expected = [answer_with_logprobs(fresh, p) for p in requests]
+
+    engine = make_engine(reuse_prefixes=True, start=False, **settings)
+    streams = [engine.submit(GenerationRequest(p, 8, GREEDY, ignore_eos=True, logprobs=2)) for p in requests]
+    engine._take_inbox(block=False)
+    assert len(engine.scheduler.admit(engine.tokenizer.incremental_decoder)) == 3
+    engine.start()
+    got = []
+    for stream in streams:
+        chunks = list(stream)
+        got.append(
+            ([t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or []])
+        )
+    assert engine.totals.prompt_tokens_copied == engine.totals.prompt_tokens_reused == 2 * 40
+    assert engine.totals.prompt_tokens == sum(map(len, requests)) - 2 * 40
+    for answer, want in zip(got, expected, strict=True):
+        assert answer[0] == want[0]
+        values = [[lp.logprob, *(v for _, v in lp.top)] for lp in answer[1]]
+        wanted = [[lp.logprob, *(v for _, v in lp.top)] for lp in want[1]]
+        np.testing.assert_allclose(values, wanted, rtol=0, atol=0 if attention_kernel is None else 1e-5)
+
+
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs,
     counting the shapes it has yet to compile (what /status reports) down to zero."""

@@ -82,7 +82,8 @@ class JAXServerConfig(BaseModel):
     enable_prefix_caching: bool = Field(
         True,
         description="Give a request the free slot whose KV cache already holds the start of its prompt "
-        "(the chat template's system text, an earlier turn of the conversation) and prefill only the rest.",
+        "(the chat template's system text, an earlier turn of the conversation), or copy that start from "
+        "another slot, and prefill only the rest.",
     )
     max_batch_size: int = Field(
         32, ge=1, le=1024, description="Requests decoded together (KV cache slots of max_length tokens each)."

@@ -7,9 +7,9 @@ Life of a request:
 2. The engine thread loops:
    a. inbox: new requests join the waiting queue; aborts finish their request;
    b. schedule: waiting requests take free slots, oldest first;
-   c. prefill: prompt pieces of at most `prefill_chunk_tokens` are written into their slots; while other
-      slots are decoding, up to `prefill_budget_tokens` per iteration, so that prompts never stall them
-      for long.
+   c. prefill: a prompt's start that another slot holds is copied over (prefix caching), then pieces of
+      at most `prefill_chunk_tokens` are written into their slots; while other slots are decoding, up to
+      `prefill_budget_tokens` per iteration, so that prompts never stall them for long.
       A prompt's last piece samples its first token, and the slot joins the decode batch;
    d. decode: one compiled call advances every decoding slot by up to `max_compile_tokens` tokens
       (fewer while prompts wait, so that they are admitted sooner; and it ends at the step where a
@@ -69,6 +69,7 @@ class StepTotals:
     prompt_tokens: int = 0  # prompt tokens written into the cache
     prompt_tokens_computed: int = 0  # the same with the padding of their buckets
     prompt_tokens_reused: int = 0  # prompt tokens found in the cache, left by earlier requests
+    prompt_tokens_copied: int = 0  # those of them copied from another request's slot
     decode_seconds: float = 0.0
     decode_calls: int = 0
     decode_steps: int = 0  # forward passes of the decode batch
@@ -236,10 +237,23 @@ class Engine:
         budget = self.prefill_budget_tokens
         while self.scheduler.prefilling and (budget > 0 or not self.scheduler.decoding):
             seq = self.scheduler.prefilling[0]
+            self._copy_shared_start(seq)
             written, token, logprobs = self._prefill_piece(seq)
             budget -= written
             if seq.prefill_done:
                 self._start_decoding(seq, token, logprobs)
+
+    def _copy_shared_start(self, seq: Sequence) -> None:
+        """Copy the entries of the prompt's start from another slot that holds more of it than `seq`'s
+        own (`Scheduler.donor`): decided right before a piece, so that a prompt prefilled a moment ago
+        (requests with one system prompt that arrive together) counts."""
+        donor = self.scheduler.donor(seq)
+        if donor is not None:
+            slot, start, held = donor
+            self.runner.copy_prefix(slot, seq.slot, start + held)
+            self.totals.prompt_tokens_reused += held - seq.prefilled
+            self.totals.prompt_tokens_copied += held - seq.prefilled
+            seq.start, seq.prefilled = start, held
 
     def _prefill_piece(self, seq: Sequence) -> tuple[int, int, list[TokenLogprobs] | None]:
         """Write the next piece of the prompt; return (prompt tokens written, token sampled after them,

@@ -89,6 +89,11 @@ def prompt_bucket(n: int, cap: int) -> int:
     return quarter_bucket(n, cap)
 
 
+def copy_bucket(n: int, cap: int) -> int:
+    """Positions `Runner.copy_prefix` copies for n tokens: whole key blocks, by powers of two."""
+    return bucket(n, llama.KEY_BLOCK, cap)
+
+
 def prompt_buckets(cap: int) -> list[int]:
     """Every padded length `prompt_bucket` gives for pieces of up to cap tokens."""
     return sorted({prompt_bucket(n, cap) for n in range(1, cap + 1)})
@@ -157,6 +162,21 @@ def _prefill(
         )
     logprobs = token_logprobs(raw_logits, token, MAX_TOP_LOGPROBS) if want_logprobs else None
     return token, logprobs, penalties, cache
+
+
+def _copy_prefix(cache: KVCache, source: jax.Array, dest: jax.Array, *, positions: int) -> KVCache:
+    """`cache` with cache row `dest`'s first `positions` (static) entries replaced by row `source`'s."""
+
+    def copied(layer: jax.Array, count: int) -> jax.Array:
+        # A slot's first `count` entries along axis 2: key blocks for keys, positions for values.
+        corner = (0,) * (layer.ndim - 1)
+        piece = jax.lax.dynamic_slice(layer, (source, *corner), (1, layer.shape[1], count, *layer.shape[3:]))
+        return jax.lax.dynamic_update_slice(layer, piece, (dest, *corner))
+
+    return KVCache(
+        tuple(copied(layer, llama.key_blocks(positions)) for layer in cache.k),
+        tuple(copied(layer, positions) for layer in cache.v),
+    )
 
 
 class ChunkOutputs(NamedTuple):
@@ -325,6 +345,8 @@ class Runner:
             donate_argnums=(2, 3),
         )
 
+        self._copy_prefix = jax.jit(_copy_prefix, static_argnames="positions", donate_argnums=0)
+
     @property
     def cache_bytes(self) -> int:
         return self.cache.nbytes
@@ -373,6 +395,14 @@ class Runner:
         if penalties is not None:
             self.penalties = penalties
         return int(first[0]), jax.device_get(logprobs)
+
+    def copy_prefix(self, source: int, dest: int, tokens: int) -> None:
+        """Copy the keys and values of cache row `source`'s first `tokens` positions into row `dest` (and
+        up to `copy_bucket(tokens)` positions: the ones past `tokens` are overwritten before anything
+        reads them, as `dest` writes its own)."""
+        self.cache = self._copy_prefix(
+            self.cache, np.int32(source), np.int32(dest), positions=copy_bucket(tokens, self.cache_len)
+        )
 
     def decode_shape(self, state: DecodeState, steps: int) -> tuple[int, int]:
         """The compiled shape a decode chunk over `state`'s active rows uses: (batch rows, attended cache
@@ -439,8 +469,8 @@ class Runner:
         return jax.tree.map(scatter, outputs), new_state
 
     def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> list[tuple[int, int]]:
-        """Compile the common shapes now rather than on the first requests: the given prompt buckets;
-        with the decode kernel, decode for every row bucket; without it, decode for one request at every
+        """Compile the common shapes now rather than on the first requests: the given prompt buckets,
+        every prefix copy; with the decode kernel, decode for every row bucket; without it, decode for one request at every
         context length and every batch size up to `common_len`. Returns the decode shapes (rows,
         attended length) left out, for `compile_ahead`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
@@ -448,6 +478,11 @@ class Runner:
             started = time.perf_counter()
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
             log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
+        started = time.perf_counter()
+        copy_sizes = sorted({copy_bucket(n, self.cache_len) for n in range(1, self.cache_len + 1)})
+        for size in copy_sizes:
+            self.copy_prefix(0, 0, size)  # onto itself: changes nothing
+        log.info("compiled %d prefix copies in %.1f s", len(copy_sizes), time.perf_counter() - started)
         started = time.perf_counter()
         if self.attention_kernel:
             every = {(row_bucket(n, self.slots), self.cache_len) for n in range(1, self.slots + 1)}

@@ -5,8 +5,11 @@ A freed slot keeps its keys and values. With prefix reuse on, the scheduler reme
 belong to, and gives a new request the free slot whose tokens begin as its prompt does, so only the rest
 of the prompt is prefilled: the chat template's system text that every request repeats, or the whole
 history of a conversation whose next turn lands in the slot its last turn used (as llama.cpp's server
-reuses a slot's prompt). A row's keys and values depend only on the tokens before it, and every kernel
-computes a row the same way whatever is beside it, so the reused entries are those the prompt would write.
+reuses a slot's prompt). Where another slot, busy or free, holds a longer start of the prompt than the
+request's own (requests with one system prompt that arrive together), `donor` names it, and the engine
+copies those entries over before prefilling the rest. A row's keys and values depend only on the tokens
+before it, and every kernel computes a row the same way whatever is beside it, so the reused entries are
+those the prompt would write.
 """
 
 from __future__ import annotations
@@ -39,6 +42,11 @@ class Sequence:
     @property
     def prefill_done(self) -> bool:
         return self.prefilled >= len(self.request.prompt_ids)
+
+
+# A start of a prompt is copied from another slot only when it saves at least this many tokens of
+# prefill: below, the copy's call costs about what it saves.
+MIN_COPY_TOKENS = 16
 
 
 @dataclass
@@ -115,6 +123,34 @@ class Scheduler:
                 best = (slot, held.start, reused)
         return best
 
+    def donor(self, seq: Sequence) -> tuple[int, int, int] | None:
+        """(slot, its start, prompt tokens it holds) of another slot whose cache begins with at least
+        MIN_COPY_TOKENS more of `seq`'s prompt than `seq`'s slot holds, the longest such; None if there is
+        none. Entries keep their cache indices when copied, so `seq` takes the donor's start (left
+        padding): only while it has nothing of its own, or if the starts agree, and if the answer keeps the
+        room a fresh slot would give it. As in `_pick_slot`, the prompt's last token is left to prefill."""
+        if not self.reuse_prefixes:
+            return None
+        request = seq.request
+        prompt = np.asarray(request.prompt_ids)
+        best, most = None, seq.prefilled + MIN_COPY_TOKENS - 1
+        for slot, held in self._written():
+            if slot == seq.slot or (seq.prefilled and held.start != seq.start):
+                continue
+            if held.start and held.start + len(prompt) + request.max_new_tokens > self.cache_len:
+                continue
+            n = min(common_prefix(held.tokens, prompt), len(prompt) - 1)
+            if n > most:
+                best, most = (slot, held.start, n), n
+        return best
+
+    def _written(self) -> list[tuple[int, SlotContents]]:
+        """What every slot's cache holds: free slots' remembered tokens, and busy slots' entries so far."""
+        held = [(slot, self.contents[slot]) for slot in self.free_slots if self.contents[slot] is not None]
+        for seq in [*self.prefilling, *self.decoding.values()]:
+            held.append((seq.slot, SlotContents(seq.start, np.asarray(written_tokens(seq), np.int64))))
+        return held
+
     def start_decoding(self, seq: Sequence) -> None:
         self.prefilling.remove(seq)
         self.decoding[seq.slot] = seq
@@ -126,8 +162,8 @@ class Scheduler:
         return next((s for s in self.waiting if s.request.request_id == request_id), None)
 
     def release(self, item: Sequence | OutputStream) -> None:
-        """Forget a finished request; the only place a slot is freed. The slot keeps the entries of the
-        prompt written so far and of every generated token but the last (sampled, never fed back)."""
+        """Forget a finished request; the only place a slot is freed. The slot keeps its entries
+        (`written_tokens`)."""
         if isinstance(item, OutputStream):
             if item in self.waiting:  # not there when it never left the engine's inbox
                 self.waiting.remove(item)
@@ -135,9 +171,14 @@ class Scheduler:
         if item in self.prefilling:
             self.prefilling.remove(item)
         self.decoding.pop(item.slot, None)
-        written = item.request.prompt_ids[: item.prefilled] + item.generated[:-1]
-        self.contents[item.slot] = SlotContents(item.start, np.asarray(written, np.int64))
+        self.contents[item.slot] = SlotContents(item.start, np.asarray(written_tokens(item), np.int64))
         self.free_slots.insert(0, item.slot)
 
     def all_requests(self) -> list[Sequence | OutputStream]:
         return [*self.waiting, *self.prefilling, *self.decoding.values()]
+
+
+def written_tokens(seq: Sequence) -> list[int]:
+    """The tokens whose keys and values `seq`'s slot holds from its start on: the prompt written so far
+    and every generated token but the last (sampled, never fed back)."""
+    return seq.request.prompt_ids[: seq.prefilled] + seq.generated[:-1]

@@ -103,6 +103,11 @@ STEP_COUNTERS = (
         "jaxserver_engine_prompt_tokens_reused",
         "Prompt tokens found in the KV cache (prefix caching) instead of prefilled.",
     ),
+    (
+        "prompt_tokens_copied",
+        "jaxserver_engine_prompt_tokens_copied",
+        "Of the reused prompt tokens, those copied from another request's cache slot.",
+    ),
     ("decode_seconds", "jaxserver_engine_decode_seconds", "Engine time spent in decode chunks."),
     ("decode_calls", "jaxserver_engine_decode_calls", "Decode chunks run."),
     ("decode_steps", "jaxserver_engine_decode_steps", "Forward passes of the decode batch."),
