@@ -17,6 +17,7 @@ from jaxserver.engine.scheduler import SlotContents
 from jaxserver.errors import OverloadedError
 from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.loader import load_model
+from jaxserver.parallel.mesh import cache_sharding, make_mesh
 
 GREEDY = SamplingOptions(greedy=True)
 
@@ -457,6 +458,41 @@ def test_prompts_sharing_a_start_copy_it_from_each_other_and_change_no_answer(
         values = [[lp.logprob, *(v for _, v in lp.top)] for lp in answer[1]]
         wanted = [[lp.logprob, *(v for _, v in lp.top)] for lp in want[1]]
         np.testing.assert_allclose(values, wanted, rtol=0, atol=0 if attention_kernel is None else 1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])  # (2, 2, 2): slots and kv heads split over devices
+def test_copy_prefix_copies_one_slots_first_entries_into_another(model, mesh_shape):
+    """`Runner.copy_prefix` replaces the destination row's first entries (whole key blocks, a power of two
+    of positions) by the source row's, keys and values of every layer, and leaves everything else as it
+    was, also with the cache split over 8 devices."""
+    cfg, params, tokenizer = model
+    sharding = None
+    if mesh_shape is not None:
+        mesh = make_mesh(("dp", "fsdp", "mp"), mesh_shape)
+        sharding = cache_sharding((4, cfg.num_kv_heads, 64, cfg.head_dim), mesh)
+    runner = Runner(
+        cfg,
+        params,
+        slots=4,
+        cache_len=64,
+        steps_per_call=4,
+        eos_ids=tokenizer.eos_token_ids,
+        cache_dtype=jnp.float32,
+        cache_sharding=sharding,
+    )
+    rng = np.random.default_rng(0)
+    filled = [rng.standard_normal(a.shape).astype(np.float32) for a in (*runner.cache.k, *runner.cache.v)]
+    put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jnp.asarray
+    half = len(filled) // 2
+    runner.cache = llama.KVCache(tuple(map(put, filled[:half])), tuple(map(put, filled[half:])))
+    placed = [a.sharding for a in (*runner.cache.k, *runner.cache.v)]
+    runner.copy_prefix(1, 2, 20)  # 20 tokens: 32 positions, two key blocks
+    for before, after, where in zip(filled, (*runner.cache.k, *runner.cache.v), placed, strict=True):
+        assert after.sharding.is_equivalent_to(where, before.ndim)  # still split as it was
+        expected = before.copy()
+        count = 2 if before.ndim == 5 else 32  # key blocks or positions
+        expected[2, :, :count] = before[1, :, :count]
+        np.testing.assert_array_equal(np.asarray(after), expected)
 
 
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
