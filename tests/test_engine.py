@@ -14,7 +14,7 @@ from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
 from jaxserver.engine.scheduler import SlotContents
-from jaxserver.errors import OverloadedError
+from jaxserver.errors import BadRequestError, OverloadedError
 from jaxserver.model import cpu_kernels, llama
 from jaxserver.model.loader import load_model
 from jaxserver.parallel.mesh import cache_sharding, make_mesh
@@ -173,6 +173,37 @@ def test_cancelled_request_frees_its_slot_within_a_chunk(make_engine, model):
     tokens, _, reason = run(engine, GenerationRequest([8, 9], 4, GREEDY, ignore_eos=True))  # the slot is free
     assert len(tokens) == 4 and reason == "length"
     assert engine.stats()["active_slots"] == 0
+
+
+def test_timeout_ends_a_waiting_or_running_request_and_frees_its_place(model):
+    """A request's timeout, counted from submission, ends it with "abort" whether it waits for a slot
+    (no tokens) or decodes (the tokens so far), and its slot goes to the next request; requests without
+    a timeout, or whose timeout has not passed, run on. The engine is driven by hand with explicit clock
+    readings."""
+    engine = start_engine(model, slots=1, cache_len=512, start=False)
+    running = engine.submit(GenerationRequest([5, 6], 400, GREEDY, ignore_eos=True, timeout_s=2.0))
+    waiting = engine.submit(GenerationRequest([7, 8], 4, GREEDY, ignore_eos=True, timeout_s=0.5))
+    patient = engine.submit(GenerationRequest([9, 10], 4, GREEDY, ignore_eos=True))
+    engine._take_inbox(block=False)
+    engine.scheduler.admit(engine.tokenizer.incremental_decoder)
+    engine._prefill()
+    engine._decode()
+    start = running.submitted_at
+    engine._end_overdue(start + 0.2)
+    assert engine.scheduler.busy_slots == 1 and len(engine.scheduler.waiting) == 2
+    engine._end_overdue(start + 1.0)  # past the waiting request's timeout only
+    assert [c.finish_reason for c in waiting] == ["abort"] and len(engine.scheduler.waiting) == 1
+    engine._end_overdue(start + 2.0)
+    running_chunks = list(running)
+    assert running_chunks[-1].finish_reason == "abort"
+    assert 0 < running_chunks[-1].tokens_generated < 400
+    assert engine.scheduler.busy_slots == 0 and not engine.state.active.any()
+    engine.start()
+    assert [c.finish_reason for c in patient][-1] == "length"
+    assert engine.finished["abort"] == 2
+    engine.shutdown(drain_timeout_s=0)
+    with pytest.raises(BadRequestError, match="timeout"):
+        GenerationRequest([5], 4, GREEDY, timeout_s=0)
 
 
 def test_full_queue_rejects_at_once_without_disturbing_admitted(make_engine, model):

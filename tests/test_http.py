@@ -65,6 +65,7 @@ def test_status_reports_model_and_counters(client):
         ({"prompt": ""}, "prompt"),
         ({}, "prompt"),
         ({"prompt": "x", "history": "not a list"}, "history"),
+        ({"prompt": "x", "timeout": 0}, "timeout"),
     ],
 )
 def test_invalid_body_is_422_naming_the_field(client, body, param):
@@ -116,3 +117,20 @@ def test_oversized_body_is_413(tiny_server):
     limit = tiny_server.config.max_body_bytes
     response = client.post("/instruct", json={"prompt": "x" * (limit + 1)})
     assert response.status_code == 413 and str(limit) in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/instruct", "/v1/completions"])
+def test_timeout_reaches_the_engine_with_the_request(client, tiny_server, monkeypatch, path):
+    """The body's `timeout` (seconds) becomes the engine request's timeout (tests/test_engine.py checks
+    what the engine does with it); a request that finishes in time answers as usual."""
+    submitted = []
+    submit = tiny_server.submit
+    monkeypatch.setattr(
+        tiny_server, "submit", lambda request, loop=None: submitted.append(request) or submit(request, loop)
+    )
+    body = {"prompt": "Hello", "timeout": 30} | (
+        {"max_new_tokens": 3} if path == "/instruct" else {"max_tokens": 3}
+    )
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    assert [r.timeout_s for r in submitted] == [30]

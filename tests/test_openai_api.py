@@ -202,6 +202,7 @@ def test_min_p_one_is_greedy_and_penalties_are_accepted(complete):
         ({"messages": "hello"}, 400, "messages"),
         ({"max_tokens": 10_000}, 400, "max_tokens"),
         ({"n": 100}, 400, "n"),
+        ({"timeout": -1}, 400, "timeout"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
         ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format"),

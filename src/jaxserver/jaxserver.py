@@ -270,9 +270,11 @@ class JAXServer:
         repetition_penalty: float = 1.0,
         logprobs: int | None = None,
         prompt_ids: list[int] | None = None,
+        timeout_s: float | None = None,
     ) -> GenerationRequest:
         """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run.
-        `prompt_ids` (already tokenized) replaces `string` when given."""
+        `prompt_ids` (already tokenized) replaces `string` when given; `timeout_s` ends the request
+        that many seconds after it is submitted."""
         engine, tokenizer = self.require_ready()
         ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
         if any(not 0 <= i < tokenizer.vocab_size for i in ids):
@@ -309,6 +311,7 @@ class JAXServer:
             stop=tuple(stop),
             ignore_eos=ignore_eos,
             logprobs=logprobs,
+            timeout_s=timeout_s,
         )
 
     def submit(

@@ -5,7 +5,8 @@ Life of a request:
 1. `submit` (any thread) counts the request against the waiting limit (`OverloadedError` when full), puts
    it in the inbox and returns its `OutputStream`. `abort` puts a cancellation in the same inbox.
 2. The engine thread loops:
-   a. inbox: new requests join the waiting queue; aborts finish their request;
+   a. inbox: new requests join the waiting queue; aborts finish their request, and so does a request's
+      timeout, checked here;
    b. schedule: waiting requests take free slots, oldest first;
    c. prefill: a prompt's start that another slot holds is copied over (prefix caching), then pieces of
       at most `prefill_chunk_tokens` are written into their slots; while other slots are decoding, up to
@@ -16,12 +17,12 @@ Life of a request:
       request finishes, so that its slot is free and its client has its answer at once);
    e. emit: new tokens are detokenized, stop strings checked, and a chunk goes to each request's stream.
 3. `_finish(item, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
-   context ("length"), `abort` (client gone, shutdown) and engine failure ("error") all end there. It sends
-   the final chunk, deactivates the slot on the device side and frees it in the scheduler.
+   context ("length"), `abort` (client gone, shutdown, timeout) and engine failure ("error") all end
+   there. It sends the final chunk, deactivates the slot on the device side and frees it in the scheduler.
 
 Only the engine thread touches the scheduler, the decode state and the runner; other threads talk to it
-through the inbox and read outputs from their streams. A cancellation takes effect at the next loop
-iteration, so within one decode chunk.
+through the inbox and read outputs from their streams. A cancellation or a timeout takes effect at the
+next loop iteration, so within one decode chunk.
 """
 
 from __future__ import annotations
@@ -187,6 +188,7 @@ class Engine:
         try:
             while not self._stopping:
                 self._take_inbox(block=self.scheduler.idle)
+                self._end_overdue(time.monotonic())
                 for seq in self.scheduler.admit(self.tokenizer.incremental_decoder):
                     self.totals.prompt_tokens_reused += seq.prefilled  # found in the slot
                 self._prefill()
@@ -219,6 +221,15 @@ class Engine:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _end_overdue(self, now: float) -> None:
+        """End ("abort") every request whose timeout has passed at `now`, wherever it is."""
+        for item in self.scheduler.all_requests():
+            stream = item if isinstance(item, OutputStream) else item.stream
+            timeout = stream.request.timeout_s
+            if timeout is not None and now - stream.submitted_at >= timeout:
+                log.info("request %s reached its timeout of %g s", stream.request.request_id, timeout)
+                self._finish(item, "abort")
 
     def _fail_inbox(self) -> None:
         while True:

@@ -63,11 +63,15 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()  # stop strings: the answer ends before the first one
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
+    # Seconds from submission after which the engine ends the request ("abort"), waiting or running.
+    timeout_s: float | None = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def __post_init__(self) -> None:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise BadRequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise BadRequestError("timeout must be > 0 seconds", param="timeout")
 
 
 @dataclass(frozen=True)

@@ -126,6 +126,7 @@ def create_app(server: JAXServer) -> FastAPI:
             top_k=data.top_k,
             seed=data.seed,
             ignore_eos=data.ignore_eos,
+            timeout_s=data.timeout,
         )
         streams = client.submit([request])
         if data.stream:

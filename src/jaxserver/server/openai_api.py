@@ -255,6 +255,7 @@ def openai_router(server: JAXServer, client: EngineClient) -> APIRouter:
                     repetition_penalty=body.repetition_penalty,
                     logprobs=logprobs,
                     prompt_ids=ids,
+                    timeout_s=body.timeout,
                 )
                 for k, ids in enumerate(ids for ids in prompts for _ in range(body.n))
             ]

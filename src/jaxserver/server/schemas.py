@@ -23,6 +23,12 @@ class _GenerationFields(BaseModel):
     max_new_tokens: int | None = Field(None, ge=1)
     stream: bool = Field(False, description="Answer with server-sent events, one per decoded chunk.")
     ignore_eos: bool = Field(False, description="Generate max_new_tokens tokens even past end-of-sequence.")
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds after which the request ends early, waiting or generating, with finish_reason "
+        '"abort" and the text so far.',
+    )
 
 
 class InstructRequest(_GenerationFields):
@@ -98,6 +104,12 @@ class OpenAISampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
+    timeout: float | None = Field(
+        None,
+        gt=0,
+        description="Seconds after which the request ends early, waiting or generating, with finish_reason "
+        '"abort" and the text so far.',
+    )
     user: str | None = None
     logit_bias: dict[str, float] | None = None
 
