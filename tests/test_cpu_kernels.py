@@ -7,6 +7,7 @@ import ctypes
 import platform
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -227,7 +228,22 @@ def test_kernels_build_for_a_cpu_without_avx512_bf16(tmp_path):
     the attention kernel would be lost with it; there the matmul says it is unavailable."""
     flags = (*(f for f in cpu_kernels.COMPILE_FLAGS if f != "-march=native"), "-march=x86-64-v3")
     library = tmp_path / "avx2.so"
-    subprocess.run(cpu_kernels.compile_command("g++", library, flags), check=True, capture_output=True)
+    cpu_kernels.build_library("g++", library, flags)
     loaded = ctypes.cdll.LoadLibrary(str(library))
     assert loaded.JaxserverHasBf16Gemm() == 0
     assert loaded.JaxserverDecodeAttention and loaded.JaxserverDecodeAttentionBf16
+
+
+def test_loading_the_kernels_keeps_subnormal_floats():
+    """The library is built with -ffast-math but must not switch the process to flush-to-zero when it is
+    loaded (GCC's crtfastmath.o does that when -ffast-math reaches the link): numpy, torch or anything
+    else in the same process would then compute differently. Checked in a fresh process, on the thread
+    that loads the library."""
+    script = (
+        "import numpy as np\n"
+        "from jaxserver.model import cpu_kernels\n"
+        "assert cpu_kernels.available()\n"
+        "print(float(np.array([1e-40], np.float32)[0] * np.float32(2)))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert float(result.stdout.split()[-1]) == pytest.approx(2e-40, rel=1e-3)

@@ -221,8 +221,9 @@ def test_chat_stop_frees_the_slot_and_clear_empties_the_history(live, page):
 
 
 def test_clear_right_after_stop_empties_the_chat_and_a_draft_survives(live, page):
-    """Stop and Clear at once: the chat ends empty, and a message typed meanwhile stays in the box (the
-    answer's updates after its first leave the box alone). With this tiny model the stopped answer ends
+    """Stop and Clear at once: the chat ends empty, and a message typed meanwhile stays in the box
+    (neither the answer's updates after its first nor Clear touch the box; Clear's reply used to empty it,
+    and wiped the draft when it landed after the typing). With this tiny model the stopped answer ends
     within milliseconds, so this rarely lands Clear before that end, the case `AnswersInFlight.stop`
     keeps its entry for."""
     _, url = live

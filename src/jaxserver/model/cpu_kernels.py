@@ -53,8 +53,11 @@ GEMM_TILE_COLUMNS = 64
 # kKeyBlock in decode_attention.cc: cached keys come in blocks of this many positions (llama.KVCache)
 KEY_BLOCK = 16
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
-# -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums.
-COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-shared", "-fPIC")
+# -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums. It is given to the
+# compile steps only: on a link command GCC adds crtfastmath.o, whose constructor turns on flush-to-zero
+# for the thread that loads the library, so every numpy or torch computation on it after loading the
+# kernels lost subnormal floats (a `hypothesis` run in the test process caught it).
+COMPILE_FLAGS = ("-O3", "-march=native", "-ffast-math", "-std=c++17", "-fPIC")
 # The kernel's limits (kMaxGroup, kMaxHeadDim, kLanes in the source): group sizes it is instantiated
 # for, and head_dim in whole 16-float vectors; other heads are refused.
 MAX_GROUP = 16
@@ -90,9 +93,20 @@ def _library_path(compiler: str) -> Path:
     return root / f"jaxserver-kernels-{key.hexdigest()[:16]}.so"
 
 
-def compile_command(compiler: str, output: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> list[str]:
-    """The command that builds the kernels' library into `output`."""
-    return [compiler, *flags, "-I", jax.ffi.include_dir(), *map(str, SOURCES), "-o", str(output)]
+def build_library(compiler: str, output: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> None:
+    """Compile the kernels' sources with `flags` and link them into the shared library `output`; raises
+    RuntimeError with the compiler's message if either step fails."""
+    with tempfile.TemporaryDirectory() as scratch:
+        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
+        steps = [
+            [compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", str(obj)]
+            for source, obj in zip(SOURCES, objects, strict=True)
+        ]
+        steps.append([compiler, "-shared", *map(str, objects), "-o", str(output)])  # no fast-math here
+        for command in steps:
+            result = subprocess.run(command, capture_output=True, text=True, check=False)
+            if result.returncode != 0:
+                raise RuntimeError(f"building the kernels failed:\n{result.stderr[-2000:]}")
 
 
 def _build() -> Path:
@@ -106,11 +120,7 @@ def _build() -> Path:
     # Built under a temporary name and renamed, so concurrent processes never load a half-written file.
     with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
         partial = Path(scratch) / library.name
-        result = subprocess.run(
-            compile_command(compiler, partial), capture_output=True, text=True, check=False
-        )
-        if result.returncode != 0:
-            raise RuntimeError(f"compiling the kernels failed:\n{result.stderr[-2000:]}")
+        build_library(compiler, partial)
         os.replace(partial, library)
     return library
 

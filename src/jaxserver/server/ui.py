@@ -260,13 +260,15 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
             trigger_mode="always_last",
         )
 
-        async def clear_chat(request: gr.Request) -> tuple[list[dict[str, Any]], str]:
+        async def clear_chat(request: gr.Request) -> list[dict[str, Any]]:
+            """Empty the conversation; the message box is left alone, so a draft survives a Clear
+            whenever its update lands."""
             await in_flight.stop(request, clear=True)
-            return [], ""
+            return []
 
         stop.click(in_flight.stop, queue=False)
-        clear.click(clear_chat, None, [chatbot, message], queue=False)
-        chatbot.clear(clear_chat, None, [chatbot, message], queue=False)  # the chat window's own clear icon
+        clear.click(clear_chat, None, chatbot, queue=False)
+        chatbot.clear(clear_chat, None, chatbot, queue=False)  # the chat window's own clear icon
     return blocks
 
 
