@@ -66,6 +66,7 @@ def test_status_reports_model_and_counters(client):
         ({}, "prompt"),
         ({"prompt": "x", "history": "not a list"}, "history"),
         ({"prompt": "x", "timeout": 0}, "timeout"),
+        ({"prompt": "x", "seed": 2**70}, "seed"),
     ],
 )
 def test_invalid_body_is_422_naming_the_field(client, body, param):
@@ -134,3 +135,13 @@ def test_timeout_reaches_the_engine_with_the_request(client, tiny_server, monkey
     response = client.post(path, json=body)
     assert response.status_code == 200, response.text
     assert [r.timeout_s for r in submitted] == [30]
+
+
+def test_top_k_past_the_vocabulary_means_all_tokens_and_the_engine_lives_on(client, tiny_server):
+    """A top_k larger than any int32 (found by schema fuzzing) once overflowed in the engine thread and
+    stopped the engine for every client; above the vocabulary it now means no top-k, as 0 does."""
+    body = {"prompt": "Hello", "max_new_tokens": 4, "seed": 3, "temperature": 1.0}
+    wide = client.post("/instruct", json=body | {"top_k": 2**62})
+    assert wide.status_code == 200, wide.text
+    assert wide.json() == client.post("/instruct", json=body | {"top_k": 0}).json()
+    assert client.get("/health").json() == {"status": "ok"}

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxserver import JAXServer
+from jaxserver.engine.request import SamplingOptions
 from jaxserver.errors import BadRequestError
 from jaxserver.model import cpu_kernels
 from tests import tiny
@@ -34,6 +35,11 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny_server):
 def test_bad_sampling_values_raise_bad_request(tiny_server):
     with pytest.raises(BadRequestError):
         list(tiny_server.process("Hello", top_p=0.0))
+    # What the engine's arrays cannot hold is refused when the request is made, not in the engine thread.
+    with pytest.raises(BadRequestError, match="top_k"):
+        SamplingOptions(top_k=2**31)
+    with pytest.raises(BadRequestError, match="seed"):
+        SamplingOptions(seed=2**63)
 
 
 def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):

@@ -295,7 +295,7 @@ class JAXServer:
         sampling = SamplingOptions(
             temperature=cfg.temperature if temperature is None else temperature,
             top_p=cfg.top_p if top_p is None else top_p,
-            top_k=cfg.top_k if top_k is None else top_k,
+            top_k=cfg.top_k if top_k is None else min(top_k, tokenizer.vocab_size),  # more: all, as 0
             greedy=greedy,
             seed=cfg.seed if seed is None else seed,
             min_p=min_p,

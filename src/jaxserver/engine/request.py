@@ -19,6 +19,9 @@ from jaxserver.errors import BadRequestError
 FinishReason = Literal["stop", "length", "abort", "error"]
 _ids = itertools.count()
 MAX_TOP_LOGPROBS = 20
+# The engine keeps top_k in int32 arrays; a checked request never reaches it with more (the engine
+# thread would fail, and with it every request).
+INT32_MAX = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -38,8 +41,10 @@ class SamplingOptions:
             raise BadRequestError("temperature must be >= 0", param="temperature")
         if not 0 < self.top_p <= 1:
             raise BadRequestError("top_p must be in (0, 1]", param="top_p")
-        if self.top_k < 0:
-            raise BadRequestError("top_k must be >= 0 (0 disables it)", param="top_k")
+        if not 0 <= self.top_k <= INT32_MAX:
+            raise BadRequestError(f"top_k must be in [0, {INT32_MAX}] (0 disables it)", param="top_k")
+        if not -(2**63) <= self.seed < 2**63:
+            raise BadRequestError("seed must fit in 64 bits (signed)", param="seed")
         if not 0 <= self.min_p <= 1:
             raise BadRequestError("min_p must be in [0, 1]", param="min_p")
         for name in ("presence_penalty", "frequency_penalty"):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -28,7 +28,14 @@ from jaxserver.errors import EngineError, JAXServerError
 from jaxserver.server.auth import ApiKeyAuth
 from jaxserver.server.metrics import Metrics, RequestCounter
 from jaxserver.server.openai_api import openai_router
-from jaxserver.server.responses import error_body, error_response, sse, validation_response
+from jaxserver.server.responses import (
+    ERROR_RESPONSES,
+    STREAMED,
+    error_body,
+    error_response,
+    sse,
+    validation_response,
+)
 from jaxserver.server.schemas import ChatRequest, GenerationResponse, InstructRequest
 from jaxserver.server.streaming import ClientDisconnected, EngineClient
 from jaxserver.server.tokenizer_api import tokenizer_router
@@ -73,6 +80,7 @@ def create_app(server: JAXServer) -> FastAPI:
         description="Serve large language models from JAX.",
         version="0.1.0",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
 
     config = server.config
@@ -164,7 +172,7 @@ def create_app(server: JAXServer) -> FastAPI:
             server.count_request()
         yield sse("[DONE]")
 
-    @app.post("/instruct", response_model=GenerationResponse)
+    @app.post("/instruct", response_model=GenerationResponse, responses=STREAMED)
     async def instruct(data: InstructRequest, http: Request) -> Any:
         """Answer one instruction, formatted with the model's chat template or the seed's instruct_format."""
         server.require_ready()
@@ -172,7 +180,7 @@ def create_app(server: JAXServer) -> FastAPI:
             return await run_in_threadpool(server.forward_instruct, data)
         return await generate(http, data, server.build_instruct_prompt(data.prompt, data.system))
 
-    @app.post("/chat", response_model=GenerationResponse)
+    @app.post("/chat", response_model=GenerationResponse, responses=STREAMED)
     async def chat(data: ChatRequest, http: Request) -> Any:
         """Answer the next turn of a conversation given its history."""
         server.require_ready()
@@ -188,11 +196,16 @@ def create_app(server: JAXServer) -> FastAPI:
         return server.status()
 
     @app.get("/health")
-    def health() -> Response:
-        """200 once the model is loaded and compiled and the engine runs; else 503. Needs no API key."""
-        return Response(status_code=200 if server.ready else 503)
+    def health() -> JSONResponse:
+        """200 once the model is loaded and compiled and the engine runs; else 503 with the reason. Needs
+        no API key."""
+        try:
+            server.require_ready()
+        except JAXServerError as exc:  # not ready, or the engine died: the reason, always as 503
+            return JSONResponse(error_body(exc.message, "service_unavailable") | {"status": "down"}, 503)
+        return JSONResponse({"status": "ok"})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus_metrics() -> Response:
         """Prometheus metrics: requests by route and status, tokens, latency histograms, engine load."""
         body, content_type = metrics.render()

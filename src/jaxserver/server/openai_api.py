@@ -22,7 +22,7 @@ from fastapi.responses import Response
 
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, TokenLogprobs
 from jaxserver.errors import BadRequestError, EngineError, NotFoundError
-from jaxserver.server.responses import error_body, sse
+from jaxserver.server.responses import STREAMED, error_body, sse
 from jaxserver.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -333,7 +333,7 @@ def openai_router(server: JAXServer, client: EngineClient) -> APIRouter:
         check_model(server, model)
         return model_card()
 
-    @router.post("/v1/completions", response_model=Completion)
+    @router.post("/v1/completions", response_model=Completion, responses=STREAMED)
     async def completions(body: CompletionRequest, http: Request) -> Any:
         """Continue a prompt (a string, a list of strings, token ids or lists of token ids)."""
         _, tokenizer = server.require_ready()
@@ -352,7 +352,7 @@ def openai_router(server: JAXServer, client: EngineClient) -> APIRouter:
         requests = engine_requests(body, prompts, body.max_tokens, body.logprobs)
         return await answer(http, body, requests, TextFormat(tokenizer, body.logprobs is not None), "cmpl")
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletion)
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         """Answer a conversation, rendered with the model's chat template (as /chat does)."""
         _, tokenizer = server.require_ready()

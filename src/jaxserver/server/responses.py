@@ -9,6 +9,36 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from jaxserver.errors import AuthenticationError, JAXServerError, NotReadyError, OverloadedError
+from jaxserver.server.schemas import ErrorResponse
+
+# The error answers every route may give, as the OpenAPI schema documents them (FastAPI's `responses`).
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in (
+        (400, "An invalid or unsupported field, malformed JSON, or a prompt over the context."),
+        (401, "A missing or wrong API key."),
+        (404, "An unknown model or route."),
+        (413, "A body over max_body_bytes."),
+        (422, "An invalid field (the seed's routes)."),
+        (500, "The engine failed."),
+        (503, "Overloaded (with Retry-After), loading, or shutting down."),
+    )
+}
+# A generation route's 200 when the body asks for "stream": server-sent events.
+STREAMED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The answer; with "stream": true, server-sent events ending with "data: [DONE]".',
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"data": {"type": "string", "description": "a JSON chunk, or [DONE] last"}},
+                    "required": ["data"],
+                }
+            }
+        },
+    }
+}
 
 
 def error_body(

@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from jaxserver.engine.request import MAX_TOP_LOGPROBS
 
+SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # what a sampling key takes
+
 
 class _GenerationFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -17,8 +19,8 @@ class _GenerationFields(BaseModel):
     system: str | None = None
     temperature: float | None = Field(None, ge=0.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=0)
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=0, description="0 disables it; above the vocabulary, the same.")
+    seed: int | None = Field(None, **SEED_RANGE)
     greedy: bool = False
     max_new_tokens: int | None = Field(None, ge=1)
     stream: bool = Field(False, description="Answer with server-sent events, one per decoded chunk.")
@@ -47,6 +49,20 @@ class GenerationResponse(BaseModel):
     tokens_used: int
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (`responses.error_body`)."""
+
+    error: ErrorDetail
+    status: str | None = Field(None, description='"down" while the model is not ready (the seed\'s answer).')
+
+
 # --- the OpenAI-compatible routes -----------------------------------------------------------------------
 # Field names, ranges and defaults follow OpenAI's API; top_k, min_p, repetition_penalty and ignore_eos are
 # vLLM's extensions. A field OpenAI treats as an optional hint (user, metadata, store, ...) is accepted and
@@ -54,7 +70,6 @@ class GenerationResponse(BaseModel):
 # so that a request relying on it fails with a 400 naming the field instead of being answered wrongly.
 # Omitted sampling fields take the server config's defaults.
 
-SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}
 MAX_CHOICES = 128
 
 
