@@ -40,6 +40,8 @@ def test_bad_sampling_values_raise_bad_request(tiny_server):
         SamplingOptions(top_k=2**31)
     with pytest.raises(BadRequestError, match="seed"):
         SamplingOptions(seed=2**63)
+    with pytest.raises(BadRequestError, match="temperature"):
+        SamplingOptions(temperature=1e39)
 
 
 def test_eight_devices_give_the_same_tokens_as_one(tiny_llama_dir, tiny_server):

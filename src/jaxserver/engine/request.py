@@ -19,9 +19,11 @@ from jaxserver.errors import BadRequestError
 FinishReason = Literal["stop", "length", "abort", "error"]
 _ids = itertools.count()
 MAX_TOP_LOGPROBS = 20
-# The engine keeps top_k in int32 arrays; a checked request never reaches it with more (the engine
-# thread would fail, and with it every request).
+# The engine keeps sampling settings in int32 and float32 arrays; a checked request never reaches it with
+# more (a top_k past int32 failed in the engine thread, and with it every request; a temperature past
+# float32 became inf).
 INT32_MAX = 2**31 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 @dataclass(frozen=True)
@@ -37,8 +39,8 @@ class SamplingOptions:
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt/output tokens
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise BadRequestError("temperature must be >= 0", param="temperature")
+        if not 0 <= self.temperature <= FLOAT32_MAX:
+            raise BadRequestError(f"temperature must be in [0, {FLOAT32_MAX:.3g}]", param="temperature")
         if not 0 < self.top_p <= 1:
             raise BadRequestError("top_p must be in (0, 1]", param="top_p")
         if not 0 <= self.top_k <= INT32_MAX:
@@ -50,9 +52,10 @@ class SamplingOptions:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise BadRequestError(f"{name} must be in [-2, 2]", param=name)
-        if self.repetition_penalty <= 0:
+        if not 0 < self.repetition_penalty <= FLOAT32_MAX:
             raise BadRequestError(
-                "repetition_penalty must be > 0 (1 disables it)", param="repetition_penalty"
+                f"repetition_penalty must be in (0, {FLOAT32_MAX:.3g}] (1 disables it)",
+                param="repetition_penalty",
             )
 
     @property
