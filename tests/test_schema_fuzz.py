@@ -16,10 +16,24 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
+from jaxserver import JAXServer
+from tests import tiny
+
 
 @pytest.fixture(scope="module")
-def api_schema(tiny_server):
-    return schemathesis.openapi.from_asgi("/openapi.json", tiny_server.app)
+def fuzzed_server(tiny_llama_dir):
+    """A server of its own: schemathesis ends the app's lifespan after the test (a pytest hook), which
+    shuts the server down, and the session's shared one must live on."""
+    server = JAXServer.load(tiny_llama_dir, config=tiny.test_config(max_length=128, max_compile_tokens=8))
+    yield server
+    server.shutdown(drain_timeout_s=0)
+    # The generated requests reached the model, not only the validation in front of it.
+    assert server.engine.stats()["tokens_generated"] > 0
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed_server):
+    return schemathesis.openapi.from_asgi("/openapi.json", fuzzed_server.app)
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
