@@ -45,6 +45,31 @@ def make_engine(model):
         engine.shutdown(drain_timeout_s=0)
 
 
+def make_runner(
+    model,
+    *,
+    slots=4,
+    cache_len=256,
+    steps=4,
+    cache_dtype=jnp.float32,
+    attention_kernel=None,
+    cache_sharding=None,
+) -> Runner:
+    """A runner on `model` (config, params, tokenizer), stopping at the tokenizer's EOS."""
+    cfg, params, tokenizer = model
+    return Runner(
+        cfg,
+        params,
+        slots=slots,
+        cache_len=cache_len,
+        steps_per_call=steps,
+        eos_ids=tokenizer.eos_token_ids,
+        cache_dtype=cache_dtype,
+        cache_sharding=cache_sharding,
+        attention_kernel=attention_kernel,
+    )
+
+
 def start_engine(
     model,
     *,
@@ -60,20 +85,17 @@ def start_engine(
     attention_kernel=None,
 ) -> Engine:
     """An engine on `model`, its thread started unless `start` is False (a test then drives its steps)."""
-    cfg, params, tokenizer = model
-    runner = Runner(
-        cfg,
-        params,
+    runner = make_runner(
+        model,
         slots=slots,
         cache_len=cache_len,
-        steps_per_call=steps,
-        eos_ids=tokenizer.eos_token_ids,
+        steps=steps,
         cache_dtype=cache_dtype,
         attention_kernel=attention_kernel,
     )
     engine = Engine(
         runner,
-        tokenizer,
+        model[2],
         max_waiting=max_waiting,
         prefill_chunk_tokens=prefill_chunk,
         prefill_budget_tokens=prefill_budget or prefill_chunk,
@@ -496,21 +518,12 @@ def test_copy_prefix_copies_one_slots_first_entries_into_another(model, mesh_sha
     """`Runner.copy_prefix` replaces the destination row's first entries (whole key blocks, a power of two
     of positions) by the source row's, keys and values of every layer, and leaves everything else as it
     was, also with the cache split over 8 devices."""
-    cfg, params, tokenizer = model
+    cfg = model[0]
     sharding = None
     if mesh_shape is not None:
         mesh = make_mesh(("dp", "fsdp", "mp"), mesh_shape)
         sharding = cache_sharding((4, cfg.num_kv_heads, 64, cfg.head_dim), mesh)
-    runner = Runner(
-        cfg,
-        params,
-        slots=4,
-        cache_len=64,
-        steps_per_call=4,
-        eos_ids=tokenizer.eos_token_ids,
-        cache_dtype=jnp.float32,
-        cache_sharding=sharding,
-    )
+    runner = make_runner(model, cache_len=64, cache_sharding=sharding)
     rng = np.random.default_rng(0)
     filled = [rng.standard_normal(a.shape).astype(np.float32) for a in (*runner.cache.k, *runner.cache.v)]
     put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jnp.asarray
@@ -529,16 +542,7 @@ def test_copy_prefix_copies_one_slots_first_entries_into_another(model, mesh_sha
 def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
     """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs,
     counting the shapes it has yet to compile (what /status reports) down to zero."""
-    cfg, params, tokenizer = model
-    runner = Runner(
-        cfg,
-        params,
-        slots=4,
-        cache_len=256,
-        steps_per_call=4,
-        eos_ids=tokenizer.eos_token_ids,
-        cache_dtype=jnp.float32,
-    )
+    runner = make_runner(model)
     state = idle_state(4)
     greedy = sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
     for slot in range(4):

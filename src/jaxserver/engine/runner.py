@@ -470,8 +470,8 @@ class Runner:
 
     def warm_up(self, prompt_buckets: list[int], common_len: int = 256) -> list[tuple[int, int]]:
         """Compile the common shapes now rather than on the first requests: the given prompt buckets,
-        every prefix copy; with the decode kernel, decode for every row bucket; without it, decode for one request at every
-        context length and every batch size up to `common_len`. Returns the decode shapes (rows,
+        every prefix copy; with the decode kernel, decode for every row bucket; without it, decode for
+        one request at every context length and every batch size up to `common_len`. Returns the decode shapes (rows,
         attended length) left out, for `compile_ahead`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         for size in prompt_buckets:
