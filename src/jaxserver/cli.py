@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 import threading
+import time
 import typing
 from typing import Any
 
@@ -83,9 +84,15 @@ def serve(args: argparse.Namespace) -> int:
     )
 
     def load() -> None:
+        started = time.perf_counter()
         try:
             server.load_model(args.model)
-            log.info("ready: http://%s:%d (docs at /docs)", server.config.host, server.config.port)
+            log.info(
+                "ready in %.1f s: http://%s:%d (docs at /docs)",
+                time.perf_counter() - started,
+                server.config.host,
+                server.config.port,
+            )
         except Exception as exc:  # noqa: BLE001 - any failure is reported, then serving stops
             log.error("could not load the model: %s", exc)
             http.should_exit = True
@@ -143,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; other libraries only when they warn (JAX logs its failed probe for a TPU
+    # at INFO, which reads as an error).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":

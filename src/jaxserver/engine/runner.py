@@ -474,10 +474,14 @@ class Runner:
         one request at every context length and every batch size up to `common_len`. Returns the decode shapes (rows,
         attended length) left out, for `compile_ahead`."""
         greedy = sampling_rows(1, temperature=0.0, top_p=1.0, top_k=0, greedy=True, seed=0)
+        started = time.perf_counter()
         for size in prompt_buckets:
-            started = time.perf_counter()
             self.prefill(0, [0] * size, write_pos=0, start=0, logit_index=0, sampling=greedy)
-            log.info("compiled prefill for %d-token prompts in %.1f s", size, time.perf_counter() - started)
+            log.debug("compiled prefill for %d-token prompts", size)
+        log.info(
+            "compiled prefill for %d prompt lengths (%d to %d tokens) in %.1f s",
+            len(prompt_buckets), min(prompt_buckets), max(prompt_buckets), time.perf_counter() - started,
+        )
         started = time.perf_counter()
         copy_sizes = sorted({copy_bucket(n, self.cache_len) for n in range(1, self.cache_len + 1)})
         for size in copy_sizes:

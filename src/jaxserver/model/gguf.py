@@ -155,7 +155,8 @@ class GGUFFile:
             return weight
 
         groups = 12 if cfg.attention_bias else 9
-        with tqdm(total=groups, desc="dequantizing", unit="tensor group", leave=False) as bar:
+        # A bar only on a terminal (disable=None): in a log file it is noise.
+        with tqdm(total=groups, desc="dequantizing", unit="tensor group", leave=False, disable=None) as bar:
             params = params_from_hf_names(cfg, get, dtype, progress=lambda: bar.update(1))
         log.info("dequantized %d tensors in %.1f s", len(self.reader.tensors), time.perf_counter() - started)
         return params
