@@ -9,7 +9,7 @@ import pytest
 
 from jaxserver.model.sampling import (
     Penalties,
-    SamplingParams,
+    SamplingArrays,
     apply_penalties,
     argmax_rows,
     count_tokens,
@@ -32,9 +32,9 @@ def rows(
     presence=0.0,
     frequency=0.0,
     repetition=1.0,
-) -> SamplingParams:
+) -> SamplingArrays:
     seeds = list(range(n)) if seeds is None else seeds
-    return SamplingParams(
+    return SamplingArrays(
         temperature=jnp.full((n,), temperature, jnp.float32),
         top_p=jnp.full((n,), top_p, jnp.float32),
         top_k=jnp.full((n,), top_k, jnp.int32),

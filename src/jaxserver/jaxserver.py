@@ -1,50 +1,43 @@
 """`JAXServer`: the seed-compatible facade over model loading, the engine and the HTTP app.
 
 Life of a server: `JAXServer(config)` -> `load(...)` or `load_from_params(...)` reads the model ->
-`shard_params` places it on the device mesh -> `configure_generate_functions` builds the runner and
-starts the engine (and compiles common shapes) -> `process` / `forward_*` / HTTP routes generate -> `fire()` serves.
-A server may answer HTTP before its model is ready: generation routes then answer 503.
+`shard_params` places it on the device mesh -> `configure_generate_functions` starts the engine
+(`engine.setup`) -> `process` / `forward_*` / HTTP routes generate -> `fire()` serves. A server may answer
+HTTP before its model is ready: generation routes then answer 503. `JAXServer` is the `Backend` that the
+app (`server.app.create_app`) serves; prompts are built by `prompts.PromptBuilder`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
+from jaxserver.engine import setup
 from jaxserver.engine.engine import Engine
-from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, SamplingOptions
-from jaxserver.engine.runner import Runner, kernel_fits, prompt_buckets
-from jaxserver.errors import BadRequestError, ContextLengthError, EngineError, ModelLoadError, NotReadyError
-from jaxserver.model import checkpoint, cpu_kernels
+from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, new_request
+from jaxserver.errors import EngineError, ModelLoadError, NotReadyError
+from jaxserver.model import checkpoint
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
 from jaxserver.model.loader import load_model
 from jaxserver.model.tokenizer import Tokenizer
-from jaxserver.parallel.mesh import cache_sharding, make_mesh, shard_params
+from jaxserver.parallel.mesh import make_mesh, shard_params
+from jaxserver.prompts import PromptBuilder, seed_history
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 log = logging.getLogger(__name__)
-
-# The config's 16-bit kv_cache_dtype names -> cache entry dtypes.
-KV_CACHE_DTYPES = {"fp16": jnp.float16, "bf16": jnp.bfloat16}
-
-
-def _as_tokenizer(tokenizer: Any, cfg: ModelConfig) -> Tokenizer:
-    return (
-        tokenizer
-        if isinstance(tokenizer, Tokenizer)
-        else Tokenizer(tokenizer, extra_eos_ids=cfg.eos_token_ids)
-    )
 
 
 def _model_config(model: ModelConfig | None, config_model: ModelConfig | None) -> ModelConfig | None:
@@ -115,7 +108,7 @@ class JAXServer:
         if "params" in params and add_params_field:
             params = params["params"]
         server = cls(config)
-        server._attach(cfg, params, _as_tokenizer(tokenizer, cfg), name=cfg.architecture)
+        server._attach(cfg, params, Tokenizer.wrap(tokenizer, cfg.eos_token_ids), name=cfg.architecture)
         return server
 
     def load_model(
@@ -128,7 +121,10 @@ class JAXServer:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"
             self._attach(
-                cfg, params, _as_tokenizer(tokenizer, cfg) if tokenizer else own_tokenizer, name=name
+                cfg,
+                params,
+                Tokenizer.wrap(tokenizer, cfg.eos_token_ids) if tokenizer else own_tokenizer,
+                name=name,
             )
         except Exception as exc:
             self.load_error = str(exc)
@@ -141,91 +137,21 @@ class JAXServer:
 
     @property
     def weight_dtype(self) -> str:
-        """The weights' dtype: the config's, with "auto" resolved for this machine. On a CPU, bf16 pays
-        through jaxserver's matmul kernel, which needs each weight whole on one device: "auto" picks it
-        only for a one-device mesh."""
-        name = self.config.jax_dtype_name
-        if name != "auto":
-            return name
-        if jax.default_backend() != "cpu":
-            return "bfloat16"
-        shape = self.config.mesh_axes_shape
-        devices = math.prod(jax.device_count() if size == -1 else size for size in shape)
-        return "bfloat16" if devices == 1 and cpu_kernels.bf16_gemm_available() else "float32"
+        """The weights' dtype: the config's, with "auto" resolved for this machine (`setup.weight_dtype`)."""
+        return setup.weight_dtype(self.config)
 
     def shard_params(self, params: Params) -> Params:
         """Place params on the mesh built from `mesh_axes_names` / `mesh_axes_shape`."""
         self.mesh = make_mesh(self.config.mesh_axes_names, self.config.mesh_axes_shape)
         return shard_params(params, self.mesh)
 
-    def kv_cache_dtype(self, model: ModelConfig, sharding: jax.sharding.Sharding) -> jnp.dtype:
-        """The KV cache's entry dtype: the config's, with "auto" resolved. A 16-bit cache only where the
-        decode attention kernel reads it: XLA's attention over a bfloat16 one took a 32-row step to 236 ms
-        from 81 (decode_step.py)."""
-        wanted = self.config.kv_cache_dtype
-        if wanted == "fp32":
-            return jnp.dtype(jnp.float32)
-        dtype = jnp.dtype(KV_CACHE_DTYPES["fp16" if wanted == "auto" else wanted])
-        if kernel_fits(model, dtype, sharding):
-            return dtype
-        if wanted != "auto":
-            log.warning(
-                "kv_cache_dtype %s needs the decode attention kernel (one device's whole cache, supported "
-                "heads, a C++ compiler); the KV cache stays float32",
-                wanted,
-            )
-        return jnp.dtype(jnp.float32)
-
     def configure_generate_functions(self, model: ModelConfig, tokenizer: Tokenizer) -> None:
         """Build the runner (compiled prefill and decode over the KV cache) and start the engine that
         batches all requests. An override must set `self.engine` (started) and `self._funcs_generated`."""
-        cfg = self.config
-        if cfg.compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", os.path.expanduser(cfg.compilation_cache_dir))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         assert self.params is not None and self.mesh is not None, "call shard_params first"
-        slots = cfg.max_batch_size
-        cache_shape = (slots, model.num_kv_heads, cfg.max_length, model.head_dim)
-        sharding = cache_sharding(cache_shape, self.mesh)
-        cache_dtype = self.kv_cache_dtype(model, sharding)
-        runner = Runner(
-            model,
-            self.params,
-            slots=slots,
-            cache_len=cfg.max_length,
-            steps_per_call=cfg.max_compile_tokens,
-            eos_ids=tokenizer.eos_token_ids,
-            cache_dtype=cache_dtype,
-            cache_sharding=sharding,
-        )
-        log.info(
-            "KV cache: %.1f MiB for %d slots x %d tokens (%s)",
-            runner.cache_bytes / 2**20,
-            slots,
-            cfg.max_length,
-            cache_dtype.name,
-        )
-        later_shapes = []
-        if cfg.warm_up:
-            started = time.perf_counter()
-            later_shapes = runner.warm_up(prompt_buckets(min(cfg.prefill_chunk_tokens, cfg.max_length)))
-            log.info("warmed up in %.1f s", time.perf_counter() - started)
         if self.engine is not None:
             self.engine.shutdown(drain_timeout_s=0)
-        self.engine = Engine(
-            runner,
-            tokenizer,
-            max_waiting=cfg.max_waiting_requests,
-            prefill_chunk_tokens=cfg.prefill_chunk_tokens,
-            prefill_budget_tokens=cfg.prefill_budget_tokens,
-            left_pad=cfg.use_prefix_tokenizer,
-            reuse_prefixes=cfg.enable_prefix_caching,
-        )
-        self.engine.start()
-        if later_shapes:
-            threading.Thread(
-                target=compile_ahead, args=(runner, later_shapes), name="jaxserver-compile-ahead", daemon=True
-            ).start()
+        self.engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh)
         self._funcs_generated = True
 
     @property
@@ -245,12 +171,17 @@ class JAXServer:
 
     # --- generation -------------------------------------------------------------------------------------
 
-    def require_ready(self) -> tuple[Engine, Tokenizer]:
+    def _running(self) -> tuple[Engine, Tokenizer]:
+        """The engine and tokenizer; `NotReadyError` while loading, `EngineError` once the engine failed."""
         if not self.ready or self.tokenizer is None or self.engine is None:
             if self.engine is not None and self.engine.error:
                 raise EngineError(f"the engine has stopped after an error: {self.engine.error}")
             raise NotReadyError(self.load_error or "the model is still loading")
         return self.engine, self.tokenizer
+
+    def require_ready(self) -> Tokenizer:
+        """The tokenizer, once the server can generate (else `NotReadyError` or `EngineError`)."""
+        return self._running()[1]
 
     def prepare(
         self,
@@ -258,67 +189,22 @@ class JAXServer:
         greedy: bool = False,
         max_new_tokens: int | None = None,
         *,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-        min_p: float = 0.0,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        repetition_penalty: float = 1.0,
-        logprobs: int | None = None,
         prompt_ids: list[int] | None = None,
-        timeout_s: float | None = None,
+        **options: Any,
     ) -> GenerationRequest:
         """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run.
-        `prompt_ids` (already tokenized) replaces `string` when given; `timeout_s` ends the request
-        that many seconds after it is submitted."""
-        engine, tokenizer = self.require_ready()
+        `prompt_ids` (already tokenized) replaces `string` when given. `options`: temperature, top_p,
+        top_k, seed (None: the config's), min_p, presence_penalty, frequency_penalty, repetition_penalty,
+        stop (strings), ignore_eos, logprobs (top k), timeout_s (seconds from submission)."""
+        tokenizer = self.require_ready()
         ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
-        if any(not 0 <= i < tokenizer.vocab_size for i in ids):
-            raise BadRequestError(f"token ids must be in [0, {tokenizer.vocab_size})", param="prompt")
-        if not ids:
-            raise BadRequestError("the prompt is empty", param="prompt")
-        engine.check_fits(len(ids))
-        room = self.config.max_length - len(ids)
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise BadRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
-        if max_new_tokens is not None and max_new_tokens > room:
-            raise ContextLengthError(
-                f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}, together over the "
-                f"context (max_length) of {self.config.max_length}; ask for at most {room} new tokens",
-                param="max_new_tokens",
-            )
-        cfg = self.config
-        sampling = SamplingOptions(
-            temperature=cfg.temperature if temperature is None else temperature,
-            top_p=cfg.top_p if top_p is None else top_p,
-            top_k=cfg.top_k if top_k is None else min(top_k, tokenizer.vocab_size),  # more: all, as 0
-            greedy=greedy,
-            seed=cfg.seed if seed is None else seed,
-            min_p=min_p,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty,
-        )
-        budget = min(max_new_tokens or cfg.max_new_tokens, room)
-        return GenerationRequest(
-            prompt_ids=ids,
-            max_new_tokens=budget,
-            sampling=sampling,
-            stop=tuple(stop),
-            ignore_eos=ignore_eos,
-            logprobs=logprobs,
-            timeout_s=timeout_s,
-        )
+        return new_request(self.config, tokenizer.vocab_size, ids, greedy, max_new_tokens, **options)
 
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
     ) -> OutputStream:
         """Hand a prepared request to the engine; read its chunks from the returned stream."""
-        engine, _ = self.require_ready()
+        engine, _ = self._running()
         return engine.submit(request, loop)
 
     def abort(self, request_id: str) -> None:
@@ -355,76 +241,29 @@ class JAXServer:
     # --- prompts ----------------------------------------------------------------------------------------
 
     @property
+    def prompts(self) -> PromptBuilder:
+        return PromptBuilder(self.config, self.tokenizer, self.process_chat_history)
+
+    @property
     def uses_seed_formats(self) -> bool:
-        return self.config.uses_seed_formats(bool(self.tokenizer and self.tokenizer.has_chat_template))
+        return self.prompts.uses_seed_formats
 
     def build_instruct_prompt(self, prompt: str, system: str | None = None) -> str:
-        cfg = self.config
-        system = cfg.system if system is None else system
-        if not cfg.contains_auto_format:
-            return prompt
-        if self.uses_seed_formats:
-            instruct = cfg.prompt_prefix_instruct + prompt + cfg.prompt_postfix_instruct
-            return cfg.instruct_format.format(instruct=instruct, system=cfg.system_prefix + system)
-        return self._template([], prompt, system)
+        return self.prompts.instruct(prompt, system)
 
     def process_chat_history(self, history: Sequence[Sequence[str]]) -> str:
         """The seed's chat history rendering: one `chat_format` per (prompt, answer) pair."""
-        return "".join(self.config.chat_format.format(prompt=user, assistant=bot) for user, bot in history)
+        return seed_history(self.config, history)
 
     def build_chat_prompt(
         self, prompt: str, history: Sequence[Sequence[str]] = (), system: str | None = None
     ) -> str:
-        cfg = self.config
-        system = cfg.system if system is None else system
-        if self.uses_seed_formats or not cfg.contains_auto_format:
-            head = cfg.chat_prefix + (cfg.system_prefix + system if system else "")
-            return (
-                head
-                + self.process_chat_history(history)
-                + cfg.prompt_prefix_chat
-                + prompt
-                + cfg.prompt_postfix_chat
-            )
-        return self._template(history, prompt, system)
-
-    def _seed_chat_prompt(self, messages: Sequence[dict[str, str]]) -> str:
-        """`messages` in the seed's chat format: system turns joined, then (user, assistant) pairs."""
-        system = "\n".join(m["content"] for m in messages if m["role"] == "system") or None
-        turns = [m for m in messages if m["role"] != "system"]
-        if not turns or turns[-1]["role"] != "user":
-            raise BadRequestError("the conversation must end with a user message", param="messages")
-        history, pending_user = [], None
-        for message in turns[:-1]:
-            if message["role"] == "user":
-                if pending_user is not None:
-                    history.append((pending_user, ""))
-                pending_user = message["content"]
-            else:
-                history.append((pending_user or "", message["content"]))
-                pending_user = None
-        if pending_user is not None:
-            history.append((pending_user, ""))
-        return self.build_chat_prompt(turns[-1]["content"], history, system)
-
-    def _template(self, history: Sequence[Sequence[str]], prompt: str, system: str) -> str:
-        messages = [{"role": "system", "content": system}] if system else []
-        for user, assistant in history:
-            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-        messages.append({"role": "user", "content": prompt})
-        return self.build_messages_prompt(messages)
+        return self.prompts.chat(prompt, history, system)
 
     def build_messages_prompt(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt for an OpenAI-style conversation ([{"role", "content"}], ending with a user turn):
-        the model's chat template, or the seed's chat format when the model has none (or the config
-        asks for it), so that `/chat` and `/v1/chat/completions` build the same prompt."""
-        _, tokenizer = self.require_ready()
-        if self.uses_seed_formats or not self.config.contains_auto_format:
-            return self._seed_chat_prompt(messages)
-        try:
-            return tokenizer.apply_chat_template(messages)
-        except Exception as exc:  # jinja raises its own types, including the template's raise_exception
-            raise BadRequestError(f"the model's chat template rejected the conversation: {exc}") from exc
+        """The prompt for an OpenAI-style conversation ([{"role", "content"}], ending with a user turn)."""
+        self.require_ready()
+        return self.prompts.messages(messages)
 
     # --- the seed's forward functions --------------------------------------------------------------------
 
@@ -465,6 +304,12 @@ class JAXServer:
     ) -> dict[str, Any]:
         return self._complete(self.build_chat_prompt(prompt, history, system), greedy, None)
 
+    def custom_forward(self, route: str) -> Callable[[Any], dict[str, Any]] | None:
+        """This object's `forward_instruct` / `forward_chat` (route "instruct" / "chat") when a subclass
+        replaced the seed's, so that the HTTP route answers through it."""
+        name = f"forward_{route}"
+        return getattr(self, name) if getattr(type(self), name) is not getattr(JAXServer, name) else None
+
     # --- status and serving -----------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -486,8 +331,11 @@ class JAXServer:
             "config": self.config.model_dump(mode="json"),
         }
 
+    def engine_stats(self) -> dict[str, Any] | None:
+        return self.engine.stats() if self.engine is not None else None
+
     @property
-    def app(self):
+    def app(self) -> FastAPI:
         """The FastAPI application (built once)."""
         if self._app is None:
             from jaxserver.server.app import create_app
@@ -504,12 +352,3 @@ class JAXServer:
 
 def _sampling_fields(data: Any) -> dict[str, Any]:
     return {name: getattr(data, name, None) for name in ("temperature", "top_p", "top_k", "seed")}
-
-
-def compile_ahead(runner: Runner, shapes: list[tuple[int, int]]) -> None:
-    """Compile the rarer decode shapes while the server already serves; a failure here costs only a
-    compilation at first use, so it is logged, not raised."""
-    try:
-        runner.compile_ahead(shapes)
-    except Exception:
-        log.warning("compiling decode shapes ahead failed", exc_info=True)

@@ -44,10 +44,11 @@ from jaxserver.engine.request import (
     GenerationRequest,
     OutputStream,
     TokenLogprobs,
+    check_prompt_fits,
 )
 from jaxserver.engine.runner import Runner, idle_state, prompt_bucket, sampling_rows, set_slot
 from jaxserver.engine.scheduler import Scheduler, Sequence
-from jaxserver.errors import ContextLengthError, EngineError, NotReadyError, OverloadedError
+from jaxserver.errors import EngineError, NotReadyError, OverloadedError
 from jaxserver.model.sampling import LogprobArrays
 from jaxserver.model.tokenizer import Tokenizer
 
@@ -119,19 +120,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
-    def check_fits(self, prompt_len: int) -> None:
-        limit = self.runner.cache_len
-        if prompt_len >= limit:
-            raise ContextLengthError(
-                f"the prompt has {prompt_len} tokens but the context (max_length) is {limit} tokens, "
-                "which must also leave room for at least one new token"
-            )
-
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
     ) -> OutputStream:
         """Queue a request; its chunks arrive on the returned stream (async when `loop` is given)."""
-        self.check_fits(len(request.prompt_ids))
+        check_prompt_fits(len(request.prompt_ids), self.runner.cache_len)
         if self.error is not None:
             raise EngineError(f"the engine has stopped after an error: {self.error}")
         if not self._accepting:

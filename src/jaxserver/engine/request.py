@@ -14,7 +14,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from jaxserver.errors import BadRequestError
+from jaxserver.config import JAXServerConfig
+from jaxserver.errors import BadRequestError, ContextLengthError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 _ids = itertools.count()
@@ -80,6 +81,67 @@ class GenerationRequest:
             raise BadRequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise BadRequestError("timeout must be > 0 seconds", param="timeout")
+
+
+def check_prompt_fits(prompt_len: int, context: int) -> None:
+    if prompt_len >= context:
+        raise ContextLengthError(
+            f"the prompt has {prompt_len} tokens but the context (max_length) is {context} tokens, "
+            "which must also leave room for at least one new token"
+        )
+
+
+def new_request(
+    config: JAXServerConfig,
+    vocab_size: int,
+    ids: list[int],
+    greedy: bool = False,
+    max_new_tokens: int | None = None,
+    *,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    stop: tuple[str, ...] = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    timeout_s: float | None = None,
+    **penalties: float,
+) -> GenerationRequest:
+    """A checked request for the prompt `ids`: what a client leaves out (None) takes the config's default;
+    `penalties` are SamplingOptions' min_p and penalty fields. Raises a `BadRequestError` for anything
+    that cannot run."""
+    if any(not 0 <= i < vocab_size for i in ids):
+        raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="prompt")
+    if not ids:
+        raise BadRequestError("the prompt is empty", param="prompt")
+    check_prompt_fits(len(ids), config.max_length)
+    room = config.max_length - len(ids)
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise BadRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
+    if max_new_tokens is not None and max_new_tokens > room:
+        raise ContextLengthError(
+            f"the prompt has {len(ids)} tokens and max_new_tokens is {max_new_tokens}, together over the "
+            f"context (max_length) of {config.max_length}; ask for at most {room} new tokens",
+            param="max_new_tokens",
+        )
+    sampling = SamplingOptions(
+        temperature=config.temperature if temperature is None else temperature,
+        top_p=config.top_p if top_p is None else top_p,
+        top_k=config.top_k if top_k is None else min(top_k, vocab_size),  # more: all, as 0
+        greedy=greedy,
+        seed=config.seed if seed is None else seed,
+        **penalties,
+    )
+    return GenerationRequest(
+        prompt_ids=ids,
+        max_new_tokens=min(max_new_tokens or config.max_new_tokens, room),
+        sampling=sampling,
+        stop=tuple(stop),
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        timeout_s=timeout_s,
+    )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from jaxserver.model.llama import KVCache, Params
 from jaxserver.model.sampling import (
     LogprobArrays,
     Penalties,
-    SamplingParams,
+    SamplingArrays,
     apply_penalties,
     count_tokens,
     sample,
@@ -108,7 +108,7 @@ class DecodeState(NamedTuple):
     remaining: jax.Array  # int32: tokens the slot may still generate
     active: jax.Array  # bool
     stop_at_eos: jax.Array  # bool: False for requests that ignore EOS (benchmarks)
-    sampling: SamplingParams
+    sampling: SamplingArrays
 
 
 def _prefill(
@@ -121,7 +121,7 @@ def _prefill(
     write_pos: jax.Array,
     start: jax.Array,
     logit_index: jax.Array,
-    sampling: SamplingParams,
+    sampling: SamplingArrays,
     in_prompt: jax.Array | None,
     rope: tuple[jax.Array, jax.Array],
     *,
@@ -359,7 +359,7 @@ class Runner:
         write_pos: int,
         start: int,
         logit_index: int,
-        sampling: SamplingParams,
+        sampling: SamplingArrays,
         penalize_prompt: list[int] | None = None,
         want_logprobs: bool = False,
     ) -> tuple[int, LogprobArrays | None]:
@@ -480,7 +480,10 @@ class Runner:
             log.debug("compiled prefill for %d-token prompts", size)
         log.info(
             "compiled prefill for %d prompt lengths (%d to %d tokens) in %.1f s",
-            len(prompt_buckets), min(prompt_buckets), max(prompt_buckets), time.perf_counter() - started,
+            len(prompt_buckets),
+            min(prompt_buckets),
+            max(prompt_buckets),
+            time.perf_counter() - started,
         )
         started = time.perf_counter()
         copy_sizes = sorted({copy_bucket(n, self.cache_len) for n in range(1, self.cache_len + 1)})
@@ -561,9 +564,9 @@ def sampling_rows(
     presence_penalty: float = 0.0,
     frequency_penalty: float = 0.0,
     repetition_penalty: float = 1.0,
-) -> SamplingParams:
+) -> SamplingArrays:
     key = np.asarray(jax.random.key_data(jax.random.key(seed, impl="threefry2x32")), np.uint32)
-    return SamplingParams(
+    return SamplingArrays(
         temperature=np.full((rows,), temperature, np.float32),
         top_p=np.full((rows,), top_p, np.float32),
         top_k=np.full((rows,), top_k, np.int32),
@@ -599,7 +602,7 @@ def set_slot(
     start: int,
     remaining: int,
     stop_at_eos: bool,
-    sampling: SamplingParams,
+    sampling: SamplingArrays,
 ) -> None:
     """Start decoding in `slot` (edits the host arrays in place); `sampling` holds one row."""
     state.tokens[slot], state.lengths[slot], state.starts[slot] = token, length, start

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
-class SamplingParams(NamedTuple):
-    """One entry per batch row."""
+class SamplingArrays(NamedTuple):
+    """The sampling settings of a batch as arrays, one entry per row (a request's options are
+    `engine.request.SamplingOptions`)."""
 
     temperature: jax.Array  # [B] float32; rows with greedy set ignore it
     top_p: jax.Array  # [B] float32 in (0, 1]
@@ -34,7 +35,7 @@ class Penalties(NamedTuple):
     in_prompt: jax.Array  # bool: the token occurs in the prompt
 
 
-def apply_penalties(logits: jax.Array, params: SamplingParams, penalties: Penalties) -> jax.Array:
+def apply_penalties(logits: jax.Array, params: SamplingArrays, penalties: Penalties) -> jax.Array:
     """Penalize tokens already seen, as vLLM does: the repetition penalty divides the positive logits (and
     multiplies the negative ones) of tokens in the prompt or the output; presence and frequency penalties
     subtract from the logits of generated tokens, once and once per occurrence."""
@@ -132,7 +133,7 @@ def _search_cutoffs(
     return low
 
 
-def _draw(scaled: jax.Array, params: SamplingParams, uniform: jax.Array) -> jax.Array:
+def _draw(scaled: jax.Array, params: SamplingArrays, uniform: jax.Array) -> jax.Array:
     """One token per row from temperature-scaled logits [B, V], keeping only what top-k, top-p and
     min-p allow (all three: the shortest of their prefixes of the sorted vocabulary)."""
     vocab = scaled.shape[-1]
@@ -193,7 +194,7 @@ def argmax_rows(logits: jax.Array) -> jax.Array:
     return jnp.minimum(first, vocab - 1)
 
 
-def sample(logits: jax.Array, params: SamplingParams, positions: jax.Array) -> jax.Array:
+def sample(logits: jax.Array, params: SamplingArrays, positions: jax.Array) -> jax.Array:
     """Pick one token per row. logits [B, V] float32, positions [B] int -> tokens [B] int32."""
     greedy_tokens = argmax_rows(logits)
 

@@ -87,6 +87,13 @@ class Tokenizer:
         if not self.eos_token_ids:
             raise ValueError("the tokenizer defines no end-of-sequence token")
 
+    @classmethod
+    def wrap(
+        cls, tokenizer: Tokenizer | PreTrainedTokenizerBase, extra_eos_ids: Sequence[int] = ()
+    ) -> Tokenizer:
+        """`tokenizer` itself if it is ours, else ours over the transformers one."""
+        return tokenizer if isinstance(tokenizer, Tokenizer) else cls(tokenizer, extra_eos_ids)
+
     @property
     def vocab_size(self) -> int:
         return len(self.hf)

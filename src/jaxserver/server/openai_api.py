@@ -2,9 +2,9 @@
 
 A body becomes `n` engine requests per prompt (choice i seeded with seed + i), prepared first (so that a bad
 one fails before anything runs) and then submitted together, so that they batch. Their chunks come back
-merged through the `EngineClient`, which also aborts them when the client goes away. They are then
-written either as one JSON answer or as server-sent events ending with `data: [DONE]`. Chat and completions
-differ only in how the prompt is built and how a choice is written: `ChatFormat` and `TextFormat`.
+merged through the `EngineClient`, which also aborts them when the client goes away, and `answers.respond`
+writes them as one JSON answer or as server-sent events. Chat and completions differ only in how the prompt
+is built and how a choice is written: `ChatFormat` and `TextFormat`.
 """
 
 from __future__ import annotations
@@ -12,17 +12,18 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import aclosing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, TokenLogprobs
-from jaxserver.errors import BadRequestError, EngineError, NotFoundError
-from jaxserver.server.responses import STREAMED, error_body, sse
+from jaxserver.errors import BadRequestError, NotFoundError
+from jaxserver.model.tokenizer import Tokenizer
+from jaxserver.server.answers import respond
+from jaxserver.server.backend import Backend
+from jaxserver.server.responses import STREAMED
 from jaxserver.server.schemas import (
     AssistantMessage,
     ChatChoice,
@@ -44,11 +45,7 @@ from jaxserver.server.schemas import (
     TopLogprob,
     Usage,
 )
-from jaxserver.server.streaming import ClientDisconnected, EngineClient
-
-if TYPE_CHECKING:
-    from jaxserver.jaxserver import JAXServer
-    from jaxserver.model.tokenizer import Tokenizer
+from jaxserver.server.streaming import EngineClient
 
 INT64 = 2**64
 
@@ -199,10 +196,10 @@ def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
     return out
 
 
-def check_model(server: JAXServer, name: str | None) -> None:
-    if name is not None and name != server.model_name:
+def check_model(backend: Backend, name: str | None) -> None:
+    if name is not None and name != backend.model_name:
         raise NotFoundError(
-            f"the model `{name}` does not exist; this server serves `{server.model_name}`",
+            f"the model `{name}` does not exist; this server serves `{backend.model_name}`",
             param="model",
             code="model_not_found",
         )
@@ -212,60 +209,115 @@ def _int64(value: int) -> int:
     return (value + INT64 // 2) % INT64 - INT64 // 2
 
 
-def openai_router(server: JAXServer, client: EngineClient) -> APIRouter:
+class OpenAIAnswer:
+    """The choices of one body as they grow, written by `form` as a whole answer or as chunks."""
+
+    def __init__(
+        self,
+        model: str,
+        kind: str,
+        form: ChatFormat | TextFormat,
+        requests: list[GenerationRequest],
+        n: int,
+        include_usage: bool,
+    ):
+        self.base = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
+        self.form, self.include_usage = form, include_usage
+        self.prompt_tokens = sum(len(r.prompt_ids) for r in requests[::n])  # each prompt once
+        self.choices = [Choice() for _ in requests]
+
+    def add(self, index: int, chunk: GenerationChunk) -> dict[str, Any] | None:
+        choice = self.choices[index]
+        event = None
+        if chunk.text or chunk.finish_reason or chunk.logprobs or not choice.started:
+            event = self.form.piece(self.base, index, chunk, choice).model_dump(mode="json")
+        choice.add(chunk)
+        return event
+
+    def usage(self) -> Usage:
+        completion = sum(c.tokens for c in self.choices)
+        return Usage(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+        )
+
+    def closing_events(self) -> list[dict[str, Any]]:
+        if not self.include_usage:
+            return []
+        return [self.form.usage_piece(self.base, self.usage()).model_dump(mode="json")]
+
+    def whole(self) -> ChatCompletion | Completion:
+        return self.form.whole(self.base, self.choices, self.usage())
+
+
+def engine_requests(
+    backend: Backend,
+    body: OpenAISampling,
+    prompts: list[list[int]],
+    max_tokens: int | None,
+    logprobs: int | None,
+    max_tokens_field: str = "max_tokens",
+) -> list[GenerationRequest]:
+    """n requests per prompt, choice k (counted over all prompts) seeded with seed + k. Errors about the
+    engine's max_new_tokens name the body's field instead."""
+    capacity = backend.config.max_batch_size + backend.config.max_waiting_requests
+    if len(prompts) * body.n > capacity:
+        raise BadRequestError(
+            f"{len(prompts)} prompt(s) x n={body.n} choices exceed the {capacity} requests this server "
+            "can hold at once",
+            param="n",
+        )
+    seed = body.seed if body.seed is not None else secrets.randbits(31)
+    try:
+        return [
+            backend.prepare(
+                "",
+                body.temperature == 0,
+                max_tokens,
+                temperature=body.temperature,
+                top_p=body.top_p,
+                top_k=None if body.top_k is None else max(body.top_k, 0),
+                seed=_int64(seed + k),
+                stop=body.stop_strings,
+                ignore_eos=body.ignore_eos,
+                min_p=body.min_p,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=body.repetition_penalty,
+                logprobs=logprobs,
+                prompt_ids=ids,
+                timeout_s=body.timeout,
+            )
+            for k, ids in enumerate(ids for ids in prompts for _ in range(body.n))
+        ]
+    except BadRequestError as exc:
+        if exc.param == "max_new_tokens":
+            exc.param = max_tokens_field
+            exc.message = exc.message.replace("max_new_tokens", max_tokens_field)
+        raise
+
+
+def completion_prompts(tokenizer: Tokenizer, prompt: Any) -> list[list[int]]:
+    """The token ids of a completions prompt: a string, a list of strings, token ids or lists of them."""
+    if isinstance(prompt, str):
+        prompts = [tokenizer.encode(prompt)]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+    if not prompts:
+        raise BadRequestError("the prompt is empty", param="prompt")
+    return prompts
+
+
+def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
     router = APIRouter(tags=["OpenAI"])
 
     def model_card() -> ModelCard:
         return ModelCard(
-            id=server.model_name, created=int(server.started_at), max_model_len=server.config.max_length
+            id=backend.model_name, created=int(backend.started_at), max_model_len=backend.config.max_length
         )
-
-    def engine_requests(
-        body: OpenAISampling,
-        prompts: list[list[int]],
-        max_tokens: int | None,
-        logprobs: int | None,
-        max_tokens_field: str = "max_tokens",
-    ) -> list[GenerationRequest]:
-        """n requests per prompt, choice k (counted over all prompts) seeded with seed + k. Errors about
-        the engine's max_new_tokens name the body's field instead."""
-        capacity = server.config.max_batch_size + server.config.max_waiting_requests
-        if len(prompts) * body.n > capacity:
-            raise BadRequestError(
-                f"{len(prompts)} prompt(s) x n={body.n} choices exceed the {capacity} requests this server "
-                "can hold at once",
-                param="n",
-            )
-        seed = body.seed if body.seed is not None else secrets.randbits(31)
-        try:
-            return [
-                server.prepare(
-                    "",
-                    body.temperature == 0,
-                    max_tokens,
-                    temperature=body.temperature,
-                    top_p=body.top_p,
-                    top_k=None if body.top_k is None else max(body.top_k, 0),
-                    seed=_int64(seed + k),
-                    stop=body.stop_strings,
-                    ignore_eos=body.ignore_eos,
-                    min_p=body.min_p,
-                    presence_penalty=body.presence_penalty,
-                    frequency_penalty=body.frequency_penalty,
-                    repetition_penalty=body.repetition_penalty,
-                    logprobs=logprobs,
-                    prompt_ids=ids,
-                    timeout_s=body.timeout,
-                )
-                for k, ids in enumerate(ids for ids in prompts for _ in range(body.n))
-            ]
-        except BadRequestError as exc:
-            if exc.param == "max_new_tokens":
-                exc.param, exc.message = (
-                    max_tokens_field,
-                    exc.message.replace("max_new_tokens", max_tokens_field),
-                )
-            raise
 
     async def answer(
         http: Request,
@@ -274,95 +326,46 @@ def openai_router(server: JAXServer, client: EngineClient) -> APIRouter:
         form: ChatFormat | TextFormat,
         kind: str,
     ) -> Any:
-        base = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
-        prompt_tokens = sum(len(r.prompt_ids) for r in requests[:: body.n])  # each prompt once
+        include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+        result = OpenAIAnswer(backend.model_name, kind, form, requests, body.n, include_usage)
         streams = client.submit(requests)
-        choices = [Choice() for _ in requests]
-
-        def usage() -> Usage:
-            completion = sum(c.tokens for c in choices)
-            return Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion,
-                total_tokens=prompt_tokens + completion,
-            )
-
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-            async def events() -> AsyncIterator[str]:
-                failed = False
-                async with aclosing(client.chunks(streams)) as chunks:
-                    async for index, chunk in chunks:
-                        if chunk.finish_reason == "error":
-                            yield sse(error_body(chunk.error or "the engine failed", "server_error"))
-                            failed = True
-                            break
-                        if chunk.text or chunk.finish_reason or chunk.logprobs or not choices[index].started:
-                            piece = form.piece(base, index, chunk, choices[index])
-                            yield sse(piece.model_dump(mode="json"))
-                        choices[index].add(chunk)
-                if not failed:
-                    server.count_request()
-                    if include_usage:
-                        yield sse(form.usage_piece(base, usage()).model_dump(mode="json"))
-                yield sse("[DONE]")
-
-            return client.event_stream(events(), streams)
-
-        try:
-            async with aclosing(client.chunks(streams, http)) as chunks:
-                async for index, chunk in chunks:
-                    if chunk.finish_reason == "error":
-                        raise EngineError(chunk.error or "the engine failed")
-                    choices[index].add(chunk)
-        except ClientDisconnected:
-            return Response(status_code=499)  # client closed the request; nobody reads this
-        server.count_request()
-        return form.whole(base, choices, usage())
+        return await respond(backend, client, http, streams, result, body.stream)
 
     @router.get("/v1/models", response_model=ModelList)
     def list_models() -> ModelList:
         """The one model this server serves."""
-        server.require_ready()
+        backend.require_ready()
         return ModelList(data=[model_card()])
 
     @router.get("/v1/models/{model}", response_model=ModelCard)
     def get_model(model: str) -> ModelCard:
-        server.require_ready()
-        check_model(server, model)
+        backend.require_ready()
+        check_model(backend, model)
         return model_card()
 
     @router.post("/v1/completions", response_model=Completion, responses=STREAMED)
     async def completions(body: CompletionRequest, http: Request) -> Any:
         """Continue a prompt (a string, a list of strings, token ids or lists of token ids)."""
-        _, tokenizer = server.require_ready()
-        check_model(server, body.model)
+        tokenizer = backend.require_ready()
+        check_model(backend, body.model)
         if body.best_of not in (None, body.n):
             raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
-        prompt = body.prompt
-        if isinstance(prompt, str):
-            prompts = [tokenizer.encode(prompt)]
-        elif prompt and all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        else:
-            prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
-        if not prompts:
-            raise BadRequestError("the prompt is empty", param="prompt")
-        requests = engine_requests(body, prompts, body.max_tokens, body.logprobs)
+        prompts = completion_prompts(tokenizer, body.prompt)
+        requests = engine_requests(backend, body, prompts, body.max_tokens, body.logprobs)
         return await answer(http, body, requests, TextFormat(tokenizer, body.logprobs is not None), "cmpl")
 
     @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED)
     async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
         """Answer a conversation, rendered with the model's chat template (as /chat does)."""
-        _, tokenizer = server.require_ready()
-        check_model(server, body.model)
+        tokenizer = backend.require_ready()
+        check_model(backend, body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-        string = server.build_messages_prompt(message_dicts(body.messages))
+        string = backend.build_messages_prompt(message_dicts(body.messages))
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        requests = engine_requests(body, [tokenizer.encode(string)], getattr(body, field), logprobs, field)
+        ids = [tokenizer.encode(string)]
+        requests = engine_requests(backend, body, ids, getattr(body, field), logprobs, field)
         return await answer(http, body, requests, ChatFormat(tokenizer, body.logprobs), "chatcmpl")
 
     return router

@@ -1,11 +1,11 @@
 """How routes talk to the engine: submit requests, read their chunks merged in arrival order, and abort
 whatever a client leaves behind.
 
-Every route goes through `EngineClient.chunks`, so a request ends in one of three ways, all handled here:
-it finishes (the engine sent its finish reason); its client disconnects (a streaming response is
-cancelled by Starlette, a non-streaming one notices on its next poll and raises `ClientDisconnected`);
-or the route stops reading for another reason. In the last two cases every unfinished request is aborted,
-which frees its slot within one decode chunk.
+Every route and page goes through `EngineClient.chunks`, so a request ends in one of four ways, all
+handled here: it finishes (the engine sent its finish reason); the engine fails (`EngineError`); its client
+disconnects (a streaming response is cancelled by Starlette, a non-streaming one notices on its next poll
+and raises `ClientDisconnected`); or the route stops reading for another reason. In all but the first every
+unfinished request is aborted, which frees its slot within one decode chunk.
 """
 
 from __future__ import annotations
@@ -13,17 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import TYPE_CHECKING
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream
-from jaxserver.errors import JAXServerError
+from jaxserver.errors import EngineError, JAXServerError
+from jaxserver.server.backend import Backend
 from jaxserver.server.metrics import Metrics
-
-if TYPE_CHECKING:
-    from jaxserver.jaxserver import JAXServer
 
 # How often a non-streaming request checks whether its client is still there.
 DISCONNECT_POLL_S = 0.25
@@ -49,8 +46,8 @@ class EventStream(StreamingResponse):
 
 
 class EngineClient:
-    def __init__(self, server: JAXServer, metrics: Metrics):
-        self.server, self.metrics = server, metrics
+    def __init__(self, backend: Backend, metrics: Metrics):
+        self.backend, self.metrics = backend, metrics
 
     def submit(self, requests: Sequence[GenerationRequest]) -> list[OutputStream]:
         """Submit all of `requests` (so that they batch) or none: when one is refused (overload), the ones
@@ -59,10 +56,10 @@ class EngineClient:
         streams: list[OutputStream] = []
         try:
             for request in requests:
-                streams.append(self.server.submit(request, loop))
+                streams.append(self.backend.submit(request, loop))
         except JAXServerError:
             for stream in streams:
-                self.server.abort(stream.request.request_id)
+                self.backend.abort(stream.request.request_id)
             raise
         self.metrics.prompt_tokens.inc(sum(len(r.prompt_ids) for r in requests))
         return streams
@@ -72,8 +69,9 @@ class EngineClient:
     ) -> AsyncIterator[tuple[int, GenerationChunk]]:
         """(index into `streams`, chunk) as chunks arrive, until every stream has sent its finish reason.
         With `http` (non-streaming routes only: a streaming response must leave `receive` to Starlette),
-        checks every DISCONNECT_POLL_S whether the client is gone and raises `ClientDisconnected`.
-        Leaving the iteration early in any way aborts the unfinished requests."""
+        checks every DISCONNECT_POLL_S whether the client is gone and raises `ClientDisconnected`. A chunk
+        that says the engine failed raises `EngineError`. Leaving the iteration early in any way aborts the
+        unfinished requests."""
         arrived: asyncio.Queue[tuple[int, GenerationChunk]] = asyncio.Queue()
 
         async def pump(index: int, stream: OutputStream) -> None:
@@ -97,6 +95,8 @@ class EngineClient:
                         raise ClientDisconnected
                 if chunk is None:
                     continue
+                if chunk.finish_reason == "error":
+                    raise EngineError(chunk.error or "the engine failed")
                 self.metrics.observe_chunk(chunk, last_token_at[index], streams[index].submitted_at, now)
                 if chunk.token_ids:
                     last_token_at[index] = now
@@ -107,7 +107,7 @@ class EngineClient:
             for task in pumps:
                 task.cancel()
             for index in unfinished:
-                self.server.abort(streams[index].request.request_id)
+                self.backend.abort(streams[index].request.request_id)
 
     def event_stream(self, events: AsyncIterator[str], streams: Sequence[OutputStream]) -> EventStream:
         """A streaming response of `events` (read from `streams`) that aborts the requests left unfinished
@@ -115,6 +115,6 @@ class EngineClient:
 
         def abort() -> None:
             for stream in streams:
-                self.server.abort(stream.request.request_id)
+                self.backend.abort(stream.request.request_id)
 
         return EventStream(events, abort)

@@ -2,38 +2,34 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from fastapi import APIRouter
 
 from jaxserver.errors import BadRequestError
+from jaxserver.server.backend import Backend
 from jaxserver.server.openai_api import check_model, message_dicts
 from jaxserver.server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
-if TYPE_CHECKING:
-    from jaxserver.jaxserver import JAXServer
 
-
-def tokenizer_router(server: JAXServer) -> APIRouter:
+def tokenizer_router(backend: Backend) -> APIRouter:
     router = APIRouter(tags=["tokenizer"])
 
     @router.post("/tokenize", response_model=TokenizeResponse)
     def tokenize(body: TokenizeRequest) -> TokenizeResponse:
         """Token ids of `prompt` (as /v1/completions reads it) or of `messages` (rendered as
         /v1/chat/completions renders them)."""
-        _, tokenizer = server.require_ready()
-        check_model(server, body.model)
+        tokenizer = backend.require_ready()
+        check_model(backend, body.model)
         if (body.prompt is None) == (body.messages is None):
             raise BadRequestError("give exactly one of prompt and messages", param="prompt")
         text = (
             body.prompt
             if body.messages is None
-            else server.build_messages_prompt(message_dicts(body.messages))
+            else backend.build_messages_prompt(message_dicts(body.messages))
         )
         ids = tokenizer.encode(text)
         return TokenizeResponse(
             count=len(ids),
-            max_model_len=server.config.max_length,
+            max_model_len=backend.config.max_length,
             tokens=ids,
             token_strs=tokenizer.hf.convert_ids_to_tokens(ids) if body.return_token_strs else None,
         )
@@ -41,8 +37,8 @@ def tokenizer_router(server: JAXServer) -> APIRouter:
     @router.post("/detokenize", response_model=DetokenizeResponse)
     def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
         """The text of token ids, special tokens included."""
-        _, tokenizer = server.require_ready()
-        check_model(server, body.model)
+        tokenizer = backend.require_ready()
+        check_model(backend, body.model)
         if any(not 0 <= i < tokenizer.vocab_size for i in body.tokens):
             raise BadRequestError(f"token ids must be in [0, {tokenizer.vocab_size})", param="tokens")
         return DetokenizeResponse(prompt=tokenizer.decode(body.tokens, skip_special_tokens=False))

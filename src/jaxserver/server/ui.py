@@ -1,8 +1,8 @@
 """Gradio pages on the API's FastAPI app: an instruct page, a chat page and a landing page at `/`.
 
-The pages are thin clients of the engine. Each answer is a request submitted to the same engine as the
-HTTP API's (no second copy of the model), so UI and API users share the batch and its limits. An answer
-streams chunk by chunk. The Stop and Clear buttons abort the page's request in the engine, which frees its
+The pages are thin clients of the engine. Each answer is a request submitted through the same
+`EngineClient` as the HTTP API's (no second copy of the model), so UI and API users share the batch, its
+limits and its metrics. An answer streams chunk by chunk. The Stop and Clear buttons abort the page's request in the engine, which frees its
 slot within one decode chunk and ends the answer like any other finish; they do not use Gradio's `cancels`,
 whose frontend can mark the stopped output "Error" when the cancel crosses the stream's last message. A
 closed tab closes the stream, which aborts the request too. Errors the user can act on (a prompt longer
@@ -11,12 +11,11 @@ than the context, a busy or loading server) become Gradio messages, not tracebac
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import html
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gradio as gr
 from fastapi import FastAPI
@@ -25,9 +24,8 @@ from fastapi.responses import HTMLResponse
 from jaxserver.engine.request import GenerationRequest
 from jaxserver.errors import JAXServerError
 from jaxserver.server.auth import browser_login
-
-if TYPE_CHECKING:
-    from jaxserver.jaxserver import JAXServer
+from jaxserver.server.backend import Backend
+from jaxserver.server.streaming import EngineClient
 
 INSTRUCT_PATH = "/gradio_instruct"
 CHAT_PATH = "/gradio_chat"
@@ -44,20 +42,20 @@ class Sampling:
     max_new_tokens: float
     greedy: bool
 
-    def prepare(self, server: JAXServer, string: str) -> GenerationRequest:
+    def prepare(self, backend: Backend, string: str) -> GenerationRequest:
         """A request for `string`. The answer ends after `max_new_tokens` or when the context is full,
         whichever comes first: a chat grows, and a slider that must track the room left would be a chore."""
-        request = server.prepare(
+        request = backend.prepare(
             string, self.greedy, None, temperature=self.temperature, top_p=self.top_p, top_k=int(self.top_k)
         )
-        room = server.config.max_length - len(request.prompt_ids)
+        room = backend.config.max_length - len(request.prompt_ids)
         return dataclasses.replace(request, max_new_tokens=min(int(self.max_new_tokens), room))
 
 
-def settings_column(server: JAXServer) -> tuple[gr.Textbox, list[gr.Component]]:
+def settings_column(backend: Backend) -> tuple[gr.Textbox, list[gr.Component]]:
     """The right-hand column of both pages: the system prompt, then temperature, top-p, top-k, max new
     tokens and greedy, each starting at the server config's default."""
-    cfg = server.config
+    cfg = backend.config
     with gr.Column(scale=1, min_width=260):
         system = gr.Textbox(
             cfg.system,
@@ -91,8 +89,8 @@ class AnswersInFlight:
     in flight. Both methods are coroutines, which Gradio runs on the server's event loop (it would run
     plain functions in worker threads), so the dicts need no lock."""
 
-    def __init__(self, server: JAXServer) -> None:
-        self._server = server
+    def __init__(self, backend: Backend, client: EngineClient) -> None:
+        self._backend, self._client = backend, client
         self._requests: dict[str, str] = {}  # session hash -> request id
         self._cleared: set[str] = set()  # request ids whose answer the user threw away
 
@@ -104,7 +102,7 @@ class AnswersInFlight:
         if request_id is not None:
             if clear:
                 self._cleared.add(request_id)
-            self._server.abort(request_id)  # a no-op once the request has ended
+            self._backend.abort(request_id)  # a no-op once the request has ended
 
     async def stream(
         self, request: gr.Request, prompt: Callable[[], str], sampling: Sampling
@@ -112,29 +110,27 @@ class AnswersInFlight:
         """The answer to `prompt()` as it grows: "" once the engine has the request, then after every
         chunk; None once Clear threw the answer away. Closing this generator early aborts the request."""
         try:
-            generation = sampling.prepare(self._server, prompt())
-            chunks = self._server.submit(generation, asyncio.get_running_loop())
+            generation = sampling.prepare(self._backend, prompt())
+            streams = self._client.submit([generation])
         except JAXServerError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
         session, request_id = request.session_hash, generation.request_id
         if session:  # a caller without a session (the Gradio API) has no Stop button
             self._requests[session] = request_id
-        answer, finished = "", False
+        answer = ""
         try:
             yield answer
-            async for chunk in chunks:
-                if chunk.finish_reason == "error":
-                    raise gr.Error(chunk.error or "the engine failed", print_exception=False)
-                answer += chunk.text
-                finished = chunk.finish_reason is not None
-                yield None if request_id in self._cleared else answer
+            async with contextlib.aclosing(self._client.chunks(streams)) as chunks:
+                async for _, chunk in chunks:
+                    answer += chunk.text
+                    yield None if request_id in self._cleared else answer
+        except JAXServerError as exc:  # the engine failed
+            raise gr.Error(exc.message, print_exception=False) from None
         finally:
             if session and self._requests.get(session) == request_id:
                 del self._requests[session]
             self._cleared.discard(request_id)
-            if not finished:  # the tab closed, or the engine failed: free the slot
-                self._server.abort(request_id)
-        self._server.count_request()
+        self._backend.count_request()
 
 
 def page_header(title: str) -> gr.HTML:
@@ -149,7 +145,7 @@ def page_header(title: str) -> gr.HTML:
     return gr.HTML(f"<h2>jaxserver · {title}</h2><p>{anchors}</p>", js_on_load=None)
 
 
-def instruct_blocks(server: JAXServer) -> gr.Blocks:
+def instruct_blocks(backend: Backend, client: EngineClient) -> gr.Blocks:
     with gr.Blocks(title="jaxserver · instruct", analytics_enabled=False) as blocks:
         page_header("instruct")
         with gr.Row():
@@ -166,14 +162,14 @@ def instruct_blocks(server: JAXServer) -> gr.Blocks:
                 answer = gr.Textbox(
                     lines=12, label="answer", interactive=False, buttons=["copy"], elem_id="answer"
                 )
-            system, controls = settings_column(server)
+            system, controls = settings_column(backend)
 
-        in_flight = AnswersInFlight(server)
+        in_flight = AnswersInFlight(backend, client)
 
         async def respond(
             request: gr.Request, system: str, instruction: str, *values: Any
         ) -> AsyncIterator[str]:
-            prompt = lambda: server.build_instruct_prompt(instruction, system)
+            prompt = lambda: backend.build_instruct_prompt(instruction, system)
             async with contextlib.aclosing(in_flight.stream(request, prompt, Sampling(*values))) as answers:
                 async for text in answers:
                     yield text or ""
@@ -205,7 +201,7 @@ def history_pairs(messages: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return pairs
 
 
-def chat_blocks(server: JAXServer) -> gr.Blocks:
+def chat_blocks(backend: Backend, client: EngineClient) -> gr.Blocks:
     with gr.Blocks(title="jaxserver · chat", analytics_enabled=False) as blocks:
         page_header("chat")
         with gr.Row():
@@ -224,9 +220,9 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
                     send = gr.Button("Send", variant="primary", scale=1, min_width=70, elem_id="send")
                     stop = gr.Button("Stop", variant="stop", scale=1, min_width=70, elem_id="stop")
                     clear = gr.Button("Clear", scale=1, min_width=70, elem_id="clear")
-            system, controls = settings_column(server)
+            system, controls = settings_column(backend)
 
-        in_flight = AnswersInFlight(server)
+        in_flight = AnswersInFlight(backend, client)
 
         async def respond(
             request: gr.Request, text: str, messages: list[dict[str, Any]], system: str, *values: Any
@@ -236,7 +232,7 @@ def chat_blocks(server: JAXServer) -> gr.Blocks:
                 yield messages, text
                 return
             history = history_pairs(messages)
-            prompt = lambda: server.build_chat_prompt(text, history, system)
+            prompt = lambda: backend.build_chat_prompt(text, history, system)
             asked = [*messages, {"role": "user", "content": text}]
             # The message box is emptied with the first update only: a draft typed while the answer
             # streams (or ends, after Stop) stays.
@@ -292,22 +288,22 @@ a {{ color: #c2410c; }} li {{ margin: 0.6rem 0; }} .muted {{ color: #666; }}
 """
 
 
-def mount_ui(app: FastAPI, server: JAXServer) -> None:
+def mount_ui(app: FastAPI, backend: Backend, client: EngineClient) -> None:
     """Serve the instruct page at /gradio_instruct, the chat page at /gradio_chat and a landing page at /."""
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def landing_page() -> str:
-        status = server.status()
+        status = backend.status()
         state = f"{status['status']}: {status['error']}" if status["error"] else status["status"]
         return LANDING_PAGE.format(
-            model=html.escape(server.model_name),
+            model=html.escape(backend.model_name),
             state=html.escape(state),
             instruct=INSTRUCT_PATH.lstrip("/"),
             chat=CHAT_PATH.lstrip("/"),
         )
 
     theme = gr.themes.Default(primary_hue="orange")
-    api_key = server.config.api_key
+    api_key = backend.config.api_key
     login = (
         {}
         if api_key is None
@@ -316,7 +312,10 @@ def mount_ui(app: FastAPI, server: JAXServer) -> None:
             "auth_message": "This server has an API key: sign in with any user name and the key as the password.",
         }
     )
-    for path, blocks in ((INSTRUCT_PATH, instruct_blocks(server)), (CHAT_PATH, chat_blocks(server))):
+    for path, blocks in (
+        (INSTRUCT_PATH, instruct_blocks(backend, client)),
+        (CHAT_PATH, chat_blocks(backend, client)),
+    ):
         gr.mount_gradio_app(
             app,
             blocks,
