@@ -7,6 +7,9 @@ likely token agrees with the reference's, the mean KL divergence from the refere
 the mean negative log-likelihood of the text's own next tokens.
 
     python benchmarks/kv_cache_quality.py [--text FILE] [--tokens 512]
+
+The recorded figures were measured over an earlier README; docs/performance.md ("KV cache dtype") gives
+the command that re-runs them on that text.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ packed for it.
 
     python benchmarks/matmul_dtypes.py [--rows 1,2,8,32,256]
 
-The README's figures for bf16 weights come from here: the bf16 x bf16 -> f32 dot's GFLOP/s beside
-float32's and the kernel's, and how slow a single bf16 row is next to two (why `linear` pads a lone row).
+The figures for bf16 weights in docs/performance.md ("bf16 matmul kernel") come from here: the bf16 x
+bf16 -> f32 dot's GFLOP/s beside float32's and the kernel's, and how slow a single bf16 row is next to two
+(why `linear` pads a lone row).
 """
 
 from __future__ import annotations

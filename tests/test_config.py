@@ -36,7 +36,7 @@ def test_seed_fields_and_defaults():
     config = JAXServerConfig()
     for name, value in SEED_DEFAULTS.items():
         assert getattr(config, name) == value, name
-    assert config.dtype == "auto"  # the one documented change: fp16 is slow on a CPU (README, dtype)
+    assert config.dtype == "auto"  # the one documented change: fp16 is slow on a CPU (README, Configuration)
     assert len(SEED_DEFAULTS) + 1 == 24
 
 

@@ -162,8 +162,11 @@ def test_bfloat16_weights_track_float32(tiny_model):
     float32 model's (5% of the largest logit: bf16 keeps 8 bits of mantissa, and the rounding compounds
     over the layers), for a batch of rows and for a lone row (which `linear` pads to two), and through
     the AVX512-BF16 kernel (`cpu_kernels.bf16_gemm`, where the CPU has it) for 1 and 8 decode rows and a
-    48-token prompt. Over 256 prompt tokens the rounding drifts further from float32, but the kernel's
-    logits stay those of XLA's bf16 dot on the same weights (to float32 summation order)."""
+    48-token prompt. Over 256 prompt tokens the rounding drifts further from float32, and the kernel's
+    logits stay near those of XLA's bf16 dot on the same weights: each product rounds its input to
+    bf16, where the two dots' float32 summation orders can round a value the other way, and such flips
+    compound over the layers (0.3-0.5% of the largest logit here, against 3-6% from float32; each
+    product alone is checked to float32 rounding in test_cpu_kernels.py)."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     kernel = cpu_kernels.bf16_gemm_available()
@@ -176,7 +179,7 @@ def test_bfloat16_weights_track_float32(tiny_model):
         assert 0 < np.abs(rounded - exact).max() < 0.05 * scale
     ids = np.random.default_rng(3).integers(0, cfg.vocab_size, size=(2, 128))
     by_xla, by_kernel = full_logits(cfg, half, ids), full_logits(cfg, half, ids, kernel)
-    np.testing.assert_allclose(by_kernel, by_xla, atol=1e-4 * np.abs(by_xla).max())
+    np.testing.assert_allclose(by_kernel, by_xla, atol=0.01 * np.abs(by_xla).max())
 
 
 @pytest.mark.skipif(not cpu_kernels.bf16_gemm_available(), reason="no AVX512-BF16 here")

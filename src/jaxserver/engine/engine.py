@@ -234,10 +234,9 @@ class Engine:
                 self._finish(payload, "error", error=self.error)
 
     def _prefill(self) -> None:
-        """Write prompt pieces; up to the budget per iteration while others decode. With the default model
-        on 2 cores, 32 streams of 160-token prompts: a budget of 512 tokens gave 329 output tokens/s at 21.7
-        rows per step, 2048 gave 376 at 24.3 (the batch refills sooner after requests finish), for
-        inter-token latency p99 140 -> 243 ms (jaxserver bench)."""
+        """Write prompt pieces; up to the budget per iteration while others decode. A budget of several
+        pieces refills the batch sooner after requests finish, for more output tokens/s at the price of
+        longer pauses for running streams (docs/performance.md, "Prefill budget")."""
         budget = self.prefill_budget_tokens
         while self.scheduler.prefilling and (budget > 0 or not self.scheduler.decoding):
             seq = self.scheduler.prefilling[0]

@@ -72,16 +72,16 @@ def quarter_bucket(n: int, cap: int) -> int:
 
 def row_bucket(n: int, cap: int) -> int:
     """Rows computed for n active slots with the decode kernel, whose shapes vary only in rows: powers of
-    two up to 8, then `quarter_bucket`. Padding rows cost as much as real ones; with powers of two they
-    were 17% of the rows computed at 32 streams (jaxserver bench profile)."""
+    two up to 8, then `quarter_bucket`. Padding rows cost as much as real ones, and powers of two padded
+    too many of them at 32 streams (docs/performance.md)."""
     return bucket(n, 1, cap) if n <= 8 else quarter_bucket(n, cap)
 
 
 def prompt_bucket(n: int, cap: int) -> int:
     """Padded length of an n-token prompt piece: `fine_bucket` up to 32 tokens, multiples of 16 up to
     256, `quarter_bucket` above (320, 384, 448, ...), never above cap. Prefill costs most per token and
-    compiles in about a second per shape: with `quarter_bucket` from 128 on, a 136-token rest of a prompt
-    whose start was in the cache was padded to 160, and reuse saved nothing (jaxserver bench)."""
+    its shapes compile quickly: with `quarter_bucket` from 128 on, the rest of a prompt whose start was in
+    the cache was padded back to the prompt's full bucket, and reuse saved nothing (docs/performance.md)."""
     if n <= 2 * PROMPT_STEP:
         return fine_bucket(n, MIN_PROMPT_BUCKET, cap)
     if n <= 16 * PROMPT_STEP:
@@ -187,6 +187,32 @@ class ChunkOutputs(NamedTuple):
     logprobs: LogprobArrays | None  # when asked for
 
 
+def _advanced(state: DecodeState, new_tokens: jax.Array, eos_ids: jax.Array, cache_len: int) -> DecodeState:
+    """`state` after its active rows took `new_tokens` [B]: longer by one, and inactive where EOS, the
+    token budget or the end of the cache finished them."""
+    live = state.active
+    lengths = state.lengths + live
+    remaining = state.remaining - live
+    finished = (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
+    return state._replace(
+        tokens=jnp.where(live, new_tokens, state.tokens),
+        lengths=lengths,
+        remaining=remaining,
+        active=live & ~finished,
+    )
+
+
+def _no_outputs(rows: int, max_steps: int, want_logprobs: bool) -> ChunkOutputs:
+    """A decode chunk's outputs before its first step."""
+    logprobs = None
+    if want_logprobs:
+        top = (rows, max_steps, MAX_TOP_LOGPROBS)
+        logprobs = LogprobArrays(
+            jnp.zeros((rows, max_steps)), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)
+        )
+    return ChunkOutputs(jnp.zeros((rows, max_steps), jnp.int32), jnp.zeros((rows, max_steps), bool), logprobs)
+
+
 def _decode_chunk(
     params: Params,
     layers: list[Params],
@@ -233,12 +259,11 @@ def _decode_chunk(
             attention_kernel=attention_kernel,
             rope=tuple(jax.lax.dynamic_slice_in_dim(table, i, 1, axis=1) for table in (chunk_cos, chunk_sin)),
         )
-        live = state.active
-        lengths = state.lengths + live
         raw_logits = logits
         if rows_penalties is not None:
             logits = apply_penalties(logits, state.sampling, rows_penalties)
-        new_tokens = sample(logits, state.sampling, positions=lengths - state.starts)
+        live = state.active
+        new_tokens = sample(logits, state.sampling, positions=state.lengths + live - state.starts)
         if rows_penalties is not None:
             rows_penalties = count_tokens(rows_penalties, new_tokens, live)
         logprobs = outputs.logprobs
@@ -247,16 +272,7 @@ def _decode_chunk(
             logprobs = jax.tree.map(
                 lambda all_steps, now: all_steps.at[:, i].set(now), logprobs, step_logprobs
             )
-        remaining = state.remaining - live
-        finished = (
-            (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths >= cache_len)
-        )
-        state = state._replace(
-            tokens=jnp.where(live, new_tokens, state.tokens),
-            lengths=lengths,
-            remaining=remaining,
-            active=live & ~finished,
-        )
+        state = _advanced(state, new_tokens, eos_ids, cache_len)
         outputs = ChunkOutputs(
             outputs.tokens.at[:, i].set(new_tokens), outputs.emitted.at[:, i].set(live), logprobs
         )
@@ -271,15 +287,7 @@ def _decode_chunk(
         return (i < steps) & jnp.any(state.active) & jnp.all(state.active == started_active)
 
     # A while loop rather than a scan: it stops as soon as a row finishes.
-    logprobs = None
-    if want_logprobs:
-        top = (rows, max_steps, MAX_TOP_LOGPROBS)
-        logprobs = LogprobArrays(
-            jnp.zeros((rows, max_steps)), jnp.zeros(top, jnp.int32), jnp.zeros(top, jnp.float32)
-        )
-    outputs = ChunkOutputs(
-        jnp.zeros((rows, max_steps), jnp.int32), jnp.zeros((rows, max_steps), bool), logprobs
-    )
+    outputs = _no_outputs(rows, max_steps, want_logprobs)
     rows_penalties = None if penalties is None else jax.tree.map(lambda table: table[slot_ids], penalties)
     _, state, cache, rows_penalties, outputs = jax.lax.while_loop(
         keep_going, step, (0, state, cache, rows_penalties, outputs)
@@ -331,8 +339,7 @@ class Runner:
             jnp.zeros((slots, cfg.vocab_size), jnp.int32), jnp.zeros((slots, cfg.vocab_size), bool)
         )
         # A prompt's rotary tables, computed apart from `_prefill` (`llama.forward`'s `rope`): inside it XLA
-        # evaluated cos and sin again in every layer's rotation, 7.6 of the 115 ms a 160-token prompt took
-        # (benchmarks/prefill_step.py --profile).
+        # evaluated cos and sin again in every layer's rotation (docs/performance.md).
         self._rotary = jax.jit(functools.partial(llama.rotary, cfg=cfg))
         self._prefill = jax.jit(
             functools.partial(_prefill, cfg=cfg, attention_kernel=attention_kernel),
@@ -506,7 +513,7 @@ class Runner:
 
     def compile_ahead(self, shapes: list[tuple[int, int]]) -> None:
         """Compile decode chunks of these (rows, attended length) shapes, so that their first use does
-        not stall every stream for a compilation (about 12 s per shape on 2 cores). It may run on a
+        not stall every stream for a compilation (seconds per shape; docs/performance.md). It may run on a
         thread of its own beside the engine (see `_compile_decode`)."""
         started = time.perf_counter()
         self.shapes_to_compile = len(shapes)

@@ -1,14 +1,13 @@
 """Hand-written CPU kernels, compiled on first use and called from jitted code through XLA's FFI.
 
 XLA:CPU has no fused attention: it gathers each row's cache slice into a padded bucket and writes out the
-query-times-key products before reducing them (README, Performance), and writes new cache entries by a
-scatter. `decode_attention` writes each query's new key and value in place and reads its cache in place,
-only the positions it attends, for decode rows and prompt tokens alike. And XLA's bf16-weight dot reads the
-weights at about half the memory bandwidth when only a few rows multiply them, as in a decode step with few
-streams, and reaches 190-275 GFLOP/s from 32 to 512 rows: `bf16_gemm`, over weights packed for it once
-(`pack_bf16_weight`), streams them at close to the memory's bandwidth for few rows and reaches 290-340
-GFLOP/s at 32 rows and about 280 at 160-512 (30 products of 576 x 3072, benchmarks/matmul_dtypes.py), with
-AVX512-BF16's dot products, and gives every row the same result at any batch size.
+query-times-key products before reducing them (docs/architecture.md, Kernels), and writes new cache entries
+by a scatter. `decode_attention` writes each query's new key and value in place and reads its cache in
+place, only the positions it attends, for decode rows and prompt tokens alike. And XLA's bf16-weight dot
+reads the weights well below the memory's bandwidth when only a few rows multiply them, as in a decode step
+with few streams: `bf16_gemm`, over weights packed for it once (`pack_bf16_weight`), streams them at close
+to the memory's bandwidth for few rows and is faster at many rows too, with AVX512-BF16's dot products, and
+gives every row the same result at any batch size (figures: docs/performance.md, "bf16 matmul kernel").
 
 The C++ sources ship in `kernels/`; they are compiled with the system's C++ compiler against the FFI headers
 jaxlib ships (`jax.ffi.include_dir()`) into one library in `~/.cache/jaxserver/kernels` (or

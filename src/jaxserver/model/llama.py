@@ -46,8 +46,8 @@ class KVCache(NamedTuple):
     Keys lie with the positions along the fast axis, so a query multiplies one key dimension by many
     positions at once, in blocks of 16 positions so that a run of positions is one contiguous stream and
     a new key lands in one place: stored [head_dim, length], each position's dimensions lay a page apart,
-    and the attention kernel took 19.7-24.4 ms instead of 13.4-14.8 for 32 rows of 200 positions
-    (benchmarks/attention_kernel.py). XLA's attention reads them through `keys_by_position`.
+    and the attention kernel was markedly slower (docs/performance.md). XLA's attention reads them
+    through `keys_by_position`.
 
     Entries are float32, float16, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`,
     `from_cache`): XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers
@@ -126,10 +126,9 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [..., in] @ w [in, out] in the weight's dtype, accumulated and returned in float32.
 
     A weight packed for the bf16 matmul kernel (`pack_matmul_weights`) goes through it. Otherwise, with
-    bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it): on a
-    2-core EPYC, 190 vs 128 GFLOP/s for float32 at 32 rows, 253 vs 154 at 256 rows. A bf16 result
-    instead ran 4x slower than float32, and a single row took another path, 10x slower than two rows:
-    a lone row is therefore padded to two."""
+    bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it), faster
+    than float32's. A bf16 result instead ran slower than float32, and a single row took another, much
+    slower path than two rows: a lone row is therefore padded to two (docs/performance.md)."""
     rows = math.prod(x.shape[:-1])
     if cpu_kernels.is_packed(w):
         return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
@@ -142,9 +141,9 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
     """embed[tokens] as float32 (the residual stream's dtype in any weight dtype). XLA:CPU gathers no
     bf16: given a bf16 table, it converted the whole table to float32 first (once per decode chunk,
-    hoisted out of its loop: 1.0 ms per step for SmolLM2), and gathering it as 16-bit integers still
-    copied it as integers once per chunk (13 ms per 32-step chunk). A table stored as its bits
-    (`embedding_as_bits`, uint16) is gathered in place."""
+    hoisted out of its loop), and gathering it as 16-bit integers still copied it as integers once per
+    chunk. A table stored as its bits (`embedding_as_bits`, uint16) is gathered in place
+    (docs/performance.md)."""
     if embed.dtype == jnp.uint16:
         return jax.lax.bitcast_convert_type(embed[tokens], jnp.bfloat16).astype(jnp.float32)
     return embed[tokens].astype(jnp.float32)
@@ -216,10 +215,9 @@ def attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> ja
 
 
 # Decoding attends a few rows at a time: XLA:CPU materialises the query-times-key products before
-# reducing them (see README, Performance), and for 32 rows of 256 tokens those are 19 MB per layer; in
-# pieces of about this many (row, token) pairs, 4.7 MB, they stay in the caches. 30 layers, 32 rows, 256
-# tokens, 2-core AVX2 EPYC: 350-450 ms/step with all rows gathered at once, 70-100 ms in pieces of 2, 4 or
-# 8 rows; this size keeps 8 rows of 256 tokens in one piece, as fast as before at 8 rows.
+# reducing them (docs/architecture.md, Kernels), which for a full batch overflow the caches; in pieces of
+# about this many (row, token) pairs they stay in them, several times faster, and 8 rows of 256 tokens
+# still fit in one piece (docs/performance.md).
 DECODE_GROUP_TOKENS = 2048
 
 
@@ -282,6 +280,32 @@ def layer_params(params: Params, cfg: ModelConfig) -> list[Params]:
     return layers
 
 
+def _xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    rows: jax.Array,
+    query_index: jax.Array,
+    mask: jax.Array,
+    attn_len: int,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's attention with XLA's operations: write k, v [B, S, kv_heads, hd] into cache rows
+    `rows` [B] at `query_index` [B, S], then attend q [B, S, kv_heads, group, hd] to the first `attn_len`
+    entries under `mask` [B, S, T]. Returns (out [B, S, heads * hd], k_cache, v_cache)."""
+    # Advanced indices between slices: the indexed block is [B, S, kv_heads, hd], like k and v.
+    # (An index past the cache's length but within its last key block writes keys no query reads.)
+    block, lane = query_index // KEY_BLOCK, query_index % KEY_BLOCK
+    k_cache = k_cache.at[rows[:, None], :, block, :, lane].set(to_cache(k, k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
+    if q.shape[1] == 1:
+        return decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0]), k_cache, v_cache
+    keys = from_cache(keys_by_position(k_cache, rows, attn_len))
+    values = from_cache(v_cache[rows, :, :attn_len])
+    return attention(q, keys, values, mask), k_cache, v_cache
+
+
 def forward(
     params: Params,
     layers: list[Params],
@@ -304,13 +328,12 @@ def forward(
     indices [start[b], own index] within the first `attn_len` (static) entries. Rotary positions are
     `index - start`. Returns logits [B, V] at `logit_index` [B] (or [B, S, V] for every position when
     None) in float32, and the updated cache. With `attention_kernel` (`cpu_kernels.available()`),
-    queries attend through the CPU kernel, which reads each query's own range and ignores `attn_len`:
-    in prompt pieces, XLA's attention wrote out and copied the scores (45 of the 145 ms a 160-token
-    prompt took with bf16 weights, against about 14 ms in the kernel; benchmarks/prefill_step.py).
-    `rope`, when given, is `rotary` of the tokens' positions, computed by the caller; a decode chunk
-    computes all its steps' before its loop, because XLA fuses cos and sin into every layer's rotation
-    and evaluates them there again for each head (4 ms of a 32-row step). Weights packed by
-    `pack_matmul_weights` are multiplied through the bf16 matmul kernel.
+    queries attend through the CPU kernel, which reads each query's own range and ignores `attn_len`
+    (XLA's attention over a prompt piece writes out and copies the scores). `rope`, when given, is
+    `rotary` of the tokens' positions, computed by the caller: a decode chunk computes all its steps'
+    before its loop, since XLA would evaluate cos and sin again inside every layer's rotation. Weights
+    packed by `pack_matmul_weights` are multiplied through the bf16 matmul kernel. (Figures behind these
+    choices: docs/performance.md.)
     """
     batch, seq = tokens.shape
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -348,19 +371,9 @@ def forward(
             )
             out = out.reshape(batch, seq, -1)
         else:
-            # Advanced indices between slices: the indexed block is [B, S, kv_heads, hd], like k and v.
-            # (An index past the cache's length but within its last key block writes keys no query reads.)
-            block, lane = query_index // KEY_BLOCK, query_index % KEY_BLOCK
-            k_cache = k_cache.at[rows[:, None], :, block, :, lane].set(
-                to_cache(k, k_cache.dtype), mode="drop"
+            out, k_cache, v_cache = _xla_attention(
+                q, k, v, k_cache, v_cache, rows, query_index, mask, attn_len
             )
-            v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
-            if seq == 1:
-                out = decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0])
-            else:
-                keys = from_cache(keys_by_position(k_cache, rows, attn_len))
-                values = from_cache(v_cache[rows, :, :attn_len])
-                out = attention(q, keys, values, mask)
         new_k.append(k_cache)
         new_v.append(v_cache)
         x = x + linear(out, layer["wo"])

@@ -73,9 +73,10 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, top: int) -> LogprobArr
 
 
 # Sampling looks first at the CANDIDATES most likely tokens of each row: a top-k partial sort of the
-# vocabulary is some 50x cheaper on the CPU than a full sort, and the tokens that top-k, top-p or min-p
-# keep almost always lie among them. Rows whose kept set reaches further (a flat distribution under
-# top-p, top_k above CANDIDATES, or no filter at all) are sampled over the whole vocabulary instead.
+# vocabulary is far cheaper on the CPU than a full sort (docs/performance.md), and the tokens that top-k,
+# top-p or min-p keep almost always lie among them. Rows whose kept set reaches further (a flat
+# distribution under top-p, top_k above CANDIDATES, or no filter at all) are sampled over the whole
+# vocabulary instead.
 CANDIDATES = 256
 THRESHOLD_SEARCH_STEPS = 24  # bisection halvings: the cutoff to about 1e-7 of the logits' range
 
@@ -83,7 +84,7 @@ THRESHOLD_SEARCH_STEPS = 24  # bisection halvings: the cutoff to about 1e-7 of t
 def _inverse_cdf(probs: jax.Array, uniform: jax.Array, block: int = 256) -> jax.Array:
     """Index drawn from unnormalised probs [B, N] with one uniform [B] in [0, 1) per row. Over more than
     `block` entries it picks a block by its mass, then an entry inside it: a running sum over the whole
-    vocabulary is slow on the CPU (30 ms at 32 x 49k, against 3 ms for this)."""
+    vocabulary is much slower on the CPU (docs/performance.md)."""
     rows, n = probs.shape
     if n <= block:
         return _first_crossing(probs, uniform)
@@ -140,7 +141,7 @@ def _draw(scaled: jax.Array, params: SamplingArrays, uniform: jax.Array) -> jax.
     n = min(CANDIDATES, vocab)
     top_values, top_ids = jax.lax.top_k(scaled, n)  # [B, n], most likely first
     # The first and last candidates are taken with max and min, not slices: XLA folds a slice of the
-    # values into the top-k, and the CPU backend then sorts the whole vocabulary (40x slower, measured).
+    # values into the top-k, and the CPU backend then sorts the whole vocabulary (docs/performance.md).
     best, last_candidate = top_values.max(axis=-1), top_values.min(axis=-1)
     log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
     top_probs = jnp.exp(top_values - log_norm)
@@ -186,8 +187,8 @@ def _draw(scaled: jax.Array, params: SamplingArrays, uniform: jax.Array) -> jax.
 def argmax_rows(logits: jax.Array) -> jax.Array:
     """jnp.argmax(logits, -1) (the first index of each row's maximum) as two plain reductions, a max and a
     min over the indices that reach it, which XLA:CPU vectorizes; its own argmax reduces (value, index)
-    pairs one element at a time: 3.7 vs 1.2 ms for 32 rows of 49,152 here. A row with a NaN gets its last
-    index instead of the NaN's."""
+    pairs one element at a time, which is much slower (docs/performance.md). A row with a NaN
+    gets its last index instead of the NaN's."""
     vocab = logits.shape[-1]
     top = logits.max(axis=-1, keepdims=True)
     first = jnp.min(jnp.where(logits == top, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)

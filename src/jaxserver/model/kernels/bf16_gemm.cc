@@ -9,7 +9,7 @@
 // (`cpu_kernels.pack_bf16_weight`): [N / 64, K / 2, 64, 2], tiles of 64 columns, each tile's (k, k+1)
 // row pairs one after the other, every pair 64 columns of interleaved values. A tile is then one
 // contiguous stream read in order. (Interleaving the row-major weights on every call instead cost a
-// second pass over them: 30 products of [32, 576] x [576, 3072] ran in 15-17 ms that way, 11-13 packed.)
+// second pass over them, slower than packing once; docs/performance.md.)
 //
 // Two regimes. With many rows the work is compute-bound: blocks of up to 6 rows keep their 6 x 4 vectors
 // of sums in registers across all of K, while the 64-column tile they read stays in the core's L2. With
@@ -37,8 +37,8 @@ namespace {
 
 constexpr int64_t kTileColumns = 64;  // four vectors of 16 sums per row
 constexpr int kBlockRows = 6;         // 6 x 4 sums + 1 weight vector + 1 broadcast: 26 of 32 registers
-// Rows one work item multiplies by its tile: 16 blocks. Fewer re-read the tile from memory more often (in a
-// one-off harness outside the repository, 96 rows per item beat 48 at 256 rows).
+// Rows one work item multiplies by its tile: 16 blocks. Fewer re-read the tile from memory more often
+// (docs/performance.md).
 constexpr int64_t kItemRows = 16 * kBlockRows;
 constexpr int64_t kFewTiles = 32;  // see ManyRows
 
@@ -112,7 +112,7 @@ void ManyRows(ffi::ThreadPool& pool, const uint32_t* x_pairs, int64_t M, int64_t
               int64_t tiles, float* out) {
   // A product of few tiles (576 or 960 columns: 9 or 15) ends with one thread idle for most of an item;
   // halving its rows halves that tail, for a second read of each tile that mostly hits the shared cache
-  // (3-4% off a decode step's matmuls at 24-64 rows in a one-off harness).
+  // (docs/performance.md).
   const int64_t half = (M / 2 + kBlockRows - 1) / kBlockRows * kBlockRows;  // whole blocks
   const int64_t item_rows = tiles < kFewTiles && M <= kItemRows ? half : kItemRows;
   const int64_t groups = (M + item_rows - 1) / item_rows;
@@ -142,8 +142,8 @@ ffi::Error Bf16Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<f
   // through vector stores and memcpy, which may alias any type.
   std::vector<uint32_t> x_pairs(M * pairs);
   auto* rounded = reinterpret_cast<uint16_t*>(x_pairs.data());
-  // On the calling thread: waking a pool thread for it cost more than the rounding itself (10% of the
-  // matmuls of a 24-row decode step, benchmarks/matmul_dtypes.py's shapes in a one-off harness).
+  // On the calling thread: waking a pool thread for it cost more than the rounding itself
+  // (docs/performance.md).
   RoundRows(x_data, M, 2 * pairs, rounded);
   (M <= kBlockRows ? FewRows : ManyRows)(pool, x_pairs.data(), M, pairs, weights, tiles, out->typed_data());
   return ffi::Error::Success();

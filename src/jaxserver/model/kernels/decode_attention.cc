@@ -1,11 +1,11 @@
 // Decode attention for the CPU: one new query token per batch row against that row's own cache slot,
 // reading only the cache positions the row attends to ([start, end]), in place. Each row's new key and
 // value are written into the cache first, at its position `end`, so a prompt piece can run as one row per
-// token (each attending to the rows before it). XLA's scatter for those writes cost 2 ms of a 24-row decode
-// step and 6.5 ms of a 160-token prompt; here they are a few thousand stores.
+// token (each attending to the rows before it). XLA's scatter for those writes was a visible share of a
+// decode step and of a prompt; here they are a few thousand stores (docs/performance.md).
 //
 // XLA:CPU cannot express this without copies: it gathers each row's cache slice into a padded block and
-// writes out the query-times-key products before reducing them (README, Performance). This kernel reads
+// writes out the query-times-key products before reducing them (docs/architecture.md). This kernel reads
 // every cached key and value once, from where it lies, and keeps the scores in L1.
 //
 // Layouts (row-major; the caches float32, float16 or bfloat16, widened to float32 as they are read), matching
@@ -25,7 +25,7 @@
 // must lie along the fast axis; but with keys stored [head_dim, length], 64 dimensions of one position sat
 // in 64 different pages, a new key took 64 scattered stores, and a short read touched 64 pages for a few
 // lines each. In blocks, a run of positions is one contiguous stream and a new key lands in one page
-// (benchmarks/attention_kernel.py, 32 rows of 200 positions: 19.7-24.4 -> 13.4-14.8 ms).
+// (docs/performance.md).
 
 #include <algorithm>
 #include <cmath>
@@ -66,8 +66,8 @@ inline Vec LoadAs(const uint16_t* p) {
   return v;
 }
 // float16 widens exactly too: by F16C's conversion where the CPU has it (GCC 12 turned the generic
-// vector conversion into one scalar conversion per element: about 1.8x slower than float32 in a one-off
-// harness).
+// vector conversion into one scalar conversion per element, slower than reading float32;
+// docs/performance.md).
 inline Vec LoadAs(const _Float16* p) {
   Vec v;
 #if defined(__AVX512F__)
@@ -99,7 +99,7 @@ inline void FromFloat(float x, uint16_t* entry) {
 
 // e^x for x <= 0 (softmax arguments after subtracting the maximum), to about 2e-7 relative: x = n ln2 + r
 // with |r| <= ln2 / 2, e^r by Cephes' degree-6 polynomial, 2^n built in the exponent bits. The scalar
-// libm call this replaces cost about a third of the kernel's time.
+// libm call this replaces was a large share of the kernel's time (docs/performance.md).
 inline Vec ExpNonPositive(Vec x) {
   x = x < Splat(-87.0f) ? Splat(-87.0f) : x;  // keeps 2^n a normal float
   const Vec n = __builtin_convertvector(
@@ -309,7 +309,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   };
   // Rows in distinct slots (a decode step) write their entries in their own work items, side by side.
   // Rows that share a slot (a prompt piece's tokens) attend to each other's entries: those are all
-  // written first. (Written one by one, 24 decode rows' entries took about 1 ms of 12 in a one-off harness.)
+  // written first. (Written one by one, a decode step's entries were a noticeable share of the kernel's
+  // time; docs/performance.md.)
   std::vector<bool> taken(s.slots, false);
   bool distinct = true;
   for (int64_t b = 0; b < s.batch && distinct; ++b) {
