@@ -3,6 +3,7 @@ floods, as shared/RELIABILITY.md describes them."""
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -181,3 +182,16 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(served_tiny, new_tokens, r
     # uvicorn re-raises the signal once it has shut down, so the status is the conventional -SIGTERM.
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
     assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == reason
+
+
+def test_serve_logs_its_own_progress_and_nothing_foreign(tiny_llama_dir, tmp_path):
+    """Without JAX_PLATFORMS, JAX probes for a TPU and logs the failure at INFO, which reads as an error:
+    `jaxserver serve` shows its own progress, uvicorn's lines and warnings only."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"} | {"XLA_FLAGS": ""}
+    flags = ["--model", str(tiny_llama_dir), "--max-length", "256", "--warm-up", "false", "--no-ui"]
+    server = start_server(flags, tmp_path / "serve.log", timeout_s=300, env=env)
+    assert server.stop() in (0, -signal.SIGTERM)
+    lines = server.log_path.read_text().splitlines()
+    assert any(" INFO jaxserver: ready in " in line for line in lines)
+    ours = re.compile(r"\S+ \S+ (INFO|WARNING|ERROR) jaxserver[.:]|INFO: ")
+    assert [line for line in lines if not ours.match(line)] == []

@@ -7,6 +7,7 @@ answers non-streaming requests through that replacement, as the seed did.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,7 +23,14 @@ from jaxserver.server.streaming import EngineClient
 def seed_router(backend: Backend, client: EngineClient) -> APIRouter:
     router = APIRouter(tags=["seed"])
 
-    async def generate(http: Request, data: InstructRequest | ChatRequest, string: str) -> Any:
+    async def answer(
+        route: str, http: Request, data: InstructRequest | ChatRequest, build_prompt: Callable[[], str]
+    ) -> Any:
+        backend.require_ready()
+        custom = backend.custom_forward(route)
+        if custom is not None and not data.stream:
+            return await run_in_threadpool(custom, data)
+        string = build_prompt()
         request = backend.prepare(
             string,
             data.greedy,
@@ -40,21 +48,18 @@ def seed_router(backend: Backend, client: EngineClient) -> APIRouter:
     @router.post("/instruct", response_model=GenerationResponse, responses=STREAMED)
     async def instruct(data: InstructRequest, http: Request) -> Any:
         """Answer one instruction, formatted with the model's chat template or the seed's instruct_format."""
-        backend.require_ready()
-        custom = backend.custom_forward("instruct")
-        if custom is not None and not data.stream:
-            return await run_in_threadpool(custom, data)
-        return await generate(http, data, backend.build_instruct_prompt(data.prompt, data.system))
+        return await answer(
+            "instruct", http, data, lambda: backend.build_instruct_prompt(data.prompt, data.system)
+        )
 
     @router.post("/chat", response_model=GenerationResponse, responses=STREAMED)
     async def chat(data: ChatRequest, http: Request) -> Any:
         """Answer the next turn of a conversation given its history."""
-        backend.require_ready()
-        custom = backend.custom_forward("chat")
-        if custom is not None and not data.stream:
-            return await run_in_threadpool(custom, data)
-        return await generate(
-            http, data, backend.build_chat_prompt(data.prompt, data.history or [], data.system)
+        return await answer(
+            "chat",
+            http,
+            data,
+            lambda: backend.build_chat_prompt(data.prompt, data.history or [], data.system),
         )
 
     @router.get("/status")
