@@ -35,12 +35,19 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "bf16_gemm.cc")
-HEADERS = (KERNELS_DIR / "cpu_common.h",)  # included by the sources, so part of the build's key
+SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "paged_attention.cc", KERNELS_DIR / "bf16_gemm.cc")
+# Included by the sources, so part of the build's key.
+HEADERS = (KERNELS_DIR / "cpu_common.h", KERNELS_DIR / "attention_common.h")
 TARGET_NAME = "jaxserver_decode_attention"
 BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
 F16_CACHE_TARGET_NAME = "jaxserver_decode_attention_f16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
+# The paged attention kernel's target for each page array dtype (as CACHE_TARGETS).
+PAGED_TARGETS = {
+    jnp.dtype(jnp.float32): "jaxserver_paged_attention",
+    jnp.dtype(jnp.float16): "jaxserver_paged_attention_f16",
+    jnp.dtype(jnp.uint16): "jaxserver_paged_attention_bf16",
+}
 # The attention kernel's target for each cache array dtype it reads (bf16 entries are kept as uint16 bits).
 CACHE_TARGETS = {
     jnp.dtype(jnp.float32): TARGET_NAME,
@@ -144,6 +151,9 @@ def _load_library() -> ctypes.CDLL | None:
             (BF16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionBf16),
             (F16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionF16),
             (GEMM_TARGET_NAME, library.JaxserverBf16Gemm),
+            (PAGED_TARGETS[jnp.dtype(jnp.float32)], library.JaxserverPagedAttention),
+            (PAGED_TARGETS[jnp.dtype(jnp.float16)], library.JaxserverPagedAttentionF16),
+            (PAGED_TARGETS[jnp.dtype(jnp.uint16)], library.JaxserverPagedAttentionBf16),
         ):
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(symbol), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
@@ -223,6 +233,43 @@ def decode_attention(
         slot_ids.astype(jnp.int32),
         starts.astype(jnp.int32),
         ends.astype(jnp.int32),
+    )
+
+
+def paged_attention(
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_table: jax.Array,
+    token_seqs: jax.Array,
+    positions: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A flat batch of query tokens, each attending to its sequence's positions 0..positions[n] through the
+    sequence's page table, after every token's key and value is written at its position (kernels/
+    paged_attention.cc has the layouts: q [N, kv_heads, group, hd]; k_new, v_new [N, kv_heads, hd];
+    k_pages [pages, kv_heads, hd, KEY_BLOCK]; v_pages [pages, kv_heads, KEY_BLOCK, hd]; page_table
+    [seqs, max_pages]; token_seqs, positions [N]) -> (out [N, kv_heads, group, hd], k_pages, v_pages),
+    the pages updated in place where the caller donates them. A padding token (sequence or position
+    outside the arrays) writes nothing and gets zeros."""
+    if not available():
+        raise RuntimeError("the paged attention kernel is not available here (see the logged reason)")
+    results = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+        jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype),
+    )
+    target = PAGED_TARGETS[jnp.dtype(k_pages.dtype)]
+    return jax.ffi.ffi_call(target, results, input_output_aliases={3: 1, 4: 2})(
+        q.astype(jnp.float32),
+        k_new.astype(jnp.float32),
+        v_new.astype(jnp.float32),
+        k_pages,
+        v_pages,
+        page_table.astype(jnp.int32),
+        token_seqs.astype(jnp.int32),
+        positions.astype(jnp.int32),
     )
 
 

@@ -280,6 +280,32 @@ def layer_params(params: Params, cfg: ModelConfig) -> list[Params]:
     return layers
 
 
+def project_qkv(
+    x: jax.Array, layer: Params, cfg: ModelConfig, cos: jax.Array, sin: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """A layer's queries, keys and values of x [B, S, hidden], rotated by cos, sin [B, S, 1, hd/2]:
+    q [B, S, kv_heads, group, hd], k and v [B, S, kv_heads, hd]."""
+    batch, seq, _ = x.shape
+    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    qkv = linear(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
+    if cfg.attention_bias:
+        qkv = qkv + layer["bqkv"]
+    q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
+    q = apply_rope(q.reshape(batch, seq, heads, hd), cos, sin)
+    k = apply_rope(k.reshape(batch, seq, kv_heads, hd), cos, sin)
+    return q.reshape(batch, seq, kv_heads, heads // kv_heads, hd), k, v.reshape(batch, seq, kv_heads, hd)
+
+
+def finish_layer(x: jax.Array, attended: jax.Array, layer: Params, cfg: ModelConfig) -> jax.Array:
+    """The residual stream x [B, S, hidden] after a layer whose attention gave `attended` [B, S, heads *
+    hd]: the output projection, then the MLP."""
+    x = x + linear(attended, layer["wo"])
+    gate, up = jnp.split(
+        linear(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
+    )
+    return x + linear(jax.nn.silu(gate) * up, layer["w_down"])
+
+
 def _xla_attention(
     q: jax.Array,
     k: jax.Array,
@@ -352,14 +378,7 @@ def forward(
     x = embed_rows(params["embed"], tokens)
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
-        qkv = linear(rms_norm(x, layer["attn_norm"], cfg.rms_norm_eps), layer["wqkv"])
-        if cfg.attention_bias:
-            qkv = qkv + layer["bqkv"]
-        q, k, v = jnp.split(qkv, [heads * hd, (heads + kv_heads) * hd], axis=-1)
-        q = apply_rope(q.reshape(batch, seq, heads, hd), cos, sin)
-        k = apply_rope(k.reshape(batch, seq, kv_heads, hd), cos, sin)
-        v = v.reshape(batch, seq, kv_heads, hd)
-        q = q.reshape(batch, seq, kv_heads, heads // kv_heads, hd)
+        q, k, v = project_qkv(x, layer, cfg, cos, sin)
         if attention_kernel:
             out, k_cache, v_cache = cpu_kernels.decode_attention(
                 q.reshape(batch * seq, kv_heads, heads // kv_heads, hd),
@@ -376,11 +395,7 @@ def forward(
             )
         new_k.append(k_cache)
         new_v.append(v_cache)
-        x = x + linear(out, layer["wo"])
-        gate, up = jnp.split(
-            linear(rms_norm(x, layer["mlp_norm"], cfg.rms_norm_eps), layer["w_gate_up"]), 2, axis=-1
-        )
-        x = x + linear(jax.nn.silu(gate) * up, layer["w_down"])
+        x = finish_layer(x, out, layer, cfg)
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
