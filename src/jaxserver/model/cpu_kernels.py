@@ -35,7 +35,11 @@ import jax.numpy as jnp
 log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
-SOURCES = (KERNELS_DIR / "decode_attention.cc", KERNELS_DIR / "paged_attention.cc", KERNELS_DIR / "bf16_gemm.cc")
+SOURCES = (
+    KERNELS_DIR / "decode_attention.cc",
+    KERNELS_DIR / "paged_attention.cc",
+    KERNELS_DIR / "bf16_gemm.cc",
+)
 # Included by the sources, so part of the build's key.
 HEADERS = (KERNELS_DIR / "cpu_common.h", KERNELS_DIR / "attention_common.h")
 TARGET_NAME = "jaxserver_decode_attention"
