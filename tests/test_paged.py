@@ -24,33 +24,35 @@ def tiny_model(tiny_llama_dir):
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
-def random_pages(rng, pages: int, kv_heads: int, hd: int, dtype) -> tuple[jax.Array, jax.Array]:
+def random_pages(rng, layers: int, pages: int, kv_heads: int, hd: int, dtype) -> tuple[jax.Array, jax.Array]:
     storage = llama.cache_storage_dtype(dtype)
-    k = llama.to_cache(jnp.asarray(rng.standard_normal((pages, kv_heads, hd, T)), jnp.float32), storage)
-    v = llama.to_cache(jnp.asarray(rng.standard_normal((pages, kv_heads, T, hd)), jnp.float32), storage)
-    return k, v
+    k = rng.standard_normal((layers, pages, kv_heads, hd, T))
+    v = rng.standard_normal((layers, pages, kv_heads, T, hd))
+    return tuple(llama.to_cache(jnp.asarray(a, jnp.float32), storage) for a in (k, v))
 
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16, jnp.bfloat16], ids=["f32", "f16", "bf16"])
 def test_the_kernel_writes_and_attends_as_the_reference(dtype):
     """A mixed batch: a prompt piece (positions 5..24 of sequence 0), decode tokens at the first, a
-    page-crossing and a later position, and padding; pages in scattered order."""
+    page-crossing and a later position, and padding; pages in scattered order; the second of two layers'
+    pages (the first left as it was)."""
     rng = np.random.default_rng(0)
     kv_heads, group, hd, pages = 2, 3, 32, 24
-    k_pages, v_pages = random_pages(rng, pages, kv_heads, hd, dtype)
+    k_pages, v_pages = random_pages(rng, 2, pages, kv_heads, hd, dtype)
     page_table = jnp.asarray(rng.permutation(pages)[:20].reshape(4, 5), jnp.int32)
     token_seqs = jnp.asarray([0] * 20 + [1, 2, 3, -1, 9], jnp.int32)
     positions = jnp.asarray([*range(5, 25), 0, 16, 79, 3, 0], jnp.int32)
     n = len(token_seqs)
     q = jnp.asarray(rng.standard_normal((n, kv_heads, group, hd)), jnp.float32)
     k_new, v_new = (jnp.asarray(rng.standard_normal((n, kv_heads, hd)), jnp.float32) for _ in range(2))
-    args = (q, k_new, v_new, k_pages, v_pages, page_table, token_seqs, positions)
+    args = (q, k_new, v_new, k_pages, v_pages, jnp.int32(1), page_table, token_seqs, positions)
     by_kernel = jax.jit(cpu_kernels.paged_attention)(*args)
     by_xla = jax.jit(paged.attention_reference)(*args)
     np.testing.assert_allclose(by_kernel[0], by_xla[0], rtol=2e-5, atol=2e-6)
-    for got, want in zip(by_kernel[1:], by_xla[1:], strict=True):
+    for got, want, before in zip(by_kernel[1:], by_xla[1:], (k_pages, v_pages), strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(before[0]))
     assert not np.asarray(by_kernel[0][-2:]).any()  # the padding tokens get zeros
 
 

@@ -246,17 +246,18 @@ def paged_attention(
     v_new: jax.Array,
     k_pages: jax.Array,
     v_pages: jax.Array,
+    layer: jax.Array,
     page_table: jax.Array,
     token_seqs: jax.Array,
     positions: jax.Array,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """A flat batch of query tokens, each attending to its sequence's positions 0..positions[n] through the
-    sequence's page table, after every token's key and value is written at its position (kernels/
-    paged_attention.cc has the layouts: q [N, kv_heads, group, hd]; k_new, v_new [N, kv_heads, hd];
-    k_pages [pages, kv_heads, hd, KEY_BLOCK]; v_pages [pages, kv_heads, KEY_BLOCK, hd]; page_table
-    [seqs, max_pages]; token_seqs, positions [N]) -> (out [N, kv_heads, group, hd], k_pages, v_pages),
-    the pages updated in place where the caller donates them. A padding token (sequence or position
-    outside the arrays) writes nothing and gets zeros."""
+    sequence's page table in the pages of `layer`, after every token's key and value is written at its
+    position (kernels/paged_attention.cc has the layouts: q [N, kv_heads, group, hd]; k_new, v_new
+    [N, kv_heads, hd]; k_pages [layers, pages, kv_heads, hd, KEY_BLOCK]; v_pages [layers, pages, kv_heads,
+    KEY_BLOCK, hd]; page_table [seqs, max_pages]; token_seqs, positions [N]) -> (out [N, kv_heads, group,
+    hd], k_pages, v_pages), the pages updated in place where the caller donates them. A padding token
+    (sequence or position outside the arrays) writes nothing and gets zeros."""
     if not available():
         raise RuntimeError("the paged attention kernel is not available here (see the logged reason)")
     results = (
@@ -271,6 +272,7 @@ def paged_attention(
         v_new.astype(jnp.float32),
         k_pages,
         v_pages,
+        jnp.asarray(layer, jnp.int32).reshape(1),
         page_table.astype(jnp.int32),
         token_seqs.astype(jnp.int32),
         positions.astype(jnp.int32),

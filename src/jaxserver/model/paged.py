@@ -37,40 +37,40 @@ PAGE_TOKENS = KEY_BLOCK  # a page is one key block: 16 positions
 
 
 class PagedKVCache(NamedTuple):
-    """Per layer: keys [pages, kv_heads, head_dim, PAGE_TOKENS], values [pages, kv_heads, PAGE_TOKENS,
-    head_dim]; entries float32, float16, or bfloat16 kept as uint16 bits (as `llama.KVCache`). A page's keys
-    lie with its positions along the fast axis, as a query multiplies them."""
+    """Every layer's pages in one array each: keys [layers, pages, kv_heads, head_dim, PAGE_TOKENS], values
+    [layers, pages, kv_heads, PAGE_TOKENS, head_dim]; entries float32, float16, or bfloat16 kept as uint16
+    bits (as `llama.KVCache`). A page's keys lie with its positions along the fast axis, as a query
+    multiplies them. One array per kind for all layers: the attention of each layer updates it in place,
+    and moving or dropping a page is one operation for the whole model."""
 
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
+    k: jax.Array
+    v: jax.Array
 
     @property
     def pages(self) -> int:
-        return self.k[0].shape[0]
+        return self.k.shape[1]
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v))
+        return self.k.nbytes + self.v.nbytes
 
 
 def init_paged_cache(
     cfg: ModelConfig, pages: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
 ) -> PagedKVCache:
-    """An empty pool of `pages` pages with entries of `dtype`."""
+    """An empty pool of `pages` pages per layer with entries of `dtype`."""
 
     def zeros(shape: tuple[int, ...]) -> jax.Array:
         array = jnp.zeros(shape, cache_storage_dtype(dtype))
         return array if sharding is None else jax.device_put(array, sharding)
 
-    keys = (pages, cfg.num_kv_heads, cfg.head_dim, PAGE_TOKENS)
-    values = (pages, cfg.num_kv_heads, PAGE_TOKENS, cfg.head_dim)
-    return PagedKVCache(
-        tuple(zeros(keys) for _ in range(cfg.num_layers)), tuple(zeros(values) for _ in range(cfg.num_layers))
-    )
+    keys = (cfg.num_layers, pages, cfg.num_kv_heads, cfg.head_dim, PAGE_TOKENS)
+    values = (cfg.num_layers, pages, cfg.num_kv_heads, PAGE_TOKENS, cfg.head_dim)
+    return PagedKVCache(zeros(keys), zeros(values))
 
 
-# (q, k_new, v_new, k_pages, v_pages, page_table, token_seqs, positions) -> (out, k_pages, v_pages), as
-# `cpu_kernels.paged_attention` documents.
+# (q, k_new, v_new, k_pages, v_pages, layer, page_table, token_seqs, positions) -> (out, k_pages, v_pages),
+# as `cpu_kernels.paged_attention` documents.
 Attention = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
 
 
@@ -80,6 +80,7 @@ def attention_reference(
     v_new: jax.Array,
     k_pages: jax.Array,
     v_pages: jax.Array,
+    layer: jax.Array,
     page_table: jax.Array,
     token_seqs: jax.Array,
     positions: jax.Array,
@@ -87,19 +88,20 @@ def attention_reference(
     """`cpu_kernels.paged_attention` in XLA's operations: every token gathers its sequence's pages whole,
     so it reads (and holds) max_pages pages per token; a reference, and a fallback for small batches."""
     seqs, max_pages = page_table.shape
+    pool = k_pages.shape[1]
     valid = (token_seqs >= 0) & (token_seqs < seqs) & (positions >= 0) & (positions < max_pages * PAGE_TOKENS)
     tables = page_table[jnp.clip(token_seqs, 0, seqs - 1)]  # [N, max_pages]
     slot = jnp.clip(positions, 0, max_pages * PAGE_TOKENS - 1)
     page = jnp.take_along_axis(tables, (slot // PAGE_TOKENS)[:, None], axis=1)[:, 0]
-    page = jnp.where(valid & (page >= 0), page, k_pages.shape[0])  # out of range: the write is dropped
+    page = jnp.where(valid & (page >= 0), page, pool)  # out of range: the write is dropped
     lane = slot % PAGE_TOKENS
-    k_pages = k_pages.at[page, :, :, lane].set(to_cache(k_new, k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[page, :, lane, :].set(to_cache(v_new, v_pages.dtype), mode="drop")
+    k_pages = k_pages.at[layer, page, :, :, lane].set(to_cache(k_new, k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[layer, page, :, lane, :].set(to_cache(v_new, v_pages.dtype), mode="drop")
     tokens, kv_heads, _, hd = q.shape
-    pages = jnp.clip(tables, 0, k_pages.shape[0] - 1)
-    keys = from_cache(k_pages[pages])  # [N, max_pages, kv_heads, hd, PAGE_TOKENS]
+    pages = jnp.clip(tables, 0, pool - 1)
+    keys = from_cache(k_pages[layer][pages])  # [N, max_pages, kv_heads, hd, PAGE_TOKENS]
     keys = keys.transpose(0, 2, 3, 1, 4).reshape(tokens, kv_heads, hd, max_pages * PAGE_TOKENS)
-    values = from_cache(v_pages[pages])  # [N, max_pages, kv_heads, PAGE_TOKENS, hd]
+    values = from_cache(v_pages[layer][pages])  # [N, max_pages, kv_heads, PAGE_TOKENS, hd]
     values = values.transpose(0, 2, 1, 3, 4).reshape(tokens, kv_heads, max_pages * PAGE_TOKENS, hd)
     scores = jnp.einsum("nkgd,nkdt->nkgt", q, keys, preferred_element_type=jnp.float32) * hd**-0.5
     attended = jnp.arange(max_pages * PAGE_TOKENS)[None, :] <= positions[:, None]  # [N, T]
@@ -124,15 +126,16 @@ def forward_ragged(
     tokens have a sequence outside page_table [S, max_pages]) through the decoder, writing their keys and
     values into their pages. Returns the logits [S, V] float32 of the tokens at logit_index [S] (each
     sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel
-    where it runs, else `attention_reference`."""
+    where it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights,
+    XLA:CPU ran a layer many times slower (docs/performance.md, "Ragged step")."""
     if attention is None:
         attention = cpu_kernels.paged_attention if cpu_kernels.available() else attention_reference
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     count = tokens.shape[0]
     cos, sin = rotary(positions[None, :], cfg)
     x = embed_rows(params["embed"], tokens[None, :])  # [1, N, hidden]: the flat batch as one row
-    new_k, new_v = [], []
-    for layer, k_pages, v_pages in zip(layers, cache.k, cache.v, strict=True):
+    k_pages, v_pages = cache
+    for index, layer in enumerate(layers):
         q, k, v = project_qkv(x, layer, cfg, cos, sin)
         out, k_pages, v_pages = attention(
             q.reshape(count, kv_heads, heads // kv_heads, hd),
@@ -140,12 +143,11 @@ def forward_ragged(
             v.reshape(count, kv_heads, hd),
             k_pages,
             v_pages,
+            jnp.int32(index),
             page_table,
             token_seqs,
             positions,
         )
-        new_k.append(k_pages)
-        new_v.append(v_pages)
         x = finish_layer(x, out.reshape(1, count, heads * hd), layer, cfg)
     x = rms_norm(x[0, logit_index], params["final_norm"], cfg.rms_norm_eps)  # [S, hidden]
-    return linear(x, params["lm_head"]), PagedKVCache(tuple(new_k), tuple(new_v))
+    return linear(x, params["lm_head"]), PagedKVCache(k_pages, v_pages)

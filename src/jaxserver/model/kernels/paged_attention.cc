@@ -7,9 +7,12 @@
 // matching jaxserver.model.llama.PagedKVCache:
 //   q            [N, kv_heads, group, head_dim]
 //   k_new, v_new [N, kv_heads, head_dim] float32: the tokens' own keys and values
-//   k_pages      [pages, kv_heads, head_dim, 16]: a page's keys per kv head, head_dim rows of its 16
-//                positions (the positions along the fast axis, as a query multiplies them)
-//   v_pages      [pages, kv_heads, 16, head_dim]
+//   k_pages      [layers, pages, kv_heads, head_dim, 16]: every layer's pages; a page's keys per kv head,
+//                head_dim rows of its 16 positions (the positions along the fast axis, as a query
+//                multiplies them)
+//   v_pages      [layers, pages, kv_heads, 16, head_dim]
+//   layer        [1] int32: the layer whose pages are read and written (the model scans over its layers
+//                with all their pages in one buffer, updated in place)
 //   page_table   [seqs, max_pages] int32: sequence s's position p lives in page page_table[s, p / 16]
 //   token_seqs, positions [N] int32: token n belongs to sequence token_seqs[n], at position positions[n]
 //   out          [N, kv_heads, group, head_dim], and the pages with the new entries (the same buffers: the
@@ -46,7 +49,7 @@ constexpr int64_t kMaxGroup = 16;
 constexpr int64_t kMaxHeadDim = 256;
 
 struct Shapes {
-  int64_t tokens, kv_heads, group, head_dim, pages, seqs, max_pages;
+  int64_t tokens, kv_heads, group, head_dim, layers, pages, seqs, max_pages;
 };
 
 // Raw scores q . k * scale of NP pages (keys[j]: page j's keys of this kv head) for the G query heads,
@@ -156,12 +159,12 @@ const int32_t* TableOf(const Shapes& s, const int32_t* table, const int32_t* seq
 
 ffi::Error CheckShapes(const Shapes& s, ffi::Span<const int64_t> kd, ffi::Span<const int64_t> vd,
                        int64_t new_entries, int64_t seq_entries, int64_t position_entries) {
-  if (kd.size() != 4 || vd.size() != 4 || kd[0] != s.pages || vd[0] != s.pages || kd[1] != s.kv_heads ||
-      vd[1] != s.kv_heads || kd[2] != s.head_dim || kd[3] != kPageTokens || vd[2] != kPageTokens ||
-      vd[3] != s.head_dim) {
+  if (kd.size() != 5 || vd.size() != 5 || vd[0] != s.layers || vd[1] != s.pages || kd[2] != s.kv_heads ||
+      vd[2] != s.kv_heads || kd[3] != s.head_dim || kd[4] != kPageTokens || vd[3] != kPageTokens ||
+      vd[4] != s.head_dim) {
     return ffi::Error::InvalidArgument(
-        "paged_attention: pages must be keys [pages, kv_heads, head_dim, 16] and values [pages, kv_heads, "
-        "16, head_dim] for the queries' heads");
+        "paged_attention: pages must be keys [layers, pages, kv_heads, head_dim, 16] and values [layers, "
+        "pages, kv_heads, 16, head_dim] for the queries' heads");
   }
   if (s.group < 1 || s.group > kMaxGroup || s.head_dim > kMaxHeadDim || s.head_dim % kLanes != 0) {
     return ffi::Error::InvalidArgument(
@@ -178,29 +181,39 @@ ffi::Error CheckShapes(const Shapes& s, ffi::Span<const int64_t> kd, ffi::Span<c
 template <typename T, ffi::DataType Cache>
 ffi::Error PagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k_new,
                           ffi::Buffer<ffi::F32> v_new, ffi::Buffer<Cache> k_pages, ffi::Buffer<Cache> v_pages,
-                          ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> token_seqs,
+                          ffi::Buffer<ffi::S32> layer_index, ffi::Buffer<ffi::S32> page_table, ffi::Buffer<ffi::S32> token_seqs,
                           ffi::Buffer<ffi::S32> positions, ffi::ResultBuffer<ffi::F32> out,
                           ffi::ResultBuffer<Cache> k_pages_out, ffi::ResultBuffer<Cache> v_pages_out) {
   auto qd = q.dimensions(), td = page_table.dimensions();
   if (qd.size() != 4 || td.size() != 2) {
     return ffi::Error::InvalidArgument("paged_attention: q must be rank 4 and page_table rank 2");
   }
-  const Shapes s{qd[0], qd[1], qd[2], qd[3], k_pages.dimensions()[0], td[0], td[1]};
+  auto kd = k_pages.dimensions();
+  if (kd.size() != 5) return ffi::Error::InvalidArgument("paged_attention: k_pages must be rank 5");
+  const Shapes s{qd[0], qd[1], qd[2], qd[3], kd[0], kd[1], td[0], td[1]};
   ffi::Error checked = CheckShapes(s, k_pages.dimensions(), v_pages.dimensions(), k_new.element_count(),
                                    token_seqs.element_count(), positions.element_count());
   if (checked.failure() || v_new.element_count() != k_new.element_count()) {
     return checked.failure() ? checked
                              : ffi::Error::InvalidArgument("paged_attention: v_new must be shaped as k_new");
   }
-  auto* keys = reinterpret_cast<T*>(k_pages_out->untyped_data());
-  auto* values = reinterpret_cast<T*>(v_pages_out->untyped_data());
+  const int32_t layer = layer_index.element_count() == 1 ? layer_index.typed_data()[0] : -1;
+  if (layer < 0 || layer >= s.layers) {
+    return ffi::Error::InvalidArgument("paged_attention: layer must be one index within the pages' layers");
+  }
+  auto* all_keys = reinterpret_cast<T*>(k_pages_out->untyped_data());
+  auto* all_values = reinterpret_cast<T*>(v_pages_out->untyped_data());
   // The caller aliases the pages with their outputs; were they distinct buffers, start from a copy.
-  if (keys != k_pages.untyped_data()) std::memcpy(keys, k_pages.untyped_data(), k_pages.size_bytes());
-  if (values != v_pages.untyped_data()) std::memcpy(values, v_pages.untyped_data(), v_pages.size_bytes());
+  if (all_keys != k_pages.untyped_data()) std::memcpy(all_keys, k_pages.untyped_data(), k_pages.size_bytes());
+  if (all_values != v_pages.untyped_data()) {
+    std::memcpy(all_values, v_pages.untyped_data(), v_pages.size_bytes());
+  }
   const int32_t *table = page_table.typed_data(), *seqs = token_seqs.typed_data(),
                 *where = positions.typed_data();
   const float *new_keys = k_new.typed_data(), *new_values = v_new.typed_data();
   const int64_t D = s.head_dim, page_stride = s.kv_heads * D * kPageTokens;
+  T* const keys = all_keys + layer * s.pages * page_stride;
+  T* const values = all_values + layer * s.pages * page_stride;
   // Token n's new key and value for kv head h, at its position in its page (nothing for padding).
   auto write_entry = [=](int64_t n, int64_t h) {
     const int32_t* row = TableOf(s, table, seqs, where, n);
@@ -256,6 +269,7 @@ auto Signature() {
       .Arg<ffi::Buffer<ffi::F32>>()
       .template Arg<ffi::Buffer<Cache>>()
       .template Arg<ffi::Buffer<Cache>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
