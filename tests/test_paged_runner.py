@@ -41,7 +41,17 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int, length: int = 12
     return ids[len(prompt) :]
 
 
-def generate(cfg, params, prompts: list[list[int]], new_tokens: int, pages: int, budget: int):
+def generate(
+    cfg,
+    params,
+    prompts: list[list[int]],
+    new_tokens: list[int],
+    pages: int,
+    budget: int,
+    decode_steps: int = 1,
+):
+    """Greedy answers as an engine would run them: a step of decode tokens only (and nobody waiting) runs
+    up to `decode_steps` steps in one call."""
     runner = PagedRunner(
         cfg,
         params,
@@ -50,35 +60,51 @@ def generate(cfg, params, prompts: list[list[int]], new_tokens: int, pages: int,
         max_length=128,
         cache_dtype=jnp.float32,
         max_num_batched_tokens=budget,
+        max_decode_steps=decode_steps,
     )
     scheduler = PagedScheduler(
         PagePool(pages, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=budget
     )
     greedy = SamplingOptions(greedy=True)
-    seqs = [scheduler.add(GenerationRequest(p, new_tokens, sampling=greedy)) for p in prompts]
+    seqs = [scheduler.add(GenerationRequest(p, n, sampling=greedy)) for p, n in zip(prompts, new_tokens)]
+    chunks = 0  # calls that ran several decode steps
     for _ in range(500):
         if not scheduler.running and not scheduler.waiting:
             break
         plan = scheduler.schedule()
-        sampled = runner.step(plan)
-        scheduler.computed(plan)
-        for index, token in sampled.items():
+        decoding_only = all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces)
+        steps = scheduler.reserve(plan, decode_steps) if decoding_only and not scheduler.waiting else 1
+        if steps > 1:
+            generated = runner.decode(plan, steps)
+            chunks += 1
+        else:
+            generated = {index: [token] for index, token in runner.step(plan).items()}
+        for index, tokens in generated.items():
+            plan.pieces[index].seq.generated += tokens
+        # A multi-step chunk computed one token per token it generated; a step computed its pieces.
+        ends = {i: plan.pieces[i].start + len(t) for i, t in generated.items()} if steps > 1 else None
+        scheduler.computed(plan, ends)
+        for index in generated:
             seq = plan.pieces[index].seq
-            seq.generated.append(token)
-            if len(seq.generated) == new_tokens:
+            if len(seq.generated) >= seq.request.max_new_tokens:
                 scheduler.finish(seq)
-    return [seq.generated for seq in seqs], scheduler
+    return [seq.generated for seq in seqs], scheduler, chunks
 
 
-def test_paged_greedy_answers_equal_recomputation(tiny_model):
+@pytest.mark.parametrize("decode_steps", [1, 4], ids=["one-step", "four-step-decode"])
+def test_paged_greedy_answers_equal_recomputation(tiny_model, decode_steps):
     cfg, params = tiny_model
     rng = np.random.default_rng(4)
     system = rng.integers(3, cfg.vocab_size, 20).tolist()  # a shared start: one full page, cached
     prompts = [system + rng.integers(3, cfg.vocab_size, n).tolist() for n in (3, 17, 30)]
     prompts.append(rng.integers(3, cfg.vocab_size, 9).tolist())
-    # 8 pages of 16 tokens for 4 requests of 21-62 tokens (12 pages in all, one shared): some wait, some
+    # 5 pages of 16 tokens for 4 requests of 16-62 tokens (11 pages in all, one shared): some wait, some
     # are preempted.
-    answers, scheduler = generate(cfg, params, prompts, new_tokens=12, pages=8, budget=24)
-    assert scheduler.pool.hits > 0 and scheduler.preemptions > 0
-    for prompt, answer in zip(prompts, answers, strict=True):
-        assert answer == greedy_by_recompute(cfg, params, prompt, 12)
+    # Budgets that end inside a multi-step chunk end it there.
+    new_tokens = [12, 9, 12, 7]
+    answers, scheduler, chunks = generate(
+        cfg, params, prompts, new_tokens, pages=5, budget=24, decode_steps=decode_steps
+    )
+    assert scheduler.pool.hits > 0 and scheduler.preemptions > 0 and (chunks > 0) == (decode_steps > 1)
+    for prompt, n, answer in zip(prompts, new_tokens, answers, strict=True):
+        assert answer == greedy_by_recompute(cfg, params, prompt, n)

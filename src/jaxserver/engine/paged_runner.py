@@ -3,7 +3,9 @@ compiled ragged step that computes a `StepPlan`'s pieces and samples each finish
 
 A step's flat batch is padded to a token bucket and its sequences to a row bucket, so the compiled shapes
 are a few (tokens, rows) pairs whatever mix of prompts and decode tokens arrives. Padding tokens belong to
-no sequence: they read and write nothing.
+no sequence: they read and write nothing. A step of decode tokens only may run several steps in one call
+(`decode`), each feeding the token the last one sampled, until a row finishes: Python is entered once per
+chunk, which is where multi-step decoding pays.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.engine.paged_scheduler import Piece, StepPlan
-from jaxserver.engine.runner import bucket, sampling_rows
+from jaxserver.engine.paged_scheduler import StepPlan
+from jaxserver.engine.request import SamplingOptions
+from jaxserver.engine.runner import ChunkOutputs, DecodeState, _advanced, _no_outputs, bucket, sampling_rows
 from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
@@ -46,6 +49,48 @@ def _ragged_step(
     return sample(logits, sampling, positions=tokens_before_next), cache
 
 
+def _decode_steps(
+    params: Params,
+    layers: list[Params],
+    cache: paged.PagedKVCache,
+    state: DecodeState,
+    page_table: jax.Array,
+    eos_ids: jax.Array,
+    steps: jax.Array,
+    *,
+    cfg: ModelConfig,
+    max_steps: int,
+    max_length: int,
+) -> tuple[ChunkOutputs, paged.PagedKVCache]:
+    """Up to `steps` (<= max_steps) decode steps of the rows of `state` [R] (row r is sequence r of
+    page_table [R, max_pages], whose pages hold room for them), fewer if a row finishes first. Returns
+    the tokens generated per row and step, and the cache."""
+    rows = state.tokens.shape[0]
+    seq_ids = jnp.arange(rows, dtype=jnp.int32)
+
+    def step(carry):
+        i, state, cache, outputs = carry
+        token_seqs = jnp.where(state.active, seq_ids, rows)  # a finished row is padding: writes nothing
+        logits, cache = paged.forward_ragged(
+            params, layers, cfg, state.tokens, state.lengths, token_seqs, page_table, seq_ids, cache
+        )
+        new_tokens = sample(logits, state.sampling, positions=state.lengths + 1)
+        emitted = outputs.emitted.at[:, i].set(state.active)
+        state = _advanced(state, new_tokens, eos_ids, max_length)
+        return i + 1, state, cache, ChunkOutputs(outputs.tokens.at[:, i].set(new_tokens), emitted, None)
+
+    started_active = state.active
+
+    def keep_going(carry) -> jax.Array:
+        # As the slot engine's chunk: it ends at the step where a row finishes, which frees it at once.
+        i, state = carry[0], carry[1]
+        return (i < steps) & jnp.any(state.active) & jnp.all(state.active == started_active)
+
+    outputs = _no_outputs(rows, max_steps, want_logprobs=False)
+    _, _, cache, outputs = jax.lax.while_loop(keep_going, step, (0, state, cache, outputs))
+    return outputs, cache
+
+
 class PagedRunner:
     """Owns the parameters on device, the pool's pages and the compiled ragged step."""
 
@@ -59,6 +104,8 @@ class PagedRunner:
         max_length: int,
         cache_dtype: jnp.dtype,
         max_num_batched_tokens: int,
+        max_decode_steps: int = 1,
+        eos_ids: tuple[int, ...] = (),
     ):
         self.cfg = cfg
         self.params = llama.head_params(params)
@@ -70,8 +117,18 @@ class PagedRunner:
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_length // paged.PAGE_TOKENS)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_length = max_length
+        self.max_decode_steps = max_decode_steps
+        self.eos_ids = np.asarray(eos_ids, np.int32)
         self.cache = paged.init_paged_cache(cfg, pages, cache_dtype)
         self._step = jax.jit(functools.partial(_ragged_step, cfg=cfg), donate_argnums=2)
+        self._decode = jax.jit(
+            functools.partial(_decode_steps, cfg=cfg, max_steps=max_decode_steps, max_length=max_length),
+            donate_argnums=2,
+        )
+        # Each row's sampling settings as host arrays, set when another request takes the row.
+        self._sampling = sampling_rows(max_num_seqs, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
+        self._row_requests: list[str | None] = [None] * max_num_seqs
 
     def shape(self, plan: StepPlan) -> tuple[int, int]:
         """The compiled (tokens, rows) shape a plan runs in: powers of two."""
@@ -106,24 +163,60 @@ class PagedRunner:
             token_seqs,
             page_table,
             logit_index,
-            _sampling(plan.pieces, rows),
+            self._rows_sampling(plan, rows),
         )
         next_tokens = np.asarray(next_tokens)
         return {i: int(next_tokens[i]) for i, piece in enumerate(plan.pieces) if piece.samples}
 
-
-def _sampling(pieces: list[Piece], rows: int) -> SamplingArrays:
-    """Each piece's request's sampling settings, one row per piece (idle rows greedy)."""
-    per_row = [sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)] * rows
-    for row, piece in enumerate(pieces):
-        options = piece.seq.request.sampling
-        per_row[row] = sampling_rows(
-            1,
-            temperature=options.temperature,
-            top_p=options.top_p,
-            top_k=options.top_k,
-            greedy=options.greedy,
-            seed=options.seed,
-            min_p=options.min_p,
+    def decode(self, plan: StepPlan, steps: int) -> dict[int, list[int]]:
+        """Up to `steps` (at most `max_decode_steps`) decode steps of a plan of decode tokens only, whose
+        sequences' pages have room for them (`PagedScheduler.reserve`); the tokens each piece generated, by
+        its index in the plan. It stops early at the step where a sequence ends (EOS, its token budget, the
+        context)."""
+        rows = bucket(len(plan.pieces), 1, self.max_num_seqs)
+        state = DecodeState(
+            tokens=np.zeros(rows, np.int32),
+            lengths=np.zeros(rows, np.int32),
+            starts=np.zeros(rows, np.int32),
+            remaining=np.zeros(rows, np.int32),
+            active=np.zeros(rows, bool),
+            stop_at_eos=np.ones(rows, bool),
+            sampling=self._rows_sampling(plan, rows),
         )
-    return SamplingArrays(*(np.concatenate(column) for column in zip(*per_row, strict=True)))
+        page_table = np.zeros((rows, self.max_pages), np.int32)
+        for row, piece in enumerate(plan.pieces):
+            seq, request = piece.seq, piece.seq.request
+            state.tokens[row], state.lengths[row] = seq.tokens[piece.start], piece.start
+            state.remaining[row] = request.max_new_tokens - len(seq.generated)
+            state.active[row], state.stop_at_eos[row] = True, not request.ignore_eos
+            page_table[row, : len(seq.table.pages)] = seq.table.indices
+        outputs, self.cache = self._decode(
+            self.params, self.layers, self.cache, state, page_table, self.eos_ids, np.int32(steps)
+        )
+        tokens, emitted = np.asarray(outputs.tokens), np.asarray(outputs.emitted)
+        return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
+
+    def _rows_sampling(self, plan: StepPlan, rows: int) -> SamplingArrays:
+        """The plan's sequences' sampling settings, one row per piece (padding rows as row 0's)."""
+        for piece in plan.pieces:
+            seq = piece.seq
+            if self._row_requests[seq.row] != seq.request.request_id:
+                _set_row(self._sampling, seq.row, seq.request.sampling)
+                self._row_requests[seq.row] = seq.request.request_id
+        order = np.zeros(rows, np.int32)
+        order[: len(plan.pieces)] = [piece.seq.row for piece in plan.pieces]
+        return SamplingArrays(*(column[order] for column in self._sampling))
+
+
+def _set_row(sampling: SamplingArrays, row: int, options: SamplingOptions) -> None:
+    one = sampling_rows(
+        1,
+        temperature=options.temperature,
+        top_p=options.top_p,
+        top_k=options.top_k,
+        greedy=options.greedy,
+        seed=options.seed,
+        min_p=options.min_p,
+    )
+    for column, value in zip(sampling, one, strict=True):
+        column[row] = value[0]

@@ -102,12 +102,23 @@ class PagedScheduler:
             budget -= count
         return plan
 
-    def computed(self, plan: StepPlan) -> None:
-        """The plan's pieces are in the cache: count them and cache the pages they filled. (The engine
-        appends the sampled tokens to `generated` before or after; only computed tokens are cached.)"""
+    def reserve(self, plan: StepPlan, steps: int) -> int:
+        """Pages for `steps` decode steps of a plan of decode tokens only (as far as each sequence's token
+        budget reaches), without preempting: the steps the pages allow, `steps` or 1."""
         for piece in plan.pieces:
             seq = piece.seq
-            seq.computed = piece.end
+            left = seq.request.max_new_tokens - len(seq.generated)
+            if not self.pool.grow(seq.table, piece.start + min(steps, max(left, 1))):
+                return 1
+        return steps
+
+    def computed(self, plan: StepPlan, ends: dict[int, int] | None = None) -> None:
+        """The plan's pieces are in the cache, up to their ends (or `ends[i]` for piece i: a piece decoded
+        for several steps computed one token per token it generated): count them and cache the pages they
+        filled. Only computed tokens are cached, so the sampled ones may be appended before or after."""
+        for index, piece in enumerate(plan.pieces):
+            seq = piece.seq
+            seq.computed = piece.end if ends is None else ends.get(index, piece.end)
             self.pool.cache_full_pages(seq.table, seq.tokens[: seq.computed])
 
     def finish(self, seq: Sequence) -> None:
