@@ -19,7 +19,7 @@ import numpy as np
 from jaxserver.engine.paged_scheduler import StepPlan
 from jaxserver.engine.request import SamplingOptions
 from jaxserver.engine.runner import ChunkOutputs, DecodeState, _advanced, _no_outputs, bucket, sampling_rows
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.sampling import SamplingArrays, sample
@@ -108,12 +108,7 @@ class PagedRunner:
         eos_ids: tuple[int, ...] = (),
     ):
         self.cfg = cfg
-        self.params = llama.head_params(params)
-        self.layers = llama.layer_params(params, cfg)
-        whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
-        if whole_weights and cpu_kernels.bf16_gemm_available():
-            self.params, self.layers = llama.pack_matmul_weights(self.params, self.layers)
-        self.params = llama.embedding_as_bits(self.params)
+        self.params, self.layers = llama.serving_weights(params, cfg)
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_length // paged.PAGE_TOKENS)
         self.max_num_batched_tokens = max_num_batched_tokens

@@ -316,14 +316,7 @@ class Runner:
         """`attention_kernel`: attend through `cpu_kernels.decode_attention`; by default wherever it
         can (`kernel_fits`)."""
         self.cfg = cfg
-        self.params = llama.head_params(params)
-        self.layers = llama.layer_params(params, cfg)
-        # bf16 products go through the CPU matmul kernel where it runs; it reads each weight whole, so
-        # only on one device (whatever attends: the attention and matmul kernels are independent).
-        whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
-        if whole_weights and cpu_kernels.bf16_gemm_available():
-            self.params, self.layers = llama.pack_matmul_weights(self.params, self.layers)
-        self.params = llama.embedding_as_bits(self.params)
+        self.params, self.layers = llama.serving_weights(params, cfg)
         self.slots = slots
         self.cache_len = cache_len
         self.steps_per_call = steps_per_call

@@ -434,6 +434,17 @@ def pack_matmul_weights(head: Params, layers: list[Params]) -> tuple[Params, lis
     return pack(head, HEAD_MATMULS), [pack(layer, LAYER_MATMULS) for layer in layers]
 
 
+def serving_weights(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
+    """`params` as the compiled steps read them: `head_params` and `layer_params`, bf16 products packed for
+    the CPU matmul kernel where it runs (it reads each weight whole, so only when every weight lies on one
+    device), and the embedding table kept as bits for `embed_rows`."""
+    head, layers = head_params(params), layer_params(params, cfg)
+    whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
+    if whole_weights and cpu_kernels.bf16_gemm_available():
+        head, layers = pack_matmul_weights(head, layers)
+    return embedding_as_bits(head), layers
+
+
 # --- parameters ---------------------------------------------------------------------------------------
 
 
