@@ -21,9 +21,9 @@ def tiny_model(tiny_llama_dir):
     return cfg, jax.tree.map(jnp.asarray, params)
 
 
-def greedy_by_recompute(cfg, params, prompt: list[int], n: int, length: int = 128) -> list[int]:
-    """n greedy tokens, each from a fresh pass of the unpaged model (XLA attention) over all tokens so far,
-    padded to one compiled length (a position's logits do not see the padding after it)."""
+def recompute_logits(cfg, params, length: int = 128):
+    """A function of tokens -> the unpaged model's logits (XLA attention) after the last of them, from a
+    fresh pass padded to one compiled length (a position's logits do not see the padding after it)."""
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
 
     @jax.jit
@@ -33,11 +33,18 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int, length: int = 12
         logits, _ = llama.forward(head, layers, cfg, ids, cache, zeros, zeros, length, logit_index=index)
         return logits[0]
 
-    ids = list(prompt)
-    for _ in range(n):
+    def logits_after(ids: list[int]) -> np.ndarray:
         padded = np.zeros((1, length), np.int32)
         padded[0, : len(ids)] = ids
-        ids.append(int(np.argmax(last_logits(padded, np.asarray([len(ids) - 1], np.int32)))))
+        return np.asarray(last_logits(padded, np.asarray([len(ids) - 1], np.int32)))
+
+    return logits_after
+
+
+def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
+    logits_after, ids = recompute_logits(cfg, params), list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(logits_after(ids))))
     return ids[len(prompt) :]
 
 
@@ -78,7 +85,7 @@ def generate(
             generated = runner.decode(plan, steps)
             chunks += 1
         else:
-            generated = {index: [token] for index, token in runner.step(plan).items()}
+            generated = {index: [token] for index, (token, _) in runner.step(plan).items()}
         for index, tokens in generated.items():
             plan.pieces[index].seq.generated += tokens
         # A multi-step chunk computed one token per token it generated; a step computed its pieces.
@@ -108,3 +115,52 @@ def test_paged_greedy_answers_equal_recomputation(tiny_model, decode_steps):
     assert scheduler.pool.hits > 0 and scheduler.preemptions > 0 and (chunks > 0) == (decode_steps > 1)
     for prompt, n, answer in zip(prompts, new_tokens, answers, strict=True):
         assert answer == greedy_by_recompute(cfg, params, prompt, n)
+
+
+def test_penalties_and_logprobs_follow_the_unpaged_model(tiny_model):
+    """A request with repetition, presence and frequency penalties, beside one without, asking for
+    logprobs: each greedy token is the argmax of the recomputed logits after vLLM's penalties, and its
+    logprob that of the unpenalized distribution."""
+    cfg, params = tiny_model
+    runner = PagedRunner(
+        cfg,
+        params,
+        pages=16,
+        max_num_seqs=4,
+        max_length=128,
+        cache_dtype=jnp.float32,
+        max_num_batched_tokens=64,
+    )
+    scheduler = PagedScheduler(PagePool(16, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=64)
+    options = SamplingOptions(
+        greedy=True, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4
+    )
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (11, 6)]
+    penalized = scheduler.add(GenerationRequest(prompts[0], 10, sampling=options, logprobs=2))
+    plain = scheduler.add(GenerationRequest(prompts[1], 10, sampling=SamplingOptions(greedy=True)))
+    logprobs = []
+    while scheduler.running or scheduler.waiting:
+        plan = scheduler.schedule()
+        for index, (token, entry) in runner.step(plan).items():
+            seq = plan.pieces[index].seq
+            seq.generated.append(token)
+            if seq is penalized:
+                logprobs.append(entry)
+        scheduler.computed(plan)
+        for seq in (penalized, plain):
+            if seq in scheduler.running and len(seq.generated) == 10:
+                scheduler.finish(seq)
+    logits_after, ids = recompute_logits(cfg, params), list(prompts[0])
+    for step, entry in enumerate(logprobs):
+        raw = logits_after(ids)
+        counts = np.bincount(ids[len(prompts[0]) :], minlength=cfg.vocab_size)
+        seen = (counts > 0) | np.isin(np.arange(cfg.vocab_size), prompts[0])
+        scaled = np.where(raw > 0, raw / 1.3, raw * 1.3)
+        penalties = np.where(seen, scaled, raw) - 0.4 * counts - 0.5 * (counts > 0)
+        assert penalized.generated[step] == int(np.argmax(penalties)) == entry.token_id, step
+        log_softmax = raw - raw.max() - np.log(np.exp(raw - raw.max()).sum())
+        assert entry.logprob == pytest.approx(log_softmax[entry.token_id], abs=1e-4)
+        assert [t for t, _ in entry.top] == np.argsort(-log_softmax)[:2].tolist()
+        ids.append(entry.token_id)
+    assert len(logprobs) == 10 and plain.generated == greedy_by_recompute(cfg, params, prompts[1], 10)

@@ -11,42 +11,72 @@ chunk, which is where multi-step decoding pays.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxserver.engine.paged_scheduler import StepPlan
-from jaxserver.engine.request import SamplingOptions
+from jaxserver.engine.request import MAX_TOP_LOGPROBS, SamplingOptions, TokenLogprobs
 from jaxserver.engine.runner import ChunkOutputs, DecodeState, _advanced, _no_outputs, bucket, sampling_rows
 from jaxserver.model import llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
-from jaxserver.model.sampling import SamplingArrays, sample
+from jaxserver.model.sampling import (
+    LogprobArrays,
+    Penalties,
+    SamplingArrays,
+    apply_penalties,
+    sample,
+    token_logprobs,
+)
 
 MIN_TOKEN_BUCKET = 8
+
+
+class StepOutputs(NamedTuple):
+    """One ragged step's results, one row per piece (padding rows after them)."""
+
+    tokens: jax.Array  # [S] int32: the token sampled after each piece's last token
+    logprobs: LogprobArrays | None  # [S, ...] when asked for
 
 
 def _ragged_step(
     params: Params,
     layers: list[Params],
     cache: paged.PagedKVCache,
+    penalties: Penalties | None,
     tokens: jax.Array,
     positions: jax.Array,
     token_seqs: jax.Array,
     page_table: jax.Array,
     logit_index: jax.Array,
     sampling: SamplingArrays,
+    rows: jax.Array,
+    samples: jax.Array,
     *,
     cfg: ModelConfig,
-) -> tuple[jax.Array, paged.PagedKVCache]:
-    """The next token [S] of each of the step's sequences (meaningful where its piece reaches its end),
-    sampled from the logits after its last token in the batch, and the cache with the pieces written."""
+    want_logprobs: bool,
+) -> tuple[StepOutputs, paged.PagedKVCache, Penalties | None]:
+    """The next token [S] of each of the step's sequences (meaningful where `samples` [S] is set: its piece
+    reaches its end), sampled from the logits after its last token in the batch, and the cache with the
+    pieces written. With `penalties` (all rows; a sequence's is row `rows` [S]), the logits are penalized
+    first and the sampled tokens counted."""
     logits, cache = paged.forward_ragged(
         params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache
     )
-    tokens_before_next = positions[logit_index] + 1
-    return sample(logits, sampling, positions=tokens_before_next), cache
+    raw_logits = logits
+    if penalties is not None:
+        logits = apply_penalties(
+            logits, sampling, Penalties(penalties.counts[rows], penalties.in_prompt[rows])
+        )
+    next_tokens = sample(logits, sampling, positions=positions[logit_index] + 1)
+    if penalties is not None:
+        counted = penalties.counts.at[rows, next_tokens].add(samples.astype(jnp.int32))
+        penalties = penalties._replace(counts=counted)
+    logprobs = token_logprobs(raw_logits, next_tokens, MAX_TOP_LOGPROBS) if want_logprobs else None
+    return StepOutputs(next_tokens, logprobs), cache, penalties
 
 
 def _decode_steps(
@@ -116,7 +146,14 @@ class PagedRunner:
         self.max_decode_steps = max_decode_steps
         self.eos_ids = np.asarray(eos_ids, np.int32)
         self.cache = paged.init_paged_cache(cfg, pages, cache_dtype)
-        self._step = jax.jit(functools.partial(_ragged_step, cfg=cfg), donate_argnums=2)
+        self._step = jax.jit(
+            functools.partial(_ragged_step, cfg=cfg), static_argnames="want_logprobs", donate_argnums=(2, 3)
+        )
+        # Repetition penalties look at every row's counts; only rows of penalized requests are kept.
+        vocab = cfg.vocab_size
+        self.penalties = Penalties(
+            jnp.zeros((max_num_seqs, vocab), jnp.int32), jnp.zeros((max_num_seqs, vocab), bool)
+        )
         self._decode = jax.jit(
             functools.partial(_decode_steps, cfg=cfg, max_steps=max_decode_steps, max_length=max_length),
             donate_argnums=2,
@@ -130,15 +167,17 @@ class PagedRunner:
         tokens = bucket(plan.tokens, MIN_TOKEN_BUCKET, max(self.max_num_batched_tokens, MIN_TOKEN_BUCKET))
         return tokens, bucket(len(plan.pieces), 1, self.max_num_seqs)
 
-    def step(self, plan: StepPlan) -> dict[int, int]:
-        """Compute the plan's pieces; the sampled next token of every piece that reaches its sequence's
-        end, by the piece's index in the plan."""
+    def step(self, plan: StepPlan) -> dict[int, tuple[int, TokenLogprobs | None]]:
+        """Compute the plan's pieces; the sampled next token (and its logprobs, when the request asked) of
+        every piece that reaches its sequence's end, by the piece's index in the plan."""
         token_count, rows = self.shape(plan)
         tokens = np.zeros(token_count, np.int32)
         positions = np.zeros(token_count, np.int32)
         token_seqs = np.full(token_count, rows, np.int32)  # padding: a sequence past the table
         page_table = np.zeros((rows, self.max_pages), np.int32)
         logit_index = np.zeros(rows, np.int32)
+        seq_rows = np.zeros(rows, np.int32)
+        samples = np.zeros(rows, bool)
         at = 0
         for row, piece in enumerate(plan.pieces):
             count = piece.end - piece.start
@@ -148,26 +187,42 @@ class PagedRunner:
             indices = piece.seq.table.indices
             page_table[row, : len(indices)] = indices
             logit_index[row] = at + count - 1
+            seq_rows[row], samples[row] = piece.seq.row, piece.samples
             at += count
-        next_tokens, self.cache = self._step(
+        sampling = self._rows_sampling(plan, rows)
+        requests = [piece.seq.request for piece in plan.pieces]
+        penalize = any(request.sampling.penalized for request in requests)
+        outputs, self.cache, penalties = self._step(
             self.params,
             self.layers,
             self.cache,
+            self.penalties if penalize else None,
             tokens,
             positions,
             token_seqs,
             page_table,
             logit_index,
-            self._rows_sampling(plan, rows),
+            sampling,
+            seq_rows,
+            samples,
+            want_logprobs=any(request.logprobs is not None for request in requests),
         )
-        next_tokens = np.asarray(next_tokens)
-        return {i: int(next_tokens[i]) for i, piece in enumerate(plan.pieces) if piece.samples}
+        if penalties is not None:
+            self.penalties = penalties
+        outputs = jax.device_get(outputs)
+        return {
+            i: (int(outputs.tokens[i]), _listed(outputs, i, piece.seq.request.logprobs))
+            for i, piece in enumerate(plan.pieces)
+            if piece.samples
+        }
 
     def decode(self, plan: StepPlan, steps: int) -> dict[int, list[int]]:
         """Up to `steps` (at most `max_decode_steps`) decode steps of a plan of decode tokens only, whose
         sequences' pages have room for them (`PagedScheduler.reserve`); the tokens each piece generated, by
         its index in the plan. It stops early at the step where a sequence ends (EOS, its token budget, the
-        context)."""
+        context). Repetition penalties and logprobs are `step`'s only."""
+        if any(p.seq.request.sampling.penalized or p.seq.request.logprobs is not None for p in plan.pieces):
+            raise ValueError("decode runs no repetition penalties and no logprobs; step such plans")
         rows = bucket(len(plan.pieces), 1, self.max_num_seqs)
         state = DecodeState(
             tokens=np.zeros(rows, np.int32),
@@ -191,27 +246,40 @@ class PagedRunner:
         tokens, emitted = np.asarray(outputs.tokens), np.asarray(outputs.emitted)
         return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
 
+    def _start_penalties(self, row: int, prompt: list[int], generated: list[int]) -> None:
+        """Row `row`'s penalties from the tokens a sequence holds (a resumed one has generated some)."""
+        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.cfg.vocab_size).astype(np.int32)
+        in_prompt = np.zeros(self.cfg.vocab_size, bool)
+        in_prompt[prompt] = True
+        self.penalties = Penalties(
+            self.penalties.counts.at[row].set(counts), self.penalties.in_prompt.at[row].set(in_prompt)
+        )
+
     def _rows_sampling(self, plan: StepPlan, rows: int) -> SamplingArrays:
         """The plan's sequences' sampling settings, one row per piece (padding rows as row 0's)."""
         for piece in plan.pieces:
             seq = piece.seq
             if self._row_requests[seq.row] != seq.request.request_id:
                 _set_row(self._sampling, seq.row, seq.request.sampling)
+                if seq.request.sampling.penalized:
+                    self._start_penalties(seq.row, seq.request.prompt_ids, seq.generated)
                 self._row_requests[seq.row] = seq.request.request_id
         order = np.zeros(rows, np.int32)
         order[: len(plan.pieces)] = [piece.seq.row for piece in plan.pieces]
         return SamplingArrays(*(column[order] for column in self._sampling))
 
 
+def _listed(outputs: StepOutputs, row: int, top: int | None) -> TokenLogprobs | None:
+    """Row `row`'s logprobs with its `top` alternatives, when the request asked for them."""
+    if top is None or outputs.logprobs is None:
+        return None
+    chosen, top_ids, top_values = outputs.logprobs
+    pairs = list(zip(top_ids[row, :top].tolist(), top_values[row, :top].tolist(), strict=True))
+    return TokenLogprobs(int(outputs.tokens[row]), float(chosen[row]), pairs)
+
+
 def _set_row(sampling: SamplingArrays, row: int, options: SamplingOptions) -> None:
-    one = sampling_rows(
-        1,
-        temperature=options.temperature,
-        top_p=options.top_p,
-        top_k=options.top_k,
-        greedy=options.greedy,
-        seed=options.seed,
-        min_p=options.min_p,
-    )
+    """Row `row` of the host arrays `sampling` set to a request's options."""
+    one = sampling_rows(1, **vars(options))
     for column, value in zip(sampling, one, strict=True):
         column[row] = value[0]
