@@ -126,3 +126,21 @@ def test_configure_generate_functions_can_be_overridden(tiny_llama_dir):
 
     server = Custom.load(tiny_llama_dir, config=tiny.test_config())
     assert calls == ["LlamaForCausalLM"] and server.ready
+
+
+def test_prompt_builders_replaced_by_a_subclass_are_used_by_every_route(tiny_llama_dir):
+    """The seed format's conversation goes through build_chat_prompt, the template's turns through
+    build_messages_prompt, as the seed's subclasses expect."""
+
+    class Custom(JAXServer):
+        def build_chat_prompt(self, prompt, history=(), system=None):
+            return "CHAT:" + super().build_chat_prompt(prompt, history, system)
+
+        def build_messages_prompt(self, messages):
+            return "MESSAGES:" + super().build_messages_prompt(messages)
+
+    seed = Custom.load(tiny_llama_dir, config=tiny.test_config(prompt_format="seed"))
+    assert seed.build_messages_prompt([{"role": "user", "content": "Hi"}]).startswith("MESSAGES:CHAT:")
+    template = Custom.load(tiny_llama_dir, config=tiny.test_config(prompt_format="template"))
+    assert template.build_chat_prompt("Hi").startswith("CHAT:MESSAGES:<|im_start|>")
+    assert template.build_instruct_prompt("Hi").startswith("MESSAGES:<|im_start|>")

@@ -149,9 +149,10 @@ class JAXServer:
         """Build the runner (compiled prefill and decode over the KV cache) and start the engine that
         batches all requests. An override must set `self.engine` (started) and `self._funcs_generated`."""
         assert self.params is not None and self.mesh is not None, "call shard_params first"
-        if self.engine is not None:
+        engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh)
+        if self.engine is not None:  # the old one served while the new one compiled
             self.engine.shutdown(drain_timeout_s=0)
-        self.engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh)
+        self.engine = engine
         self._funcs_generated = True
 
     @property
@@ -242,7 +243,13 @@ class JAXServer:
 
     @property
     def prompts(self) -> PromptBuilder:
-        return PromptBuilder(self.config, self.tokenizer, self.process_chat_history)
+        return PromptBuilder(
+            self.config,
+            self.tokenizer,
+            self.process_chat_history,
+            self.build_chat_prompt,
+            self.build_messages_prompt,
+        )
 
     @property
     def uses_seed_formats(self) -> bool:

@@ -25,12 +25,16 @@ def seed_history(config: JAXServerConfig, history: History) -> str:
 @dataclass(frozen=True)
 class PromptBuilder:
     """Prompts for one config and tokenizer (None before a model is loaded: only the seed's formats then).
-    `render_history` writes a history in the seed's chat format (`JAXServer.process_chat_history`, which a
-    subclass may replace)."""
+    The callables are where one kind of prompt is built from another, so that a `JAXServer` subclass that
+    replaces `process_chat_history`, `build_chat_prompt` or `build_messages_prompt` is used throughout:
+    `render_history` writes a history in the seed's chat format, `render_chat` a chat turn (default
+    `chat`), `render_messages` a conversation (default `messages`)."""
 
     config: JAXServerConfig
     tokenizer: Tokenizer | None
     render_history: Callable[[History], str]
+    render_chat: Callable[[str, History, str | None], str] | None = None
+    render_messages: Callable[[Sequence[Message]], str] | None = None
 
     @property
     def uses_seed_formats(self) -> bool:
@@ -90,11 +94,11 @@ class PromptBuilder:
                 pending_user = None
         if pending_user is not None:
             history.append((pending_user, ""))
-        return self.chat(turns[-1]["content"], history, system)
+        return (self.render_chat or self.chat)(turns[-1]["content"], history, system)
 
     def _template(self, history: History, prompt: str, system: str) -> str:
         messages = [{"role": "system", "content": system}] if system else []
         for user, assistant in history:
             messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
         messages.append({"role": "user", "content": prompt})
-        return self.messages(messages)
+        return (self.render_messages or self.messages)(messages)

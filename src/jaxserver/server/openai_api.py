@@ -210,7 +210,8 @@ def _int64(value: int) -> int:
 
 
 class OpenAIAnswer:
-    """The choices of one body as they grow, written by `form` as a whole answer or as chunks."""
+    """The choices of one body as they grow, written by `form` as a whole answer or (`streamed`) as
+    chunks."""
 
     def __init__(
         self,
@@ -219,17 +220,18 @@ class OpenAIAnswer:
         form: ChatFormat | TextFormat,
         requests: list[GenerationRequest],
         n: int,
+        streamed: bool,
         include_usage: bool,
     ):
         self.base = {"id": f"{kind}-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        self.form, self.include_usage = form, include_usage
+        self.form, self.include_usage, self.streamed = form, include_usage, streamed
         self.prompt_tokens = sum(len(r.prompt_ids) for r in requests[::n])  # each prompt once
         self.choices = [Choice() for _ in requests]
 
     def add(self, index: int, chunk: GenerationChunk) -> dict[str, Any] | None:
         choice = self.choices[index]
         event = None
-        if chunk.text or chunk.finish_reason or chunk.logprobs or not choice.started:
+        if self.streamed and (chunk.text or chunk.finish_reason or chunk.logprobs or not choice.started):
             event = self.form.piece(self.base, index, chunk, choice).model_dump(mode="json")
         choice.add(chunk)
         return event
@@ -327,7 +329,7 @@ def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
         kind: str,
     ) -> Any:
         include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-        result = OpenAIAnswer(backend.model_name, kind, form, requests, body.n, include_usage)
+        result = OpenAIAnswer(backend.model_name, kind, form, requests, body.n, body.stream, include_usage)
         streams = client.submit(requests)
         return await respond(backend, client, http, streams, result, body.stream)
 

@@ -117,19 +117,22 @@ class AnswersInFlight:
         session, request_id = request.session_hash, generation.request_id
         if session:  # a caller without a session (the Gradio API) has no Stop button
             self._requests[session] = request_id
-        answer = ""
+        answer, finished = "", False
         try:
             yield answer
             async with contextlib.aclosing(self._client.chunks(streams)) as chunks:
                 async for _, chunk in chunks:
                     answer += chunk.text
                     yield None if request_id in self._cleared else answer
+            finished = True
         except JAXServerError as exc:  # the engine failed
             raise gr.Error(exc.message, print_exception=False) from None
         finally:
             if session and self._requests.get(session) == request_id:
                 del self._requests[session]
             self._cleared.discard(request_id)
+            if not finished:  # closed before its chunks were read (a tab closed at once): free the slot
+                self._backend.abort(request_id)
         self._backend.count_request()
 
 
