@@ -112,7 +112,7 @@ def test_preempted_tables_resume_from_their_cached_pages():
     pages = table.indices
     pool.close(table)  # preempted: its pages are free but still cached
     resumed = pool.open(tokens)
-    assert resumed.indices == pages[:2] and pool.hits == 2
+    assert resumed.indices == pages[:2]
 
 
 def test_without_prefix_caching_nothing_is_shared():

@@ -112,7 +112,7 @@ def test_paged_greedy_answers_equal_recomputation(tiny_model, decode_steps):
     answers, scheduler, chunks = generate(
         cfg, params, prompts, new_tokens, pages=5, budget=24, decode_steps=decode_steps
     )
-    assert scheduler.pool.hits > 0 and scheduler.preemptions > 0 and (chunks > 0) == (decode_steps > 1)
+    assert scheduler.prefix_hit_pages > 0 and scheduler.preemptions > 0 and (chunks > 0) == (decode_steps > 1)
     for prompt, n, answer in zip(prompts, new_tokens, answers, strict=True):
         assert answer == greedy_by_recompute(cfg, params, prompt, n)
 

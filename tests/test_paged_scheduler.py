@@ -1,6 +1,8 @@
 """The paged scheduler as a unit: one token budget per step shared by decode tokens and prompt pieces,
 admission from the prefix cache, and preemption that loses and changes nothing."""
 
+import pytest
+
 from jaxserver.engine.page_pool import PagePool
 from jaxserver.engine.paged_scheduler import PagedScheduler
 from jaxserver.engine.request import GenerationRequest
@@ -105,3 +107,10 @@ def test_finishing_frees_the_row_and_the_pages():
     assert pool.free_pages == 8 and scheduler.running == []
     scheduler.add(request([6] * 3))
     assert step(scheduler) == [(6, 0, 3)]  # the row is free again
+
+
+def test_a_request_that_could_not_fit_the_whole_pool_is_refused_at_once():
+    scheduler = PagedScheduler(PagePool(2, T), max_num_seqs=2, max_num_batched_tokens=8)
+    with pytest.raises(ValueError, match="needs 3 pages"):
+        scheduler.add(request([1] * 6, new_tokens=3))
+    assert not scheduler.waiting

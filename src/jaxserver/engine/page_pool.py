@@ -54,7 +54,6 @@ class PagePool:
         self._free: OrderedDict[int, Page] = OrderedDict((p.index, p) for p in self.pages)  # oldest first
         self._cached: dict[PageKey, Page] = {}
         self._identities = itertools.count()
-        self.hits = 0  # prompt pages found in the cache
         self.evictions = 0  # cached pages whose room was taken for new entries
 
     # --- counts ---------------------------------------------------------------------------------------
@@ -89,7 +88,6 @@ class PagePool:
             table.pages.append(page)
             table.parent = page.identity
         table.settled = len(table.pages)
-        self.hits += table.settled
         return table
 
     def grow(self, table: PageTable, tokens: int) -> bool:

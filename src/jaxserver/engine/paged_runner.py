@@ -160,7 +160,7 @@ class PagedRunner:
         )
         # Each row's sampling settings as host arrays, set when another request takes the row.
         self._sampling = sampling_rows(max_num_seqs, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
-        self._row_requests: list[str | None] = [None] * max_num_seqs
+        self._row_owners: list[tuple[str, int] | None] = [None] * max_num_seqs
 
     def shape(self, plan: StepPlan) -> tuple[int, int]:
         """The compiled (tokens, rows) shape a plan runs in: powers of two."""
@@ -174,7 +174,7 @@ class PagedRunner:
         tokens = np.zeros(token_count, np.int32)
         positions = np.zeros(token_count, np.int32)
         token_seqs = np.full(token_count, rows, np.int32)  # padding: a sequence past the table
-        page_table = np.zeros((rows, self.max_pages), np.int32)
+        page_table = np.full((rows, self.max_pages), -1, np.int32)  # -1: no page (the kernel skips it)
         logit_index = np.zeros(rows, np.int32)
         seq_rows = np.zeros(rows, np.int32)
         samples = np.zeros(rows, bool)
@@ -223,6 +223,9 @@ class PagedRunner:
         context). Repetition penalties and logprobs are `step`'s only."""
         if any(p.seq.request.sampling.penalized or p.seq.request.logprobs is not None for p in plan.pieces):
             raise ValueError("decode runs no repetition penalties and no logprobs; step such plans")
+        if not all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces):
+            raise ValueError("decode takes plans of decode tokens only (one token per sequence, at its end)")
+        steps = min(steps, self.max_decode_steps)
         rows = bucket(len(plan.pieces), 1, self.max_num_seqs)
         state = DecodeState(
             tokens=np.zeros(rows, np.int32),
@@ -233,7 +236,7 @@ class PagedRunner:
             stop_at_eos=np.ones(rows, bool),
             sampling=self._rows_sampling(plan, rows),
         )
-        page_table = np.zeros((rows, self.max_pages), np.int32)
+        page_table = np.full((rows, self.max_pages), -1, np.int32)  # -1: no page (the kernel skips it)
         for row, piece in enumerate(plan.pieces):
             seq, request = piece.seq, piece.seq.request
             state.tokens[row], state.lengths[row] = seq.tokens[piece.start], piece.start
@@ -259,11 +262,13 @@ class PagedRunner:
         """The plan's sequences' sampling settings, one row per piece (padding rows as row 0's)."""
         for piece in plan.pieces:
             seq = piece.seq
-            if self._row_requests[seq.row] != seq.request.request_id:
+            # A resumed sequence counts as new: its row may be another, or hold counts of its earlier stay.
+            owner = (seq.request.request_id, seq.preemptions)
+            if self._row_owners[seq.row] != owner:
                 _set_row(self._sampling, seq.row, seq.request.sampling)
                 if seq.request.sampling.penalized:
                     self._start_penalties(seq.row, seq.request.prompt_ids, seq.generated)
-                self._row_requests[seq.row] = seq.request.request_id
+                self._row_owners[seq.row] = owner
         order = np.zeros(rows, np.int32)
         order[: len(plan.pieces)] = [piece.seq.row for piece in plan.pieces]
         return SamplingArrays(*(column[order] for column in self._sampling))

@@ -70,8 +70,13 @@ class PagedScheduler:
         self.running: list[Sequence] = []  # oldest first
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.preemptions = 0
+        self.prefix_hit_pages = 0  # pages admitted requests found in the prefix cache
 
     def add(self, request: GenerationRequest) -> Sequence:
+        """Queue a request; ValueError if its prompt and its new tokens could not fit the whole pool."""
+        needed = self.pool.pages_for(len(request.prompt_ids) + request.max_new_tokens)
+        if needed > len(self.pool.pages):
+            raise ValueError(f"the request needs {needed} pages and the pool has {len(self.pool.pages)}")
         seq = Sequence(request)
         self.waiting.append(seq)
         return seq
@@ -96,6 +101,7 @@ class PagedScheduler:
                 seq.computed = 0
                 break
             self.waiting.popleft()
+            self.prefix_hit_pages += len(seq.table.pages)
             seq.row = self._free_rows.pop()
             self.running.append(seq)
             plan.pieces.append(Piece(seq, seq.computed, seq.computed + count))

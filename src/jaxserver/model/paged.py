@@ -69,6 +69,16 @@ def init_paged_cache(
     return PagedKVCache(zeros(keys), zeros(values))
 
 
+def kernel_fits(cfg: ModelConfig, cache: PagedKVCache) -> bool:
+    """Whether `cpu_kernels.paged_attention` is built, takes this model's heads and knows these pages'
+    dtype. (It reads whole pages: for a pool split over devices the caller passes XLA's attention.)"""
+    return (
+        cpu_kernels.available()
+        and cpu_kernels.takes_heads(cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
+        and jnp.dtype(cache.k.dtype) in cpu_kernels.PAGED_TARGETS
+    )
+
+
 # (q, k_new, v_new, k_pages, v_pages, layer, page_table, token_seqs, positions) -> (out, k_pages, v_pages),
 # as `cpu_kernels.paged_attention` documents.
 Attention = Callable[..., tuple[jax.Array, jax.Array, jax.Array]]
@@ -129,7 +139,7 @@ def forward_ragged(
     where it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights,
     XLA:CPU ran a layer many times slower (docs/performance.md, "Ragged step")."""
     if attention is None:
-        attention = cpu_kernels.paged_attention if cpu_kernels.available() else attention_reference
+        attention = cpu_kernels.paged_attention if kernel_fits(cfg, cache) else attention_reference
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     count = tokens.shape[0]
     cos, sin = rotary(positions[None, :], cfg)
