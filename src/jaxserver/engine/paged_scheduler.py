@@ -36,6 +36,10 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.request.prompt_ids + self.generated
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
+
 
 @dataclass
 class Piece:
@@ -48,7 +52,7 @@ class Piece:
 
     @property
     def samples(self) -> bool:
-        return self.end == len(self.seq.tokens)
+        return self.end == self.seq.num_tokens
 
 
 @dataclass
@@ -87,7 +91,7 @@ class PagedScheduler:
         for seq in list(self.running):
             if seq not in self.running or budget == 0:  # preempted for an older sequence's page
                 continue
-            count = min(len(seq.tokens) - seq.computed, budget)
+            count = min(seq.num_tokens - seq.computed, budget)
             if count > 0 and self._make_room(seq, seq.computed + count, plan):
                 plan.pieces.append(Piece(seq, seq.computed, seq.computed + count))
             budget = self.max_num_batched_tokens - plan.tokens  # a preempted sequence's piece gives back
@@ -95,7 +99,7 @@ class PagedScheduler:
             seq = self.waiting[0]
             seq.table = self.pool.open(seq.tokens)
             seq.computed = len(seq.table.pages) * self.pool.page_tokens
-            count = min(len(seq.tokens) - seq.computed, budget)
+            count = min(seq.num_tokens - seq.computed, budget)
             if not self.pool.grow(seq.table, seq.computed + count):
                 self.pool.close(seq.table)
                 seq.computed = 0
@@ -125,7 +129,8 @@ class PagedScheduler:
         for index, piece in enumerate(plan.pieces):
             seq = piece.seq
             seq.computed = piece.end if ends is None else ends.get(index, piece.end)
-            self.pool.cache_full_pages(seq.table, seq.tokens[: seq.computed])
+            if seq.computed // self.pool.page_tokens > seq.table.settled:  # a page filled up
+                self.pool.cache_full_pages(seq.table, seq.tokens[: seq.computed])
 
     def finish(self, seq: Sequence) -> None:
         """Release a sequence that ended (or was aborted), waiting or running."""

@@ -220,24 +220,8 @@ def decode_attention(
     v_cache), the caches updated in place where the caller donates them. A row whose end lies past the
     cache (an idle row) writes nothing and gets zeros.
     """
-    if not available():
-        raise RuntimeError("the decode-attention kernel is not available here (see the logged reason)")
     target = CACHE_TARGETS[jnp.dtype(k_cache.dtype)]
-    results = (
-        jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-        jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
-    )
-    return jax.ffi.ffi_call(target, results, input_output_aliases={3: 1, 4: 2})(
-        q.astype(jnp.float32),
-        k_new.astype(jnp.float32),
-        v_new.astype(jnp.float32),
-        k_cache,
-        v_cache,
-        slot_ids.astype(jnp.int32),
-        starts.astype(jnp.int32),
-        ends.astype(jnp.int32),
-    )
+    return _attention_call(target, q, k_new, v_new, k_cache, v_cache, slot_ids, starts, ends)
 
 
 def paged_attention(
@@ -258,24 +242,38 @@ def paged_attention(
     KEY_BLOCK, hd]; page_table [seqs, max_pages]; token_seqs, positions [N]) -> (out [N, kv_heads, group,
     hd], k_pages, v_pages), the pages updated in place where the caller donates them. A padding token
     (sequence or position outside the arrays) writes nothing and gets zeros."""
+    target = PAGED_TARGETS[jnp.dtype(k_pages.dtype)]
+    layer = jnp.asarray(layer).reshape(1)
+    return _attention_call(
+        target, q, k_new, v_new, k_pages, v_pages, layer, page_table, token_seqs, positions
+    )
+
+
+def _attention_call(
+    target: str,
+    q: jax.Array,
+    k_new: jax.Array,
+    v_new: jax.Array,
+    k_cache: jax.Array,
+    v_cache: jax.Array,
+    *indices: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """An attention kernel's call: float32 queries and new entries, the caches aliased with their outputs
+    (updated in place where the caller donates them), int32 index arrays after them."""
     if not available():
-        raise RuntimeError("the paged attention kernel is not available here (see the logged reason)")
+        raise RuntimeError("the attention kernels are not available here (see the logged reason)")
     results = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-        jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype),
+        jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
+        jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
     )
-    target = PAGED_TARGETS[jnp.dtype(k_pages.dtype)]
     return jax.ffi.ffi_call(target, results, input_output_aliases={3: 1, 4: 2})(
         q.astype(jnp.float32),
         k_new.astype(jnp.float32),
         v_new.astype(jnp.float32),
-        k_pages,
-        v_pages,
-        jnp.asarray(layer, jnp.int32).reshape(1),
-        page_table.astype(jnp.int32),
-        token_seqs.astype(jnp.int32),
-        positions.astype(jnp.int32),
+        k_cache,
+        v_cache,
+        *(index.astype(jnp.int32) for index in indices),
     )
 
 
