@@ -1,7 +1,6 @@
-"""The continuous-batching engine on a tiny model: answers under load equal answers alone, per-request
-sampling, stop strings, cancellation, backpressure and failure."""
+"""The engine over the paged runner: batched, preempted and prefix-sharing requests answer as each alone,
+sampling and penalties against direct references, cancellation, timeouts, overload and failure."""
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,12 +11,10 @@ import pytest
 
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
-from jaxserver.engine.runner import Runner, idle_state, row_bucket, sampling_rows, set_slot
-from jaxserver.engine.scheduler import SlotContents
-from jaxserver.errors import BadRequestError, OverloadedError
-from jaxserver.model import cpu_kernels, llama
+from jaxserver.engine.runner import Runner
+from jaxserver.errors import BadRequestError, EngineError, OverloadedError
+from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.loader import load_model
-from jaxserver.parallel.mesh import cache_sharding, make_mesh
 
 GREEDY = SamplingOptions(greedy=True)
 
@@ -45,63 +42,35 @@ def make_engine(model):
         engine.shutdown(drain_timeout_s=0)
 
 
-def make_runner(
-    model,
-    *,
-    slots=4,
-    cache_len=256,
-    steps=4,
-    cache_dtype=jnp.float32,
-    attention_kernel=None,
-    cache_sharding=None,
-) -> Runner:
-    """A runner on `model` (config, params, tokenizer), stopping at the tokenizer's EOS."""
-    cfg, params, tokenizer = model
-    return Runner(
-        cfg,
-        params,
-        slots=slots,
-        cache_len=cache_len,
-        steps_per_call=steps,
-        eos_ids=tokenizer.eos_token_ids,
-        cache_dtype=cache_dtype,
-        cache_sharding=cache_sharding,
-        attention_kernel=attention_kernel,
-    )
-
-
 def start_engine(
     model,
     *,
-    slots=8,
+    max_num_seqs=8,
     max_waiting=64,
     steps=4,
-    prefill_chunk=32,
-    prefill_budget=None,
-    cache_len=128,
+    budget=32,
+    max_length=128,
+    pages=64,
     cache_dtype=jnp.float32,
     start=True,
-    reuse_prefixes=True,
-    attention_kernel=None,
+    prefix_caching=True,
 ) -> Engine:
-    """An engine on `model`, its thread started unless `start` is False (a test then drives its steps)."""
-    runner = make_runner(
-        model,
-        slots=slots,
-        cache_len=cache_len,
-        steps=steps,
+    """An engine on `model` (config, params, tokenizer), its thread started unless `start` is False (a test
+    then drives its steps)."""
+    cfg, params, tokenizer = model
+    runner = Runner(
+        cfg,
+        params,
+        pages=pages,
+        max_num_seqs=max_num_seqs,
+        max_length=max_length,
         cache_dtype=cache_dtype,
-        attention_kernel=attention_kernel,
+        max_num_batched_tokens=budget,
+        max_decode_steps=steps,
+        eos_ids=tokenizer.eos_token_ids,
+        compile_lazily=True,
     )
-    engine = Engine(
-        runner,
-        model[2],
-        max_waiting=max_waiting,
-        prefill_chunk_tokens=prefill_chunk,
-        prefill_budget_tokens=prefill_budget or prefill_chunk,
-        left_pad=True,
-        reuse_prefixes=reuse_prefixes,
-    )
+    engine = Engine(runner, tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
     if start:
         engine.start()
     return engine
@@ -121,8 +90,8 @@ def prompts(n: int, vocab: int) -> list[list[int]]:
     return [[int(t) for t in rng.integers(3, vocab, size=int(rng.integers(3, 60)))] for _ in range(n)]
 
 
-# bfloat16 weights (and KV cache) decode through the CPU's bf16 matmul kernel, whose rows do not depend on
-# each other; XLA's bf16 dot, where the CPU lacks AVX512-BF16, makes no such promise.
+# bfloat16 weights decode through the CPU's bf16 matmul kernel, whose rows do not depend on each other;
+# XLA's bf16 dot, where the CPU lacks AVX512-BF16, makes no such promise.
 WEIGHTS = [
     "float32",
     pytest.param(
@@ -183,8 +152,8 @@ def test_stop_string_ends_the_answer_before_it(make_engine, model):
     assert reason == "stop" and text == full_text[: full_text.index(stop)]
 
 
-def test_cancelled_request_frees_its_slot_within_a_chunk(make_engine, model):
-    engine = make_engine(slots=1, cache_len=512)
+def test_cancelled_request_frees_its_row_within_a_call(make_engine, model):
+    engine = make_engine(max_num_seqs=1, max_length=512)
     long = GenerationRequest([5, 6, 7], max_new_tokens=500, sampling=GREEDY, ignore_eos=True)
     chunks = engine.submit(long)
     first = next(iter(chunks))
@@ -192,34 +161,35 @@ def test_cancelled_request_frees_its_slot_within_a_chunk(make_engine, model):
     engine.abort(long.request_id)
     reasons = [c.finish_reason for c in chunks]
     assert reasons[-1] == "abort"
-    tokens, _, reason = run(engine, GenerationRequest([8, 9], 4, GREEDY, ignore_eos=True))  # the slot is free
+    tokens, _, reason = run(engine, GenerationRequest([8, 9], 4, GREEDY, ignore_eos=True))  # the row is free
     assert len(tokens) == 4 and reason == "length"
-    assert engine.stats()["active_slots"] == 0
+    stats = engine.stats()
+    assert (
+        stats["running_requests"] == 0 and stats["kv_cache"]["pages_free"] == stats["kv_cache"]["pages_total"]
+    )
 
 
 def test_timeout_ends_a_waiting_or_running_request_and_frees_its_place(model):
-    """A request's timeout, counted from submission, ends it with "abort" whether it waits for a slot
-    (no tokens) or decodes (the tokens so far), and its slot goes to the next request; requests without
-    a timeout, or whose timeout has not passed, run on. The engine is driven by hand with explicit clock
-    readings."""
-    engine = start_engine(model, slots=1, cache_len=512, start=False)
+    """A request's timeout, counted from submission, ends it with "abort" whether it waits (no tokens) or
+    decodes (the tokens so far), and its row goes to the next request; requests without a timeout, or
+    whose timeout has not passed, run on. The engine is driven by hand with explicit clock readings."""
+    engine = start_engine(model, max_num_seqs=1, max_length=512, start=False)
     running = engine.submit(GenerationRequest([5, 6], 400, GREEDY, ignore_eos=True, timeout_s=2.0))
     waiting = engine.submit(GenerationRequest([7, 8], 4, GREEDY, ignore_eos=True, timeout_s=0.5))
     patient = engine.submit(GenerationRequest([9, 10], 4, GREEDY, ignore_eos=True))
     engine._take_inbox(block=False)
-    engine.scheduler.admit(engine.tokenizer.incremental_decoder)
-    engine._prefill()
-    engine._decode()
+    for _ in range(2):  # the prompt, then a decode call
+        engine._run_plan(engine.scheduler.schedule())
     start = running.submitted_at
     engine._end_overdue(start + 0.2)
-    assert engine.scheduler.busy_slots == 1 and len(engine.scheduler.waiting) == 2
+    assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == 2
     engine._end_overdue(start + 1.0)  # past the waiting request's timeout only
     assert [c.finish_reason for c in waiting] == ["abort"] and len(engine.scheduler.waiting) == 1
     engine._end_overdue(start + 2.0)
     running_chunks = list(running)
     assert running_chunks[-1].finish_reason == "abort"
     assert 0 < running_chunks[-1].tokens_generated < 400
-    assert engine.scheduler.busy_slots == 0 and not engine.state.active.any()
+    assert not engine.scheduler.running
     engine.start()
     assert [c.finish_reason for c in patient][-1] == "length"
     assert engine.finished["abort"] == 2
@@ -229,9 +199,9 @@ def test_timeout_ends_a_waiting_or_running_request_and_frees_its_place(model):
 
 
 def test_full_queue_rejects_at_once_without_disturbing_admitted(make_engine, model):
-    engine = make_engine(slots=1, max_waiting=1, cache_len=512)
+    engine = make_engine(max_num_seqs=1, max_waiting=1, max_length=512)
     running = engine.submit(GenerationRequest([5, 6], 300, GREEDY, ignore_eos=True))
-    time.sleep(0.3)  # the first takes the slot
+    time.sleep(0.3)  # the first takes the row
     waiting = engine.submit(GenerationRequest([7, 8], 5, GREEDY, ignore_eos=True))
     started = time.monotonic()
     with pytest.raises(OverloadedError, match="retry"):
@@ -242,24 +212,26 @@ def test_full_queue_rejects_at_once_without_disturbing_admitted(make_engine, mod
     assert sum(len(c.token_ids) for c in waiting) == 5
 
 
-def test_engine_failure_reaches_every_waiting_client(make_engine, model):
-    engine = make_engine(slots=2)
+def test_a_request_the_pool_could_never_hold_is_refused_at_submission(make_engine):
+    engine = make_engine(pages=4, max_length=128)  # 64 tokens of pool
+    with pytest.raises(BadRequestError, match="pages"):
+        engine.submit(GenerationRequest([5] * 10, 60, GREEDY))
+    assert run(engine, GenerationRequest([5] * 10, 50, GREEDY, ignore_eos=True))[2] == "length"
 
-    def broken_decode(*args, **kwargs):
+
+def test_engine_failure_reaches_every_waiting_client(make_engine, model):
+    engine = make_engine(max_num_seqs=2, start=False)
+
+    def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    engine.runner.decode = broken_decode
-    results = []
-    threads = [
-        threading.Thread(target=lambda: results.append(run(engine, GenerationRequest([5, 6], 9, GREEDY))))
-        for _ in range(3)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    assert [reason for _, _, reason in results] == ["error"] * 3
+    engine.runner.step = engine.runner.decode = broken
+    streams = [engine.submit(GenerationRequest([5, 6], 9, GREEDY)) for _ in range(3)]  # 2 run, 1 waits
+    engine.start()
+    assert [summary(list(stream))[2] for stream in streams] == ["error"] * 3
     assert not engine.alive and "device lost" in engine.stats()["engine_error"]
+    with pytest.raises(EngineError, match="device lost"):
+        engine.submit(GenerationRequest([5, 6], 9, GREEDY))
 
 
 def next_token_logits(model, ids: list[int]) -> np.ndarray:
@@ -329,256 +301,72 @@ def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):
     assert [t for c in no_logprobs for t in c.token_ids] == tokens
 
 
-def test_a_chunk_ends_at_the_step_where_a_row_finishes(model):
-    """Rows with 3 and 20 tokens to go in a chunk of up to 16 steps: the chunk stops after the third, so
-    the finished row's slot and answer are released at once; the other row goes on in the next chunk."""
-    cfg, params, _ = model
-    runner = Runner(
-        cfg, params, slots=4, cache_len=64, steps_per_call=16, eos_ids=(), cache_dtype=jnp.float32
-    )
-    state = idle_state(4)
-    greedy = sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
-    for slot, remaining in ((0, 3), (2, 20)):
-        set_slot(
-            state, slot, token=5, length=8, start=0, remaining=remaining, stop_at_eos=False, sampling=greedy
-        )
-    outputs, state = runner.decode(state)
-    assert outputs.emitted.sum(axis=1).tolist() == [3, 0, 3, 0]
-    assert state.active.tolist() == [False, False, True, False] and state.remaining[2] == 17
-    outputs, state = runner.decode(state)
-    assert outputs.emitted.sum(axis=1).tolist() == [0, 0, 16, 0]
+def test_preempted_requests_answer_as_each_alone(make_engine, model):
+    """A pool of 8 pages (128 tokens) for 6 requests of up to 90 tokens each: running requests are
+    preempted for older ones' pages, recomputed later, and every answer (tokens and logprobs) is the one
+    the request gets alone."""
+    engine = make_engine(pages=8, max_num_seqs=4, max_length=128)
+    requests = [
+        GenerationRequest(p[:40], 50, GREEDY, ignore_eos=True, logprobs=1)
+        for p in prompts(6, model[0].vocab_size)
+    ]
+
+    def answer(request: GenerationRequest) -> tuple[list[int], list[float]]:
+        chunks = list(engine.submit(request))
+        return [t for c in chunks for t in c.token_ids], [
+            lp.logprob for c in chunks for lp in c.logprobs or []
+        ]
+
+    alone = [answer(r) for r in requests]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(answer, requests))
+    assert engine.scheduler.preemptions > 0
+    assert engine.stats()["step_totals"]["tokens_recomputed"] > 0
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(together, alone, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize(("budget", "first_turn"), [(32, 3), (2048, 5)])
-def test_prefill_budget_bounds_the_prompts_written_while_others_decode(model, budget, first_turn):
-    """Five 12-token prompts wait. The first is prefilled whatever the budget (nothing decodes yet); then
-    pieces follow while budget remains (the one that crosses it included): with 32 tokens, three prompts
-    in the first turn and the other two in the next; with 2048, all five at once."""
-    engine = start_engine(model, prefill_chunk=16, prefill_budget=budget, start=False)
-    for i in range(5):
-        engine.submit(GenerationRequest([5 + i] * 12, 4, SamplingOptions(greedy=True)))
-    engine._take_inbox(block=False)
-    engine.scheduler.admit(engine.tokenizer.incremental_decoder)
-    engine._prefill()
-    assert (len(engine.scheduler.decoding), engine.totals.prompt_tokens) == (first_turn, 12 * first_turn)
-    engine._prefill()
-    assert (len(engine.scheduler.decoding), len(engine.scheduler.prefilling)) == (5, 0)
-
-
-def answer_with_logprobs(engine: Engine, prompt: list[int], n: int = 8) -> tuple[list[int], list]:
-    chunks = list(engine.submit(GenerationRequest(prompt, n, GREEDY, ignore_eos=True, logprobs=2)))
-    return [t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or []]
-
-
-@pytest.mark.parametrize("prefill_chunk", [16, 64])  # 64: prompts are left-padded (start > 0), in one piece
-@pytest.mark.parametrize("attention_kernel", [None, pytest.param(False, id="xla-attention")])
 @pytest.mark.parametrize("weights", WEIGHTS)
-def test_prefix_reuse_prefills_only_the_rest_and_changes_no_answer(
-    make_engine, model, weights, attention_kernel, prefill_chunk
-):
-    """Prompts that begin as an earlier one did (a shared 20-token start; a conversation's next turn,
-    which holds the last answer) prefill only what follows the tokens their slot still holds, and get
-    the tokens and log-probabilities they get from an engine that reuses nothing: to the last bit where
-    the kernels attend (one row at a time), to 1e-5 where XLA attends over padded buckets, whose sums
-    round differently by shape (as prompts prefilled in other pieces do)."""
+def test_shared_prefix_pages_change_no_answer(make_engine, model, weights):
+    """Prompts that begin as earlier ones did (a shared 40-token start; a conversation's next turn holding
+    the last answer) are computed only from the first page the cache lacks, and get the tokens they get
+    from an engine that caches nothing, with logprobs within 1e-5 (a prompt computed in other pieces
+    sums in other shapes)."""
     vocab = model[0].vocab_size
-    shared, first_tail, second_tail = prompts(3, vocab)[0][:20], [7, 8, 9], [11, 12, 13, 14, 15]
-    first = shared + first_tail
-    settings = {"weights": weights, "slots": 2, "attention_kernel": attention_kernel}
-    settings["prefill_chunk"] = prefill_chunk
+    shared = (prompts(3, vocab)[0] * 3)[:40]
+    first, second = shared + [7, 8, 9], shared + [11, 12, 13, 14, 15]
 
-    def same(got: tuple[list[int], list], want: tuple[list[int], list]) -> bool:
-        if attention_kernel is None:
-            return got == want
-        values = [[lp.logprob, *(v for _, v in lp.top)] for lp in got[1]]
-        wanted = [[lp.logprob, *(v for _, v in lp.top)] for lp in want[1]]
-        return got[0] == want[0] and np.allclose(values, wanted, rtol=0, atol=1e-5)
+    def answer(engine: Engine, prompt: list[int]) -> tuple[list[int], list[float]]:
+        chunks = list(engine.submit(GenerationRequest(prompt, 8, GREEDY, ignore_eos=True, logprobs=2)))
+        return [t for c in chunks for t in c.token_ids], [
+            lp.logprob for c in chunks for lp in c.logprobs or []
+        ]
 
-    fresh = make_engine(reuse_prefixes=False, **settings)
-    first_answer = answer_with_logprobs(fresh, first)
+    fresh = make_engine(weights, prefix_caching=False)
+    first_answer = answer(fresh, first)
     conversation = first + first_answer[0] + [14, 15, 16]
-    expected = [answer_with_logprobs(fresh, p) for p in (conversation, shared + second_tail)]
+    expected = [first_answer] + [answer(fresh, p) for p in (conversation, second)]
     assert fresh.totals.prompt_tokens_reused == 0
 
-    engine = make_engine(reuse_prefixes=True, **settings)
-    assert same(answer_with_logprobs(engine, first), first_answer)
-    assert engine.totals.prompt_tokens_reused == 0
-    # The first prompt's slot holds it and all but the last token of its answer (never fed back).
-    assert same(answer_with_logprobs(engine, conversation), expected[0])
-    reused_by_conversation = len(first) + len(first_answer[0]) - 1
-    assert engine.totals.prompt_tokens_reused == reused_by_conversation
-    assert same(answer_with_logprobs(engine, shared + second_tail), expected[1])
-    assert engine.totals.prompt_tokens_reused == reused_by_conversation + len(shared)
-    written = len(first) + len(conversation) + len(shared + second_tail) - engine.totals.prompt_tokens_reused
-    assert engine.totals.prompt_tokens == written
+    engine = make_engine(weights, prefix_caching=True)
+    got = [answer(engine, p) for p in (first, conversation, second)]
+    for (tokens, logprobs), (want_tokens, want_logprobs) in zip(got, expected, strict=True):
+        assert tokens == want_tokens
+        np.testing.assert_allclose(logprobs, want_logprobs, rtol=0, atol=1e-5)
+    # The conversation found the first request's full pages (its prompt and answer but the last token,
+    # never fed back); the second prompt the shared start's two full pages.
+    page = paged.PAGE_TOKENS
+    assert engine.totals.prompt_tokens_reused == page * ((len(first) + 7) // page) + page * (40 // page)
 
 
-def test_prefix_reuse_picks_the_slot_with_the_longest_match_and_keeps_the_answers_room(model):
-    """Among free slots, the one holding the longest start of the prompt; never the whole prompt (its
-    last token's logits give the first new token); a left-padded slot only if the answer still fits;
-    else the least recently freed slot, leaving the newer contents for later."""
-    engine = start_engine(model, slots=4, cache_len=64, start=False)
-    scheduler = engine.scheduler
-    held = {0: (0, [1, 2, 3, 4]), 1: (0, [1, 2, 3, 4, 5, 6, 7]), 2: (0, [1, 2]), 3: (40, [1, 2, 3, 4, 5, 6])}
-    for slot, (start, tokens) in held.items():
-        scheduler.contents[slot] = SlotContents(start, np.asarray(tokens))
-    scheduler.free_slots = [1, 0, 3, 2]  # slot 2 freed first, slot 1 last
-
-    def pick(prompt: list[int], max_new_tokens: int = 8) -> tuple[int, int, int]:
-        return scheduler._pick_slot(GenerationRequest(prompt, max_new_tokens, GREEDY))
-
-    assert pick([1, 2, 3, 4, 5, 6, 7, 9]) == (1, 0, 7)
-    # The whole prompt is held: its last token is prefilled again. Slot 3 leaves 64 - 40 - 7 < 20.
-    assert pick([1, 2, 3, 4, 5, 6, 7], max_new_tokens=20) == (1, 0, 6)
-    assert pick([1, 2, 3, 4, 5, 6, 9]) == (3, 40, 6)  # equal matches: the less recently freed slot
-    assert pick([1, 2, 3, 4, 5, 6, 9], max_new_tokens=20) == (1, 0, 6)
-    assert pick([9, 9]) == (2, 0, 0)
-    scheduler.reuse_prefixes = False
-    assert pick([1, 2, 3, 4, 5, 6, 9]) == (2, 0, 0)
-
-
-def test_prefix_donor_is_the_slot_holding_the_most_of_the_prompt_busy_or_free(model):
-    """`donor` looks at every other slot: what a free one remembers, what a busy one has written (the
-    prompt so far, then all but the last generated token), and names the one holding the longest start of
-    the prompt, if that is at least MIN_COPY_TOKENS more than the request's own slot holds; never the
-    whole prompt, and never a left-padded row."""
-    engine = start_engine(model, slots=4, cache_len=96, start=False)
-    scheduler = engine.scheduler
-    base = list(range(100, 140))
-    requests = [GenerationRequest(p, 8, GREEDY) for p in (base[:30], base[:34] + [1, 2], base[:25])]
-    for request in requests:
-        engine.submit(request)
-    engine._take_inbox(block=False)
-    writer, taker, whole = scheduler.admit(engine.tokenizer.incremental_decoder)
-    assert scheduler.donor(taker) is None  # nothing written yet
-    writer.prefilled = 30
-    assert scheduler.donor(taker) == (writer.slot, 0, 30)
-    assert scheduler.donor(whole) == (writer.slot, 0, 24)  # the prompt's last token is prefilled
-    scheduler.start_decoding(writer)
-    writer.generated = [130, 131, 132, 133, 134]  # base continues; the last token has no entry yet
-    assert scheduler.donor(taker) == (writer.slot, 0, 34)
-    taker.prefilled = 19  # 34 - 19 < MIN_COPY_TOKENS
-    assert scheduler.donor(taker) is None
-    taker.prefilled = 0
-    engine._finish(writer, "stop")  # freed slots keep offering what they hold
-    assert scheduler.donor(taker) == (writer.slot, 0, 34)
-    scheduler.contents[writer.slot] = SlotContents(3, np.asarray(base))
-    assert scheduler.donor(taker) == (writer.slot, 3, 34)
-    scheduler.contents[writer.slot] = SlotContents(96 - 36 - 8 + 1, np.asarray(base))
-    assert scheduler.donor(taker) is None  # the answer would not have its 8 tokens of room
-    scheduler.contents[writer.slot] = SlotContents(3, np.asarray(base))
-    taker.prefilled = 1  # at start 0
-    assert scheduler.donor(taker) is None
-    scheduler.reuse_prefixes = False
-    scheduler.contents[writer.slot] = SlotContents(0, np.asarray(base))
-    assert scheduler.donor(taker) is None
-
-
-@pytest.mark.parametrize("prefill_chunk", [16, 64])  # 64: the first prompt is left-padded, the others follow
-@pytest.mark.parametrize("attention_kernel", [None, pytest.param(False, id="xla-attention")])
-@pytest.mark.parametrize("weights", WEIGHTS)
-def test_prompts_sharing_a_start_copy_it_from_each_other_and_change_no_answer(
-    make_engine, model, weights, attention_kernel, prefill_chunk
-):
-    """Requests that arrive together with one 40-token start (a system prompt) and different ends: the
-    first prefills it, the others copy its entries from the first's slot (with its left padding, if any)
-    and prefill only their ends, and each gets the tokens and log-probabilities it gets from an engine
-    that reuses nothing (to the last bit where the kernels attend, to 1e-5 where XLA attends over padded
-    buckets)."""
-    vocab = model[0].vocab_size
-    shared = (prompts(1, vocab)[0] * 40)[:40]
-    requests = [shared + [7 + i] * (3 + i) for i in range(3)]
-    settings = {"weights": weights, "slots": 4, "attention_kernel": attention_kernel}
-    settings["prefill_chunk"] = prefill_chunk
-    fresh = make_engine(reuse_prefixes=False, **settings)
-    expected = [answer_with_logprobs(fresh, p) for p in requests]
-
-    engine = make_engine(reuse_prefixes=True, start=False, **settings)
-    streams = [engine.submit(GenerationRequest(p, 8, GREEDY, ignore_eos=True, logprobs=2)) for p in requests]
-    engine._take_inbox(block=False)
-    assert len(engine.scheduler.admit(engine.tokenizer.incremental_decoder)) == 3
-    engine.start()
-    got = []
-    for stream in streams:
-        chunks = list(stream)
-        got.append(
-            ([t for c in chunks for t in c.token_ids], [lp for c in chunks for lp in c.logprobs or []])
-        )
-    assert engine.totals.prompt_tokens_copied == engine.totals.prompt_tokens_reused == 2 * 40
-    assert engine.totals.prompt_tokens == sum(map(len, requests)) - 2 * 40
-    for answer, want in zip(got, expected, strict=True):
-        assert answer[0] == want[0]
-        values = [[lp.logprob, *(v for _, v in lp.top)] for lp in answer[1]]
-        wanted = [[lp.logprob, *(v for _, v in lp.top)] for lp in want[1]]
-        np.testing.assert_allclose(values, wanted, rtol=0, atol=0 if attention_kernel is None else 1e-5)
-
-
-@pytest.mark.parametrize("mesh_shape", [None, (2, 2, 2)])  # (2, 2, 2): slots and kv heads split over devices
-def test_copy_prefix_copies_one_slots_first_entries_into_another(model, mesh_shape):
-    """`Runner.copy_prefix` replaces the destination row's first entries (whole key blocks, a power of two
-    of positions) by the source row's, keys and values of every layer, and leaves everything else as it
-    was, also with the cache split over 8 devices."""
-    cfg = model[0]
-    sharding = None
-    if mesh_shape is not None:
-        mesh = make_mesh(("dp", "fsdp", "mp"), mesh_shape)
-        sharding = cache_sharding((4, cfg.num_kv_heads, 64, cfg.head_dim), mesh)
-    runner = make_runner(model, cache_len=64, cache_sharding=sharding)
-    rng = np.random.default_rng(0)
-    filled = [rng.standard_normal(a.shape).astype(np.float32) for a in (*runner.cache.k, *runner.cache.v)]
-    put = (lambda a: jax.device_put(a, sharding)) if sharding is not None else jnp.asarray
-    half = len(filled) // 2
-    runner.cache = llama.KVCache(tuple(map(put, filled[:half])), tuple(map(put, filled[half:])))
-    placed = [a.sharding for a in (*runner.cache.k, *runner.cache.v)]
-    runner.copy_prefix(1, 2, 20)  # 20 tokens: 32 positions, two key blocks
-    for before, after, where in zip(filled, (*runner.cache.k, *runner.cache.v), placed, strict=True):
-        assert after.sharding.is_equivalent_to(where, before.ndim)  # still split as it was
-        expected = before.copy()
-        count = 2 if before.ndim == 5 else 32  # key blocks or positions
-        expected[2, :, :count] = before[1, :, :count]
-        np.testing.assert_array_equal(np.asarray(after), expected)
-
-
-def test_decode_shapes_compiled_ahead_are_the_ones_decode_calls(model):
-    """`compile_ahead` (on another thread) compiles the very program a later decode of that shape runs,
-    counting the shapes it has yet to compile (what /status reports) down to zero."""
-    runner = make_runner(model)
-    state = idle_state(4)
-    greedy = sampling_rows(1, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
-    for slot in range(4):
-        set_slot(state, slot, token=5, length=150, start=0, remaining=100, stop_at_eos=False, sampling=greedy)
-    runner.decode(idle_state(4))  # an earlier call donated the first cache arrays
-    assert runner.decode_shape(state, 4) == (4, 256)
-    compilations: list[str] = []
-    pending_while_compiling: list[int] = []
-
-    def count(event: str, seconds: float, **_) -> None:
-        if event.endswith("backend_compile_duration"):
-            compilations.append(event)
-            pending_while_compiling.append(runner.shapes_to_compile)
-
-    jax.monitoring.register_event_duration_secs_listener(count)
-    try:
-        ahead = threading.Thread(target=runner.compile_ahead, args=([(4, 256)],))
-        ahead.start()
-        ahead.join()
-        assert len(compilations) == 1
-        assert pending_while_compiling == [1] and runner.shapes_to_compile == 0
-        outputs, after = runner.decode(state)
-        assert len(compilations) == 1
-    finally:
-        jax.monitoring.unregister_event_duration_listener(count)
-    assert outputs.emitted.all() and (after.lengths == 154).all()
-
-
-@pytest.mark.parametrize("slots", [1, 6, 32, 256])
-def test_row_buckets_cover_every_batch_with_little_padding(slots):
-    """Every number of active rows fits its bucket; past 8 rows at most a fifth of a bucket is padding,
-    and the number of decode shapes grows by four per doubling of the slots."""
-    sizes = {row_bucket(n, slots) for n in range(1, slots + 1)}
-    for n in range(1, slots + 1):
-        rows = row_bucket(n, slots)
-        assert n <= rows <= slots
-        if n > 8:
-            assert (rows - n) / rows <= 0.2
-    assert slots in sizes and len(sizes) <= 4 + 4 * max(0, (slots - 1).bit_length() - 3)
+def test_a_decode_call_ends_at_the_step_where_a_sequence_finishes(make_engine):
+    """Sequences with 3 and 20 tokens to go, decoded up to 16 steps per call: the first call stops after
+    the third step, so the finished answer is out at once; the other goes on in the next calls."""
+    engine = make_engine(steps=16, max_length=64, start=False)
+    short = engine.submit(GenerationRequest([5] * 6, 4, GREEDY, ignore_eos=True))
+    long = engine.submit(GenerationRequest([6] * 6, 21, GREEDY, ignore_eos=True))
+    engine.start()  # both are admitted in its first step
+    assert [len(c.token_ids) for c in short] == [1, 3]  # the prompt step's token, then one call
+    sizes = [len(c.token_ids) for c in long]
+    assert sizes[:2] == [1, 3] and sum(sizes) == 21 and max(sizes) == 16

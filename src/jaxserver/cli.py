@@ -44,8 +44,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         default = field.default
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else repr(default)
+        aliases = field.validation_alias.choices[1:] if field.validation_alias else ()
         parser.add_argument(
-            f"--{name.replace('_', '-')}",
+            *(f"--{flag.replace('_', '-')}" for flag in (name, *aliases)),
             dest=name,
             type=_flag_type(field.annotation),
             default=argparse.SUPPRESS,

@@ -10,7 +10,7 @@ import os
 import string
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 DTYPE_ALIASES = {
     "auto": "auto",  # resolved when the model is placed: see JAXServerConfig.dtype
@@ -30,7 +30,7 @@ def _placeholders(fmt: str) -> set[str]:
 class JAXServerConfig(BaseModel):
     """Settings of a `JAXServer`. Field names and defaults follow the seed, except `dtype` (see below)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     # --- the seed's 24 fields -------------------------------------------------------------------------
     host: str = "0.0.0.0"
@@ -81,24 +81,33 @@ class JAXServerConfig(BaseModel):
     )
     enable_prefix_caching: bool = Field(
         True,
-        description="Give a request the free slot whose KV cache already holds the start of its prompt "
-        "(the chat template's system text, an earlier turn of the conversation), or copy that start from "
-        "another slot, and prefill only the rest.",
+        description="Keep full KV cache pages (16 tokens) after their request ends, keyed by their tokens and "
+        "every token before them, and give a new request the pages of the longest start of its prompt "
+        "they hold (a chat template's system text, an earlier turn): shared, not copied, and only the rest "
+        "is computed.",
     )
-    max_batch_size: int = Field(
-        32, ge=1, le=1024, description="Requests decoded together (KV cache slots of max_length tokens each)."
+    max_num_seqs: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        validation_alias=AliasChoices("max_num_seqs", "max_batch_size"),
+        description="Requests decoded together (max_batch_size is an alias).",
+    )
+    kv_cache_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="Tokens the paged KV cache holds, shared by every request; at least max_length. None: "
+        "1/32 of the machine's memory, at most max_num_seqs x max_length tokens.",
+    )
+    max_num_batched_tokens: int = Field(
+        256,
+        ge=8,
+        description="Tokens computed in one step: a decode token per running request, the rest pieces of "
+        "prompts. More fills the batch sooner (throughput, time to first token) but makes each step, and "
+        "so the pause of every running stream, longer.",
     )
     max_waiting_requests: int = Field(
-        256, ge=0, description="Requests that may wait for a slot; beyond it new requests get 503."
-    )
-    prefill_chunk_tokens: int = Field(
-        512, ge=16, description="Most prompt tokens prefilled in one piece (one compiled call)."
-    )
-    prefill_budget_tokens: int = Field(
-        2048,
-        ge=16,
-        description="Prompt tokens prefilled between two decode chunks while other requests decode: more "
-        "fills the batch sooner (throughput, time to first token) but pauses running streams longer.",
+        256, ge=0, description="Requests that may wait to run; beyond it new requests get 503."
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM: how long running requests may finish before they are aborted."
@@ -160,8 +169,11 @@ class JAXServerConfig(BaseModel):
             )
         if len(set(self.mesh_axes_names)) != len(self.mesh_axes_names):
             raise ValueError(f"mesh_axes_names must be distinct, got {self.mesh_axes_names}")
-        if self.prefill_chunk_tokens & (self.prefill_chunk_tokens - 1):
-            raise ValueError(f"prefill_chunk_tokens must be a power of two, got {self.prefill_chunk_tokens}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_length:
+            raise ValueError(
+                f"kv_cache_tokens ({self.kv_cache_tokens}) must hold at least one request of max_length "
+                f"({self.max_length}) tokens"
+            )
         if any(s == 0 or s < -1 for s in self.mesh_axes_shape) or list(self.mesh_axes_shape).count(-1) > 1:
             raise ValueError(
                 f"mesh_axes_shape entries must be positive, with at most one -1, got {self.mesh_axes_shape}"

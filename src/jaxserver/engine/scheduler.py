@@ -1,15 +1,14 @@
-"""Slot bookkeeping for the engine, with no JAX in it: which request waits, which slot it holds, how much
-of its prompt is in the cache, and freeing the slot when it finishes. Only the engine thread calls it.
+"""Which tokens the next step computes, over a paged KV cache, with no JAX in it.
 
-A freed slot keeps its keys and values. With prefix reuse on, the scheduler remembers which tokens they
-belong to, and gives a new request the free slot whose tokens begin as its prompt does, so only the rest
-of the prompt is prefilled: the chat template's system text that every request repeats, or the whole
-history of a conversation whose next turn lands in the slot its last turn used (as llama.cpp's server
-reuses a slot's prompt). Where another slot, busy or free, holds a longer start of the prompt than the
-request's own (requests with one system prompt that arrive together), `donor` names it, and the engine
-copies those entries over before prefilling the rest. A row's keys and values depend only on the tokens
-before it, and every kernel computes a row the same way whatever is beside it, so the reused entries are
-those the prompt would write.
+Every step has one budget of tokens (`max_num_batched_tokens`) shared by decode tokens and prompt pieces.
+Running sequences come first, oldest first: a decoding one takes one token, a prompt still being prefilled
+takes as much of the rest as the budget leaves. Then waiting requests are admitted, oldest first, while
+the budget, the rows (`max_num_seqs`) and the pages last; each starts from the longest start of its tokens
+the prefix cache holds. When a running sequence needs a page and none is free, the newest running sequence
+is preempted: its pages are released (those it filled stay cached) and it waits at the front of the queue,
+to be recomputed from its prompt and the tokens it had generated, which it keeps. The engine admits no
+request that could not fit the whole pool alone, so the oldest running sequence always gets its pages.
+Only the engine thread calls it.
 """
 
 from __future__ import annotations
@@ -17,168 +16,169 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-import numpy as np
-
+from jaxserver.engine.page_pool import PagePool, PageTable
 from jaxserver.engine.request import GenerationRequest, OutputStream
 from jaxserver.model.tokenizer import IncrementalDetokenizer
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """A request that holds a slot."""
+    """A request from submission to finish: its tokens, how many of them the cache holds, its pages, and
+    what of its answer its stream has been sent."""
 
-    stream: OutputStream
-    slot: int
-    detokenizer: IncrementalDetokenizer
-    start: int = 0  # cache index of the first prompt token (> 0 when left-padded)
-    prefilled: int = 0  # prompt tokens already in the cache (at admission: those an earlier request left)
+    request: GenerationRequest
+    stream: OutputStream | None = None
+    detokenizer: IncrementalDetokenizer | None = None
+    emitted_chars: int = 0  # text already sent to the stream
     generated: list[int] = field(default_factory=list)
-    emitted_chars: int = 0  # text already sent to the consumer
+    computed: int = 0  # tokens whose keys and values are in the cache
+    table: PageTable = field(default_factory=PageTable)
+    row: int = -1  # its row in the runner's per-sequence arrays while it runs
+    preemptions: int = 0
 
     @property
-    def request(self):
-        return self.stream.request
+    def tokens(self) -> list[int]:
+        return self.request.prompt_ids + self.generated
 
     @property
-    def prefill_done(self) -> bool:
-        return self.prefilled >= len(self.request.prompt_ids)
-
-
-# A start of a prompt is copied from another slot only when it saves at least this many tokens of
-# prefill: below, the copy's call costs about what it saves.
-MIN_COPY_TOKENS = 16
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_ids) + len(self.generated)
 
 
 @dataclass
-class SlotContents:
-    """The tokens whose keys and values a free slot holds, from cache index `start` on."""
+class Piece:
+    """Tokens of one sequence computed in a step: tokens[start:end] of its tokens, at those positions. A
+    piece that reaches the sequence's last token samples the next one."""
 
+    seq: Sequence
     start: int
-    tokens: np.ndarray
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        return self.end == self.seq.num_tokens
 
 
-def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
-    """How many leading tokens a and b share."""
-    n = min(len(a), len(b))
-    differ = np.flatnonzero(a[:n] != b[:n])
-    return int(differ[0]) if differ.size else n
+@dataclass
+class StepPlan:
+    pieces: list[Piece] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(piece.end - piece.start for piece in self.pieces)
 
 
 class Scheduler:
-    def __init__(self, slots: int, cache_len: int, reuse_prefixes: bool = False):
-        self.waiting: deque[OutputStream] = deque()
-        self.prefilling: deque[Sequence] = deque()
-        self.decoding: dict[int, Sequence] = {}
-        # Taken from the end: never-used slots first (0, 1, ...), then the least recently freed, whose
-        # contents are the least likely to be asked for again.
-        self.free_slots: list[int] = list(range(slots - 1, -1, -1))
-        self.cache_len = cache_len
-        self.reuse_prefixes = reuse_prefixes
-        self.contents: list[SlotContents | None] = [None] * slots
-
-    @property
-    def busy_slots(self) -> int:
-        return len(self.prefilling) + len(self.decoding)
+    def __init__(self, pool: PagePool, max_num_seqs: int, max_num_batched_tokens: int):
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first
+        self._free_rows = list(range(max_num_seqs - 1, -1, -1))
+        self.preemptions = 0
+        self.prefix_hit_pages = 0  # pages admitted requests found in the prefix cache
 
     @property
     def idle(self) -> bool:
-        return not (self.waiting or self.prefilling or self.decoding)
+        return not self.waiting and not self.running
 
-    def admit(self, new_detokenizer) -> list[Sequence]:
-        """Move waiting requests into free slots, oldest first."""
-        admitted = []
-        while self.waiting and self.free_slots:
-            stream = self.waiting.popleft()
-            slot, start, reused = self._pick_slot(stream.request)
-            self.free_slots.remove(slot)
-            self.contents[slot] = None
-            seq = Sequence(
-                stream=stream,
-                slot=slot,
-                detokenizer=new_detokenizer(),
-                start=start,
-                prefilled=reused,
+    def sequences(self) -> list[Sequence]:
+        return [*self.running, *self.waiting]
+
+    def check_fits(self, request: GenerationRequest) -> None:
+        """ValueError if the request's prompt and new tokens could not fit the whole pool (it could never
+        run, since the oldest running sequence must always get its pages)."""
+        needed = self.pool.pages_for(len(request.prompt_ids) + request.max_new_tokens)
+        if needed > len(self.pool.pages):
+            raise ValueError(
+                f"the prompt and max_new_tokens need {needed} KV cache pages of {self.pool.page_tokens} tokens "
+                f"and the pool holds {len(self.pool.pages)}"
             )
-            self.prefilling.append(seq)
-            admitted.append(seq)
-        return admitted
 
-    def _pick_slot(self, request: GenerationRequest) -> tuple[int, int, int]:
-        """(slot, its start, prompt tokens already there) for a request: the free slot holding the longest
-        beginning of its prompt (of equal ones, the least recently freed), else the next free one. At
-        least the prompt's last token is left to prefill (its logits give the first new token), and a
-        reused slot must leave the answer as much room as a fresh one would."""
-        best = (self.free_slots[-1], 0, 0)
-        if not self.reuse_prefixes:
-            return best
-        prompt = np.asarray(request.prompt_ids)
-        for slot in reversed(self.free_slots):
-            held = self.contents[slot]
-            if held is None or (
-                held.start and held.start + len(prompt) + request.max_new_tokens > self.cache_len
-            ):
+    def add(self, seq: Sequence) -> Sequence:
+        """Queue a sequence (checked by `check_fits`)."""
+        self.check_fits(seq.request)
+        self.waiting.append(seq)
+        return seq
+
+    def schedule(self) -> StepPlan:
+        """The next step's pieces; pages are taken for them (and released from preempted sequences)."""
+        plan, budget = StepPlan(), self.max_num_batched_tokens
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:  # preempted for an older sequence's page
                 continue
-            reused = min(common_prefix(held.tokens, prompt), len(prompt) - 1)
-            if reused > best[2]:
-                best = (slot, held.start, reused)
-        return best
+            count = min(seq.num_tokens - seq.computed, budget)
+            if count > 0 and self._make_room(seq, seq.computed + count, plan):
+                plan.pieces.append(Piece(seq, seq.computed, seq.computed + count))
+            budget = self.max_num_batched_tokens - plan.tokens  # a preempted sequence's piece gives back
+        while self.waiting and budget > 0 and self._free_rows and not plan.preempted:
+            seq = self.waiting[0]
+            seq.table = self.pool.open(seq.tokens)
+            hits = len(seq.table.pages)
+            seq.computed = hits * self.pool.page_tokens
+            count = min(seq.num_tokens - seq.computed, budget)
+            if not self.pool.grow(seq.table, seq.computed + count):
+                self.pool.close(seq.table)
+                seq.computed = 0
+                break
+            self.waiting.popleft()
+            self.prefix_hit_pages += hits
+            seq.row = self._free_rows.pop()
+            self.running.append(seq)
+            plan.pieces.append(Piece(seq, seq.computed, seq.computed + count))
+            budget -= count
+        return plan
 
-    def donor(self, seq: Sequence) -> tuple[int, int, int] | None:
-        """(slot, its start, prompt tokens it holds) of another slot whose cache begins with at least
-        MIN_COPY_TOKENS more of `seq`'s prompt than `seq`'s slot holds, the longest such; None if there is
-        none. Entries keep their cache indices when copied, so `seq` takes the donor's start (left
-        padding): only while it has nothing of its own, or if the starts agree, and if the answer keeps the
-        room a fresh slot would give it. As in `_pick_slot`, the prompt's last token is left to prefill."""
-        if not self.reuse_prefixes:
-            return None
-        request = seq.request
-        prompt = np.asarray(request.prompt_ids)
-        best, most = None, seq.prefilled + MIN_COPY_TOKENS - 1
-        for slot, held in self._written():
-            if slot == seq.slot or (seq.prefilled and held.start != seq.start):
-                continue
-            if held.start and held.start + len(prompt) + request.max_new_tokens > self.cache_len:
-                continue
-            n = min(common_prefix(held.tokens, prompt), len(prompt) - 1)
-            if n > most:
-                best, most = (slot, held.start, n), n
-        return best
+    def reserve(self, plan: StepPlan, steps: int) -> int:
+        """Pages for `steps` decode steps of a plan of decode tokens only (as far as each sequence's token
+        budget reaches), without preempting: the steps the pages allow, `steps` or 1."""
+        for piece in plan.pieces:
+            seq = piece.seq
+            left = seq.request.max_new_tokens - len(seq.generated)
+            if not self.pool.grow(seq.table, piece.start + min(steps, max(left, 1))):
+                return 1
+        return steps
 
-    def _written(self) -> list[tuple[int, SlotContents]]:
-        """What every slot's cache holds: free slots' remembered tokens, and busy slots' entries so far."""
-        held = [(slot, self.contents[slot]) for slot in self.free_slots if self.contents[slot] is not None]
-        for seq in [*self.prefilling, *self.decoding.values()]:
-            held.append((seq.slot, SlotContents(seq.start, np.asarray(written_tokens(seq), np.int64))))
-        return held
+    def computed(self, plan: StepPlan, ends: dict[int, int] | None = None) -> None:
+        """The plan's pieces are in the cache, up to their ends (or `ends[i]` for piece i: a piece decoded
+        for several steps computed one token per token it generated): count them and cache the pages they
+        filled. Only computed tokens are cached, so the sampled ones may be appended before or after."""
+        for index, piece in enumerate(plan.pieces):
+            seq = piece.seq
+            seq.computed = piece.end if ends is None else ends.get(index, piece.end)
+            if seq.computed // self.pool.page_tokens > seq.table.settled:  # a page filled up
+                self.pool.cache_full_pages(seq.table, seq.tokens[: seq.computed])
 
-    def start_decoding(self, seq: Sequence) -> None:
-        self.prefilling.remove(seq)
-        self.decoding[seq.slot] = seq
+    def finish(self, seq: Sequence) -> None:
+        """Release a sequence that ended (or was aborted), waiting or running."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._free_rows.append(seq.row)
+            seq.row = -1
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.close(seq.table)
 
-    def find(self, request_id: str) -> Sequence | OutputStream | None:
-        for seq in [*self.prefilling, *self.decoding.values()]:
-            if seq.request.request_id == request_id:
-                return seq
-        return next((s for s in self.waiting if s.request.request_id == request_id), None)
+    def _make_room(self, seq: Sequence, tokens: int, plan: StepPlan) -> bool:
+        """Grow `seq`'s pages to `tokens`, preempting the newest running sequences while pages lack; False
+        if `seq` itself had to go."""
+        while not self.pool.grow(seq.table, tokens):
+            victim = self.running[-1]
+            self._preempt(victim, plan)
+            if victim is seq:
+                return False
+        return True
 
-    def release(self, item: Sequence | OutputStream) -> None:
-        """Forget a finished request; the only place a slot is freed. The slot keeps its entries
-        (`written_tokens`)."""
-        if isinstance(item, OutputStream):
-            if item in self.waiting:  # not there when it never left the engine's inbox
-                self.waiting.remove(item)
-            return
-        if item in self.prefilling:
-            self.prefilling.remove(item)
-        self.decoding.pop(item.slot, None)
-        self.contents[item.slot] = SlotContents(item.start, np.asarray(written_tokens(item), np.int64))
-        self.free_slots.insert(0, item.slot)
-
-    def all_requests(self) -> list[Sequence | OutputStream]:
-        return [*self.waiting, *self.prefilling, *self.decoding.values()]
-
-
-def written_tokens(seq: Sequence) -> list[int]:
-    """The tokens whose keys and values `seq`'s slot holds from its start on: the prompt written so far
-    and every generated token but the last (sampled, never fed back)."""
-    return seq.request.prompt_ids[: seq.prefilled] + seq.generated[:-1]
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.running.remove(seq)
+        self._free_rows.append(seq.row)
+        seq.row = -1
+        self.pool.close(seq.table)
+        seq.computed = 0
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        plan.pieces = [piece for piece in plan.pieces if piece.seq is not seq]

@@ -1,5 +1,5 @@
 """From a config and a placed model to a started `Engine`: the weight and KV cache dtypes this machine
-serves best, the runner, its compilation before ready, and the rarer shapes compiled beside serving."""
+serves best, the pool's size, the runner, and its compilation before ready."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine.engine import Engine
-from jaxserver.engine.runner import Runner, kernel_fits, prompt_buckets
-from jaxserver.model import cpu_kernels
+from jaxserver.engine.runner import Runner
+from jaxserver.model import cpu_kernels, paged
 from jaxserver.model.config import ModelConfig
-from jaxserver.model.llama import Params
+from jaxserver.model.llama import Params, cache_storage_dtype
 from jaxserver.model.tokenizer import Tokenizer
-from jaxserver.parallel.mesh import cache_sharding
+from jaxserver.parallel.mesh import paged_cache_sharding, splits
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def weight_dtype(config: JAXServerConfig) -> str:
 
 
 def kv_cache_dtype(config: JAXServerConfig, model: ModelConfig, sharding: jax.sharding.Sharding) -> jnp.dtype:
-    """The KV cache's entry dtype: the config's, with "auto" resolved. A 16-bit cache only where the decode
+    """The KV cache's entry dtype: the config's, with "auto" resolved. A 16-bit cache only where the paged
     attention kernel reads it: XLA's attention over one is several times slower (docs/performance.md)."""
     wanted = config.kv_cache_dtype
     if wanted == "fp32":
@@ -51,67 +51,85 @@ def kv_cache_dtype(config: JAXServerConfig, model: ModelConfig, sharding: jax.sh
         return dtype
     if wanted != "auto":
         log.warning(
-            "kv_cache_dtype %s needs the decode attention kernel (one device's whole cache, supported "
+            "kv_cache_dtype %s needs the paged attention kernel (one device's whole cache, supported "
             "heads, a C++ compiler); the KV cache stays float32",
             wanted,
         )
     return jnp.dtype(jnp.float32)
 
 
+def kernel_fits(model: ModelConfig, dtype: jnp.dtype, sharding: jax.sharding.Sharding) -> bool:
+    """Whether the paged attention kernel can read a pool of `dtype` entries placed with `sharding`."""
+    heads_fit = cpu_kernels.takes_heads(model.num_heads // model.num_kv_heads, model.head_dim)
+    dtype_fits = jnp.dtype(cache_storage_dtype(dtype)) in cpu_kernels.PAGED_TARGETS
+    return cpu_kernels.available() and heads_fit and dtype_fits and not splits(sharding)
+
+
+def kv_cache_pages(config: JAXServerConfig, model: ModelConfig, dtype: jnp.dtype) -> int:
+    """Pages of the pool: `kv_cache_tokens`, or by default 1/32 of the machine's memory, at most what
+    max_num_seqs requests of max_length tokens could hold, at least one such request."""
+    tokens = config.kv_cache_tokens
+    if tokens is None:
+        per_token = 2 * model.num_layers * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        tokens = min(memory // 32 // per_token, config.max_num_seqs * config.max_length)
+        tokens = max(tokens, config.max_length)
+    return -(-tokens // paged.PAGE_TOKENS)
+
+
 def start_engine(
     config: JAXServerConfig, model: ModelConfig, params: Params, tokenizer: Tokenizer, mesh: jax.sharding.Mesh
 ) -> Engine:
-    """Build the runner over `params` (already placed on `mesh`), compile the common shapes when the config
-    warms up, and start the engine that batches every request."""
+    """Build the runner over `params` (already placed on `mesh`), compile every shape it runs when the
+    config warms up, and start the engine that batches every request."""
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    slots = config.max_batch_size
-    sharding = cache_sharding((slots, model.num_kv_heads, config.max_length, model.head_dim), mesh)
+    sharding = paged_cache_sharding(model, mesh)
     cache_dtype = kv_cache_dtype(config, model, sharding)
     runner = Runner(
         model,
         params,
-        slots=slots,
-        cache_len=config.max_length,
-        steps_per_call=config.max_compile_tokens,
-        eos_ids=tokenizer.eos_token_ids,
+        pages=kv_cache_pages(config, model, cache_dtype),
+        max_num_seqs=config.max_num_seqs,
+        max_length=config.max_length,
         cache_dtype=cache_dtype,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_decode_steps=config.max_compile_tokens,
+        eos_ids=tokenizer.eos_token_ids,
         cache_sharding=sharding,
+        compile_lazily=not config.warm_up,
     )
     log.info(
-        "KV cache: %.1f MiB for %d slots x %d tokens (%s)",
+        "KV cache: %.1f MiB, %d pages of %d tokens (%s), for up to %d requests",
         runner.cache_bytes / 2**20,
-        slots,
-        config.max_length,
+        runner.pages,
+        paged.PAGE_TOKENS,
         cache_dtype.name,
+        config.max_num_seqs,
     )
-    later_shapes = []
     if config.warm_up:
         started = time.perf_counter()
-        later_shapes = runner.warm_up(prompt_buckets(min(config.prefill_chunk_tokens, config.max_length)))
+        runner.warm_up()
         log.info("warmed up in %.1f s", time.perf_counter() - started)
     engine = Engine(
         runner,
         tokenizer,
         max_waiting=config.max_waiting_requests,
-        prefill_chunk_tokens=config.prefill_chunk_tokens,
-        prefill_budget_tokens=config.prefill_budget_tokens,
-        left_pad=config.use_prefix_tokenizer,
-        reuse_prefixes=config.enable_prefix_caching,
+        prefix_caching=config.enable_prefix_caching,
     )
     engine.start()
-    if later_shapes:
+    if config.warm_up:
         threading.Thread(
-            target=_compile_ahead, args=(runner, later_shapes), name="jaxserver-compile-ahead", daemon=True
+            target=_compile_decoding, args=(runner,), name="jaxserver-compile-decoding", daemon=True
         ).start()
     return engine
 
 
-def _compile_ahead(runner: Runner, shapes: list[tuple[int, int]]) -> None:
-    """Compile the rarer decode shapes while the server already serves; a failure here costs only a
-    compilation at first use, so it is logged, not raised."""
+def _compile_decoding(runner: Runner) -> None:
+    """Compile the multi-step decode programs while the server already serves (by single steps until
+    then); a failure here costs only speed, so it is logged, not raised."""
     try:
-        runner.compile_ahead(shapes)
+        runner.compile_decoding()
     except Exception:
-        log.warning("compiling decode shapes ahead failed", exc_info=True)
+        log.warning("compiling the decode programs failed; decoding goes on a step at a time", exc_info=True)

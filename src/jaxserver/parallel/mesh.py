@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 
 # Logical axes of each parameter (layer weights carry a leading "layers" axis).
@@ -34,7 +35,7 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
-CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")  # one layer's values; keys swap the unsharded last two
+PAGED_CACHE_AXES = ("layers", "pages", "kv_heads", None, None)  # keys and values alike
 
 
 def logical_rules(axis_names: Sequence[str]) -> dict[str, str]:
@@ -91,6 +92,12 @@ def shard_params(params: Params, mesh: Mesh) -> Params:
     return jax.device_put(params, param_shardings(params, mesh))
 
 
-def cache_sharding(layer_cache_shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    """The sharding of each layer's key and value caches (only their first two axes are sharded)."""
-    return NamedSharding(mesh, spec_for(layer_cache_shape, CACHE_AXES, mesh))
+def paged_cache_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """The sharding of the paged KV cache's keys and values: kv heads over the model axis where they divide."""
+    shape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
+    return NamedSharding(mesh, spec_for(shape, PAGED_CACHE_AXES, mesh))
+
+
+def splits(sharding: jax.sharding.Sharding | None) -> bool:
+    """Whether `sharding` divides an array between devices (a kernel that reads it whole cannot run)."""
+    return isinstance(sharding, NamedSharding) and any(axis is not None for axis in sharding.spec)

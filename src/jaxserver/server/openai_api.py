@@ -263,7 +263,7 @@ def engine_requests(
 ) -> list[GenerationRequest]:
     """n requests per prompt, choice k (counted over all prompts) seeded with seed + k. Errors about the
     engine's max_new_tokens name the body's field instead."""
-    capacity = backend.config.max_batch_size + backend.config.max_waiting_requests
+    capacity = backend.config.max_num_seqs + backend.config.max_waiting_requests
     if len(prompts) * body.n > capacity:
         raise BadRequestError(
             f"{len(prompts)} prompt(s) x n={body.n} choices exceed the {capacity} requests this server "

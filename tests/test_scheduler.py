@@ -4,14 +4,14 @@ admission from the prefix cache, and preemption that loses and changes nothing."
 import pytest
 
 from jaxserver.engine.page_pool import PagePool
-from jaxserver.engine.paged_scheduler import PagedScheduler
+from jaxserver.engine.scheduler import Scheduler, Sequence
 from jaxserver.engine.request import GenerationRequest
 
 T = 4  # tokens per page
 
 
-def request(prompt: list[int], new_tokens: int = 4) -> GenerationRequest:
-    return GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens)
+def request(prompt: list[int], new_tokens: int = 4) -> Sequence:
+    return Sequence(GenerationRequest(prompt_ids=prompt, max_new_tokens=new_tokens))
 
 
 def fake_token(seq) -> int:
@@ -19,7 +19,7 @@ def fake_token(seq) -> int:
     return (sum(seq.tokens) * 31 + len(seq.tokens)) % 1000
 
 
-def step(scheduler: PagedScheduler) -> list[tuple[int, int, int]]:
+def step(scheduler: Scheduler) -> list[tuple[int, int, int]]:
     """Run one step as an engine would: sample where a piece reaches the end, finish full sequences.
     Returns the plan as (prompt's first token, start, end) per piece."""
     plan = scheduler.schedule()
@@ -32,9 +32,7 @@ def step(scheduler: PagedScheduler) -> list[tuple[int, int, int]]:
     return [(p.seq.request.prompt_ids[0], p.start, p.end) for p in plan.pieces]
 
 
-def run(
-    scheduler: PagedScheduler, requests: list[GenerationRequest], steps: int = 200
-) -> dict[int, list[int]]:
+def run(scheduler: Scheduler, requests: list[Sequence], steps: int = 200) -> dict[int, list[int]]:
     seqs = [scheduler.add(r) for r in requests]
     for _ in range(steps):
         if not scheduler.running and not scheduler.waiting:
@@ -45,7 +43,7 @@ def run(
 
 
 def test_decode_tokens_and_a_prompt_piece_share_one_budget():
-    scheduler = PagedScheduler(PagePool(64, T), max_num_seqs=8, max_num_batched_tokens=10)
+    scheduler = Scheduler(PagePool(64, T), max_num_seqs=8, max_num_batched_tokens=10)
     scheduler.add(request([1, 1, 1]))
     scheduler.add(request([2, 2]))
     assert step(scheduler) == [(1, 0, 3), (2, 0, 2)]  # both prompts whole, each samples a first token
@@ -57,7 +55,7 @@ def test_decode_tokens_and_a_prompt_piece_share_one_budget():
 
 
 def test_admission_stops_at_max_num_seqs():
-    scheduler = PagedScheduler(PagePool(64, T), max_num_seqs=2, max_num_batched_tokens=100)
+    scheduler = Scheduler(PagePool(64, T), max_num_seqs=2, max_num_batched_tokens=100)
     for first in (1, 2, 3):
         scheduler.add(request([first] * 3))
     assert [piece[0] for piece in step(scheduler)] == [1, 2]
@@ -65,7 +63,7 @@ def test_admission_stops_at_max_num_seqs():
 
 
 def test_a_prompt_starts_from_the_pages_the_cache_holds():
-    scheduler = PagedScheduler(PagePool(64, T), max_num_seqs=4, max_num_batched_tokens=100)
+    scheduler = Scheduler(PagePool(64, T), max_num_seqs=4, max_num_batched_tokens=100)
     system = list(range(10, 22))  # three full pages
     run(scheduler, [request([*system, 1], new_tokens=1)])
     scheduler.add(request([*system, 2, 2]))
@@ -76,15 +74,15 @@ def test_preempted_sequences_resume_and_answer_as_if_never_preempted():
     """A pool too small for every request at once: the newest are preempted and recomputed, every request
     still gets all its tokens, and the same ones as with room for all."""
     requests = [request([first] * 9, new_tokens=12) for first in range(1, 6)]
-    roomy = run(PagedScheduler(PagePool(100, T), max_num_seqs=8, max_num_batched_tokens=16), requests)
-    tight = PagedScheduler(PagePool(14, T), max_num_seqs=8, max_num_batched_tokens=16)
+    roomy = run(Scheduler(PagePool(100, T), max_num_seqs=8, max_num_batched_tokens=16), requests)
+    tight = Scheduler(PagePool(14, T), max_num_seqs=8, max_num_batched_tokens=16)
     assert run(tight, requests) == roomy
     assert tight.preemptions > 0
     assert tight.pool.free_pages == 14
 
 
 def test_a_preempted_sequence_keeps_its_tokens_and_its_cached_pages_serve_its_return():
-    scheduler = PagedScheduler(PagePool(6, T), max_num_seqs=4, max_num_batched_tokens=32)
+    scheduler = Scheduler(PagePool(6, T), max_num_seqs=4, max_num_batched_tokens=32)
     old, new = scheduler.add(request([1] * 8, 16)), scheduler.add(request([2] * 8, 16))
     while new.computed < 8 or len(new.generated) < 2:
         step(scheduler)
@@ -100,7 +98,7 @@ def test_a_preempted_sequence_keeps_its_tokens_and_its_cached_pages_serve_its_re
 
 def test_finishing_frees_the_row_and_the_pages():
     pool = PagePool(8, T)
-    scheduler = PagedScheduler(pool, max_num_seqs=1, max_num_batched_tokens=8)
+    scheduler = Scheduler(pool, max_num_seqs=1, max_num_batched_tokens=8)
     seq = scheduler.add(request([5] * 6))
     step(scheduler)
     scheduler.finish(seq)
@@ -110,7 +108,7 @@ def test_finishing_frees_the_row_and_the_pages():
 
 
 def test_a_request_that_could_not_fit_the_whole_pool_is_refused_at_once():
-    scheduler = PagedScheduler(PagePool(2, T), max_num_seqs=2, max_num_batched_tokens=8)
+    scheduler = Scheduler(PagePool(2, T), max_num_seqs=2, max_num_batched_tokens=8)
     with pytest.raises(ValueError, match="needs 3 pages"):
         scheduler.add(request([1] * 6, new_tokens=3))
     assert not scheduler.waiting

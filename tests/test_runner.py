@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from jaxserver.engine.page_pool import PagePool
-from jaxserver.engine.paged_runner import PagedRunner
-from jaxserver.engine.paged_scheduler import PagedScheduler
+from jaxserver.engine.runner import Runner
+from jaxserver.engine.scheduler import Scheduler, Sequence
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.model import llama, paged
 from jaxserver.model.loader import load_model
@@ -59,7 +59,7 @@ def generate(
 ):
     """Greedy answers as an engine would run them: a step of decode tokens only (and nobody waiting) runs
     up to `decode_steps` steps in one call."""
-    runner = PagedRunner(
+    runner = Runner(
         cfg,
         params,
         pages=pages,
@@ -69,11 +69,11 @@ def generate(
         max_num_batched_tokens=budget,
         max_decode_steps=decode_steps,
     )
-    scheduler = PagedScheduler(
-        PagePool(pages, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=budget
-    )
+    scheduler = Scheduler(PagePool(pages, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=budget)
     greedy = SamplingOptions(greedy=True)
-    seqs = [scheduler.add(GenerationRequest(p, n, sampling=greedy)) for p, n in zip(prompts, new_tokens)]
+    seqs = [
+        scheduler.add(Sequence(GenerationRequest(p, n, sampling=greedy))) for p, n in zip(prompts, new_tokens)
+    ]
     chunks = 0  # calls that ran several decode steps
     for _ in range(500):
         if not scheduler.running and not scheduler.waiting:
@@ -122,7 +122,7 @@ def test_penalties_and_logprobs_follow_the_unpaged_model(tiny_model):
     logprobs: each greedy token is the argmax of the recomputed logits after vLLM's penalties, and its
     logprob that of the unpenalized distribution."""
     cfg, params = tiny_model
-    runner = PagedRunner(
+    runner = Runner(
         cfg,
         params,
         pages=16,
@@ -131,14 +131,14 @@ def test_penalties_and_logprobs_follow_the_unpaged_model(tiny_model):
         cache_dtype=jnp.float32,
         max_num_batched_tokens=64,
     )
-    scheduler = PagedScheduler(PagePool(16, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=64)
+    scheduler = Scheduler(PagePool(16, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=64)
     options = SamplingOptions(
         greedy=True, repetition_penalty=1.3, presence_penalty=0.5, frequency_penalty=0.4
     )
     rng = np.random.default_rng(5)
     prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (11, 6)]
-    penalized = scheduler.add(GenerationRequest(prompts[0], 10, sampling=options, logprobs=2))
-    plain = scheduler.add(GenerationRequest(prompts[1], 10, sampling=SamplingOptions(greedy=True)))
+    penalized = scheduler.add(Sequence(GenerationRequest(prompts[0], 10, sampling=options, logprobs=2)))
+    plain = scheduler.add(Sequence(GenerationRequest(prompts[1], 10, sampling=SamplingOptions(greedy=True))))
     logprobs = []
     while scheduler.running or scheduler.waiting:
         plan = scheduler.schedule()
