@@ -40,7 +40,7 @@ def engine_stats(url: str) -> dict:
 def wait_until_idle(url: str, timeout_s: float = 10.0) -> float:
     """Seconds until no slot is busy and no request waits; fails after `timeout_s`."""
     started = time.monotonic()
-    while (stats := engine_stats(url))["active_slots"] or stats["waiting_requests"]:
+    while (stats := engine_stats(url))["running_requests"] or stats["waiting_requests"]:
         assert time.monotonic() - started < timeout_s, stats
         time.sleep(0.02)
     return time.monotonic() - started

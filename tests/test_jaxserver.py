@@ -104,7 +104,7 @@ def test_auto_kv_cache_is_float16_where_the_kernel_reads_it_and_float32_elsewher
     try:
         assert one.engine.runner.cache.k[0].dtype == jnp.float16
         assert split.engine.runner.cache.k[0].dtype == jnp.float32
-        assert [s.engine.stats()["kv_cache_dtype"] for s in (one, split)] == ["float16", "float32"]
+        assert [s.engine.stats()["kv_cache"]["dtype"] for s in (one, split)] == ["float16", "float32"]
         assert "kv_cache_dtype" not in caplog.text
     finally:
         one.shutdown()

@@ -11,7 +11,7 @@ import pytest
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
-from jaxserver.model import cpu_kernels, llama
+from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.loader import load_model
 from tests import tiny
 
@@ -105,35 +105,21 @@ def greedy_by_recompute(cfg, params, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt) :]
 
 
-def engine_greedy(
-    cfg,
-    params,
-    tokenizer,
-    prompt: list[int],
-    n: int,
-    left_pad: bool,
-    prefill_chunk: int,
-    attention_kernel: bool,
-):
+def engine_greedy(cfg, params, tokenizer, prompt: list[int], n: int, budget: int, attention) -> list[int]:
     runner = Runner(
         cfg,
         params,
-        slots=3,
-        cache_len=64,
-        steps_per_call=5,
-        eos_ids=(-1,),
+        pages=16,
+        max_num_seqs=3,
+        max_length=64,
         cache_dtype=jnp.float32,
-        attention_kernel=attention_kernel,
+        max_num_batched_tokens=budget,
+        max_decode_steps=5,
+        eos_ids=(-1,),
+        compile_lazily=True,
+        attention=attention,
     )
-    engine = Engine(
-        runner,
-        tokenizer,
-        max_waiting=4,
-        prefill_chunk_tokens=prefill_chunk,
-        prefill_budget_tokens=prefill_chunk,
-        left_pad=left_pad,
-        reuse_prefixes=False,
-    )
+    engine = Engine(runner, tokenizer, max_waiting=4, prefix_caching=False)
     engine.start()
     request = GenerationRequest(prompt, n, SamplingOptions(greedy=True), ignore_eos=True)
     tokens = [t for chunk in engine.submit(request) for t in chunk.token_ids]
@@ -142,19 +128,17 @@ def engine_greedy(
 
 
 @pytest.mark.parametrize(
-    ("left_pad", "prefill_chunk", "attention_kernel"),
-    [(False, 32, True), (True, 32, True), (False, 16, True), (True, 32, False)],
+    ("budget", "attention"),
+    [(32, None), (16, None), (32, paged.attention_reference)],
+    ids=["one-piece", "16-token-pieces", "xla-attention"],
 )
-def test_engine_greedy_equals_recompute(tiny_model, left_pad, prefill_chunk, attention_kernel):
-    """Prefill into a padded bucket (or in 16-token pieces), then decode in chunks of 5 steps (through
-    the CPU attention kernel or XLA's ops), equals step-by-step argmax over the full sequence."""
+def test_engine_greedy_equals_recompute(tiny_model, budget, attention):
+    """A prompt computed in one step (or in 16-token pieces), then decoded in calls of 5 steps (through
+    the CPU attention kernel or XLA's operations), equals step-by-step argmax over the full sequence."""
     cfg, params, tokenizer = tiny_model
-    prompt = [int(t) for t in np.random.default_rng(2).integers(3, cfg.vocab_size, 23)]  # pads to 32
+    prompt = [int(t) for t in np.random.default_rng(2).integers(3, cfg.vocab_size, 23)]
     expected = greedy_by_recompute(cfg, params, prompt, 12)
-    assert (
-        engine_greedy(cfg, params, tokenizer, prompt, 12, left_pad, prefill_chunk, attention_kernel)
-        == expected
-    )
+    assert engine_greedy(cfg, params, tokenizer, prompt, 12, budget, attention) == expected
 
 
 def test_bfloat16_weights_track_float32(tiny_model):

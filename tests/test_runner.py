@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from jaxserver.engine.page_pool import PagePool
+from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
 from jaxserver.engine.scheduler import Scheduler, Sequence
-from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.model import llama, paged
 from jaxserver.model.loader import load_model
 
@@ -68,6 +68,7 @@ def generate(
         cache_dtype=jnp.float32,
         max_num_batched_tokens=budget,
         max_decode_steps=decode_steps,
+        compile_lazily=True,
     )
     scheduler = Scheduler(PagePool(pages, paged.PAGE_TOKENS), max_num_seqs=4, max_num_batched_tokens=budget)
     greedy = SamplingOptions(greedy=True)

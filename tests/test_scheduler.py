@@ -4,8 +4,8 @@ admission from the prefix cache, and preemption that loses and changes nothing."
 import pytest
 
 from jaxserver.engine.page_pool import PagePool
-from jaxserver.engine.scheduler import Scheduler, Sequence
 from jaxserver.engine.request import GenerationRequest
+from jaxserver.engine.scheduler import Scheduler, Sequence
 
 T = 4  # tokens per page
 
@@ -33,7 +33,7 @@ def step(scheduler: Scheduler) -> list[tuple[int, int, int]]:
 
 
 def run(scheduler: Scheduler, requests: list[Sequence], steps: int = 200) -> dict[int, list[int]]:
-    seqs = [scheduler.add(r) for r in requests]
+    seqs = [scheduler.add(Sequence(r.request)) for r in requests]  # fresh ones for each scheduler
     for _ in range(steps):
         if not scheduler.running and not scheduler.waiting:
             break
@@ -109,6 +109,6 @@ def test_finishing_frees_the_row_and_the_pages():
 
 def test_a_request_that_could_not_fit_the_whole_pool_is_refused_at_once():
     scheduler = Scheduler(PagePool(2, T), max_num_seqs=2, max_num_batched_tokens=8)
-    with pytest.raises(ValueError, match="needs 3 pages"):
+    with pytest.raises(ValueError, match="need 3 KV cache pages"):
         scheduler.add(request([1] * 6, new_tokens=3))
     assert not scheduler.waiting

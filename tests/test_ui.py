@@ -129,7 +129,7 @@ def wait_while_streaming(url: str, text_of) -> None:
     """Until the answer has grown twice while the engine holds the request."""
     lengths: set[int] = set()
     deadline = time.monotonic() + 60
-    while len(lengths - {0}) < 2 or not engine_stats(url)["active_slots"]:
+    while len(lengths - {0}) < 2 or not engine_stats(url)["running_requests"]:
         assert time.monotonic() < deadline, (lengths, engine_stats(url))
         lengths.add(len(text_of()))
         time.sleep(0.05)
@@ -155,7 +155,7 @@ def live(tiny_llama_dir):
     long answer streams for seconds)."""
     with serving(
         tiny_llama_dir,
-        tiny.test_config(max_length=2048, max_batch_size=1, max_waiting_requests=0, max_compile_tokens=1),
+        tiny.test_config(max_length=2048, max_num_seqs=1, max_waiting_requests=0, max_compile_tokens=1),
     ) as served:
         yield served
 

@@ -40,6 +40,7 @@ class RequestResult:
     ttft_s: float = 0.0
     output_tokens: int = 0
     itl_s: list[float] = field(default_factory=list)  # per token, from chunk gaps
+    gaps_s: list[float] = field(default_factory=list)  # between two chunks, as a client sees its stream pause
     error: str = ""
 
 
@@ -79,6 +80,7 @@ async def one_request(
                     result.ttft_s = now - started
                 elif new > 0:
                     result.itl_s += [(now - last) / new] * new
+                    result.gaps_s.append(now - last)
                 result.output_tokens, last = event["tokens_used"], now
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
@@ -195,6 +197,7 @@ def summarize(results: list[RequestResult], duration_s: float, concurrency: int)
         "output_tokens_per_s": output_tokens / duration_s,
         "ttft_s": percentiles([r.ttft_s for r in done]),
         "itl_s": percentiles([x for r in done for x in r.itl_s]),
+        "gap_s": percentiles([x for r in done for x in r.gaps_s]),
         "tpot_s": percentiles(tpot),
         "e2e_latency_s": percentiles([r.latency_s for r in done]),
     }
@@ -203,17 +206,17 @@ def summarize(results: list[RequestResult], duration_s: float, concurrency: int)
 def print_table(rows: list[dict]) -> None:
     header = (
         f"{'conc':>5} {'ok':>5} {'fail':>4} {'req/s':>7} {'out tok/s':>10} "
-        f"{'TTFT p50':>9} {'p90':>7} {'p99':>7} {'ITL p50':>9} {'p90':>7} {'p99':>7}"
+        f"{'TTFT p50':>9} {'p90':>7} {'p99':>7} {'ITL p50':>9} {'p90':>7} {'p99':>7} {'gap p99':>8}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
-        ms = {k: {q: v * 1000 for q, v in r[k].items()} for k in ("ttft_s", "itl_s")}
+        ms = {k: {q: v * 1000 for q, v in r[k].items()} for k in ("ttft_s", "itl_s", "gap_s")}
         print(
             f"{r['concurrency']:>5} {r['completed']:>5} {r['failed']:>4} {r['request_throughput_per_s']:>7.2f} "
             f"{r['output_tokens_per_s']:>10.1f} {ms['ttft_s']['p50']:>8.0f}ms {ms['ttft_s']['p90']:>5.0f}ms "
             f"{ms['ttft_s']['p99']:>5.0f}ms {ms['itl_s']['p50']:>7.1f}ms {ms['itl_s']['p90']:>5.1f}ms "
-            f"{ms['itl_s']['p99']:>5.1f}ms"
+            f"{ms['itl_s']['p99']:>5.1f}ms {ms['gap_s']['p99']:>6.0f}ms"
         )
     profiled = [r for r in rows if "engine" in r]
     if profiled:

@@ -259,9 +259,11 @@ class Runner:
         eos_ids: tuple[int, ...] = (),
         cache_sharding: jax.sharding.Sharding | None = None,
         compile_lazily: bool = False,
+        attention: paged.Attention | None = None,
     ):
         """`compile_lazily`: compile a decode program at its first use rather than only by
-        `compile_decoding` (which serving runs beside the engine, so that no request waits for one)."""
+        `compile_decoding` (which serving runs beside the engine, so that no request waits for one).
+        `attention`: by default the CPU kernel wherever it reads the pages (`attention_for`)."""
         self.cfg = cfg
         self.compile_lazily = compile_lazily
         self.params, self.layers = llama.serving_weights(params, cfg)
@@ -273,7 +275,7 @@ class Runner:
         self.eos_ids = np.asarray(eos_ids, np.int32)
         self.cache_dtype = jnp.dtype(cache_dtype)  # the entries' (bf16 pages are stored as uint16)
         self.cache = paged.init_paged_cache(cfg, pages, cache_dtype, cache_sharding)
-        self.attention = attention_for(cfg, self.cache)
+        self.attention = attention or attention_for(cfg, self.cache)
         self.attention_kernel = self.attention is cpu_kernels.paged_attention
         self._forward = jax.jit(
             functools.partial(_forward_step, cfg=cfg, attention=self.attention, rows_out=max_num_seqs),
@@ -374,6 +376,8 @@ class Runner:
             raise ValueError("decode runs no repetition penalties and no logprobs; step such plans")
         if not all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces):
             raise ValueError("decode takes plans of decode tokens only (one token per sequence, at its end)")
+        if not self.can_decode(plan):
+            raise ValueError(f"the decode program for {len(plan.pieces)} sequences is not compiled yet")
         steps = min(steps, self.max_decode_steps)
         rows = decode_rows(len(plan.pieces), self.max_num_seqs)
         state = _idle_rows(rows)._replace(sampling=self._rows_sampling(plan, rows))
@@ -448,10 +452,11 @@ class Runner:
         for row, piece in enumerate(plan.pieces):
             seq_rows[row], samples[row], positions[row] = piece.seq.row, piece.samples, piece.end
         requests = [piece.seq.request for piece in plan.pieces]
+        sampling = self._rows_sampling(plan, rows)  # first: a new row's penalties start here
         outputs, self.penalties = self._sample(
             logits,
             self.penalties,
-            self._rows_sampling(plan, rows),
+            sampling,
             seq_rows,
             samples,
             positions,
