@@ -74,7 +74,7 @@ class JAXServerConfig(BaseModel):
         "auto",
         description=(
             "KV cache entries. 'fp16' and 'bf16' halve the cache and speed decoding; they apply where the "
-            "decode attention kernel reads the cache (float32 is kept elsewhere). fp16 stays within float32's "
+            "paged attention kernel reads the cache (float32 is kept elsewhere). fp16 stays within float32's "
             "predictions (8x finer steps than bf16; range to 65504, llama.cpp's default); bf16 changed "
             "greedy answers of the default model. 'auto': fp16 where the kernel reads the cache, else fp32."
         ),
@@ -126,8 +126,8 @@ class JAXServerConfig(BaseModel):
     )
     warm_up: bool = Field(
         True,
-        description="Compile the common prompt and decode shapes before reporting ready, the rarer decode "
-        "shapes on a background thread after.",
+        description="Compile every step shape before reporting ready, and the multi-step decode programs "
+        "on a background thread after (until each is ready, its batches decode one step per call).",
     )
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
