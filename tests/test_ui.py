@@ -257,7 +257,7 @@ def test_errors_are_messages_not_tracebacks(live, page):
     try:
         page.locator("#message textarea").fill("hi")
         page.locator("#message textarea").press("Enter")
-        expect(page.locator(".toast-body", has_text="slots are busy")).to_be_visible()
+        expect(page.locator(".toast-body", has_text="the server is full")).to_be_visible()
     finally:
         server.abort(hog.request_id)
     wait_until_idle(url)

@@ -121,8 +121,8 @@ class Engine:
         with self._outstanding_lock:
             if self._outstanding >= limit:
                 raise OverloadedError(
-                    f"{self.runner.max_num_seqs} requests are running and {self.max_waiting} are already "
-                    "waiting; retry shortly"
+                    f"the server is full: {self.runner.max_num_seqs} requests are running and "
+                    f"{self.max_waiting} are already waiting; retry shortly"
                 )
             self._outstanding += 1
         stream = OutputStream(request, loop)
