@@ -43,7 +43,7 @@ from jaxserver.engine.request import (
     TokenLogprobs,
     check_prompt_fits,
 )
-from jaxserver.engine.runner import Runner
+from jaxserver.engine.runner import Runner, decode_rows
 from jaxserver.engine.scheduler import Scheduler, Sequence, StepPlan
 from jaxserver.errors import BadRequestError, EngineError, NotReadyError, OverloadedError
 from jaxserver.model import paged
@@ -243,18 +243,26 @@ class Engine:
             self.scheduler.computed(plan, {i: plan.pieces[i].start + len(t) for i, t in generated.items()})
             outputs = {i: (tokens, None) for i, tokens in generated.items() if tokens}
             steps_run = max(map(len, generated.values()), default=0)
+            rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
         else:
             sampled = self.runner.step(plan)
             self.scheduler.computed(plan)
             outputs = {i: ([token], None if lp is None else [lp]) for i, (token, lp) in sampled.items()}
-            steps_run = 1
-        self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, outputs)
+            steps_run, rows = 1, self.runner.shape(plan)[1]
+        self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, outputs)
         for index, (tokens, logprobs) in outputs.items():
             self._emit(plan.pieces[index].seq, tokens, logprobs)
 
     def _count_step(
-        self, plan: StepPlan, decode_only: bool, seconds: float, steps: int, outputs: dict[int, tuple]
+        self,
+        plan: StepPlan,
+        decode_only: bool,
+        seconds: float,
+        steps: int,
+        rows: int,
+        outputs: dict[int, tuple],
     ) -> None:
+        """Add a run's time and tokens to the totals; `rows` were computed in each of its `steps`."""
         totals = self.totals
         totals.prompt_tokens_reused = self.scheduler.prefix_hit_pages * paged.PAGE_TOKENS
         generated = sum(len(tokens) for tokens, _ in outputs.values())
@@ -263,7 +271,6 @@ class Engine:
             totals.decode_calls += 1
             totals.decode_steps += steps
             totals.decode_tokens += generated
-            rows = self.runner.shape(plan)[1] if steps == 1 else len(plan.pieces)
             totals.decode_rows_computed += rows * steps
             return
         totals.prefill_seconds += seconds
