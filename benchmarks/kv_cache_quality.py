@@ -1,7 +1,7 @@
 """How much bfloat16 weights and a 16-bit (bfloat16 or float16) KV cache change the default model's predictions.
 
 Teacher-forced next-token distributions over a text (by default this repository's README), one token per
-decode step through the engine's forward pass (the attention kernel reads the cache as the server does),
+decode step through the unpaged forward pass (whose cache stores and widens entries as the pages do),
 for each weights / cache combination against float32 weights over a float32 cache: how often the most
 likely token agrees with the reference's, the mean KL divergence from the reference's distribution, and
 the mean negative log-likelihood of the text's own next tokens.
@@ -55,10 +55,7 @@ def log_probs(
             token.reshape(1, 1),
             cache,
             position.reshape(1),
-            zero,
-            attn_len=len(tokens),
             logit_index=zero,
-            attention_kernel=cpu_kernels.available(),
         )
         return cache, jax.nn.log_softmax(logits[0])
 

@@ -1,7 +1,8 @@
-"""The CPU kernels against float64 numpy references: decode attention (and against the model's XLA
-attention) on random queries and float32, float16 or bf16 caches: rows in scattered slots, left-padded starts, ranges
-from one position to the whole cache, idle rows, tolerance 1e-5 absolute on outputs of magnitude ~1; the bf16
-matmul on bf16-rounded rows, tolerance 1e-5 relative; and the library's build for CPUs without AVX512-BF16."""
+"""The CPU kernels against float64 numpy references: paged attention on random queries and float32, float16
+or bf16 pages (sequences with scattered pages, a prompt piece whose tokens attend to each other's new
+entries, positions from the first to a page's last, padding tokens; tolerance 1e-5 absolute on outputs
+of magnitude ~1); the bf16 matmul on bf16-rounded rows, tolerance 1e-5 relative; and the library's build
+for CPUs without AVX512-BF16."""
 
 import ctypes
 import platform
@@ -17,11 +18,17 @@ import pytest
 from jaxserver.model import cpu_kernels, llama
 
 ATOL = 1e-5
+PAGE = cpu_kernels.KEY_BLOCK  # positions per page
 
 
 def test_kernel_is_built_here():
     """CI has a C++ compiler, so the engine's fast path must not silently fall back."""
     assert cpu_kernels.available()
+
+
+def pages_call(q, new, k_pages, v_pages, page_table, token_seqs, positions):
+    """paged_attention on layer 0, one new key and value (`new`) for all tokens."""
+    return cpu_kernels.paged_attention(q, new, new, k_pages, v_pages, 0, page_table, token_seqs, positions)
 
 
 def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
@@ -34,90 +41,70 @@ def test_heads_beyond_the_kernels_limits_are_refused_not_miscomputed():
     for group, head_dim in ((cpu_kernels.MAX_GROUP + 1, 16), (1, 8)):
         q = np.zeros((1, 1, group, head_dim), np.float32)
         new = np.zeros((1, 1, head_dim), np.float32)
-        keys = np.zeros((1, 1, 1, head_dim, cpu_kernels.KEY_BLOCK), np.float32)
-        values = np.zeros((1, 1, 4, head_dim), np.float32)
+        keys = np.zeros((1, 1, 1, head_dim, PAGE), np.float32)
+        values = np.zeros((1, 1, 1, PAGE, head_dim), np.float32)
         with pytest.raises(jax.errors.JaxRuntimeError, match="at most 16 query heads"):
-            jax.block_until_ready(cpu_kernels.decode_attention(q, new, new, keys, values, ids, ids, ids))
+            jax.block_until_ready(pages_call(q, new, keys, values, ids.reshape(1, 1), ids, ids))
 
 
-def in_key_blocks(keys: np.ndarray) -> np.ndarray:
-    """Keys [slots, kv_heads, head_dim, length] as the cache holds them (llama.KVCache), zero-padded to
-    whole blocks."""
-    *lead, head_dim, length = keys.shape
-    blocks = llama.key_blocks(length)
-    padded = np.zeros((*lead, head_dim, blocks * cpu_kernels.KEY_BLOCK), keys.dtype)
-    padded[..., :length] = keys
-    return padded.reshape(*lead, head_dim, blocks, cpu_kernels.KEY_BLOCK).swapaxes(-3, -2)
-
-
-def reference(q, k_cache, v_cache, slot_ids, starts, ends) -> np.ndarray:
-    """Softmax attention per (row, kv head) over positions starts..ends, in float64; idle rows: zeros."""
-    batch, head_dim = q.shape[0], q.shape[-1]
+def reference(q, keys, values, token_seqs, positions) -> np.ndarray:
+    """Softmax attention per (token, kv head) over its sequence's positions 0..positions[n], in float64,
+    from keys [seqs, kv_heads, hd, length] and values [seqs, kv_heads, length, hd]; padding: zeros."""
     out = np.zeros(q.shape)
-    for b in range(batch):
-        if ends[b] >= k_cache.shape[-1]:
+    for n, (seq, position) in enumerate(zip(token_seqs, positions, strict=True)):
+        if seq < 0:
             continue
-        keys = k_cache[slot_ids[b], :, :, starts[b] : ends[b] + 1].astype(np.float64)  # [K, D, n]
-        values = v_cache[slot_ids[b], :, starts[b] : ends[b] + 1].astype(np.float64)  # [K, n, D]
-        scores = np.einsum("kgd,kdn->kgn", q[b], keys) / np.sqrt(head_dim)
+        k = keys[seq, :, :, : position + 1].astype(np.float64)  # [K, D, n]
+        v = values[seq, :, : position + 1].astype(np.float64)  # [K, n, D]
+        scores = np.einsum("kgd,kdn->kgn", q[n], k) / np.sqrt(q.shape[-1])
         probs = np.exp(scores - scores.max(-1, keepdims=True))
-        probs /= probs.sum(-1, keepdims=True)
-        out[b] = np.einsum("kgn,knd->kgd", probs, values)
+        out[n] = np.einsum("kgn,knd->kgd", probs / probs.sum(-1, keepdims=True), v)
     return out
 
 
 @pytest.mark.parametrize(
-    ("kv_heads", "group", "head_dim", "length"),
+    ("kv_heads", "group", "head_dim"),
     # SmolLM2's heads; then group sizes and head widths that take the kernel's other instantiations and
-    # value-block widths (16 x 16 floats, 3 vectors of 48, 4 blocks of 256); a cache shorter than a block.
-    [(3, 3, 64, 200), (2, 4, 32, 70), (1, 1, 128, 130), (2, 16, 16, 150), (1, 7, 48, 140), (1, 2, 256, 40)],
+    # value-block widths (16 x 16 floats, 3 vectors of 48, 4 blocks of 256).
+    [(3, 3, 64), (2, 4, 32), (1, 1, 128), (2, 16, 16), (1, 7, 48), (1, 2, 256)],
 )
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16", "bfloat16"])
-def test_kernel_matches_reference_and_xla(kv_heads, group, head_dim, length, cache_dtype):
-    """Each row's new key and value land at its end position, converted as `llama.to_cache` converts
-    them (bit for bit), and nowhere else; then the reference attends over the caches so updated, reading
-    their entries as float32 (a bf16 cache's values, widened exactly). Rows 5 and 6 share slot 3, the
-    second attending to the first's new entry, as the tokens of a prompt piece do."""
-    rng = np.random.default_rng(head_dim)
-    slots, batch = 6, 7
-    q = rng.standard_normal((batch, kv_heads, group, head_dim)).astype(np.float32)
-    k_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
-    v_new = rng.standard_normal((batch, kv_heads, head_dim)).astype(np.float32)
+def test_paged_kernel_matches_reference(kv_heads, group, head_dim, cache_dtype):
+    """Each token's new key and value land at its position in its sequence's page, converted as
+    `llama.to_cache` converts them (bit for bit), and nowhere else; then each token attends over its
+    sequence's entries so updated (read as float32). Sequence 2's five tokens are a prompt piece across a
+    page boundary, each attending to the new entries before it; sequence 1 reads one position only."""
+    rng = np.random.default_rng(head_dim + group)
+    seqs, max_pages, pool = 3, 6, 20
+    length = max_pages * PAGE
     storage = llama.cache_storage_dtype(cache_dtype)
-    k_by_position = rng.standard_normal((slots, kv_heads, head_dim, length))
-    k_stored = llama.to_cache(jnp.asarray(in_key_blocks(k_by_position)), storage)
-    v_stored = llama.to_cache(jnp.asarray(rng.standard_normal((slots, kv_heads, length, head_dim))), storage)
-    slot_ids = np.array([4, 0, 2, 5, 1, 3, 3], np.int32)
-    # One position; a left-padded row; a partial last block; the whole cache; an idle row; two rows of
-    # one slot.
-    starts = np.array([0, 7, 3, 0, 0, 2, 2], np.int32)
-    ends = np.array([0, length - 2, length // 2 + 1, length - 1, length, 10, 11], np.int32)
-    expected_k = np.array(llama.to_cache(jnp.asarray(k_by_position), storage))
-    expected_v = np.array(v_stored)
-    for b in range(batch):
-        if ends[b] < length:
-            expected_k[slot_ids[b], :, :, ends[b]] = llama.to_cache(jnp.asarray(k_new[b]), storage)
-            expected_v[slot_ids[b], :, ends[b]] = llama.to_cache(jnp.asarray(v_new[b]), storage)
-    expected_k = in_key_blocks(expected_k)
-    got, k_written, v_written = map(
-        np.asarray,
-        jax.jit(cpu_kernels.decode_attention)(q, k_new, v_new, k_stored, v_stored, slot_ids, starts, ends),
+    page_table = rng.permutation(pool)[: seqs * max_pages].reshape(seqs, max_pages).astype(np.int32)
+    token_seqs = np.array([0, 1, 2, 2, 2, 2, 2, -1], np.int32)
+    positions = np.array([length - 1, 0, 13, 14, 15, 16, 17, 3], np.int32)
+    n = len(token_seqs)
+    q = rng.standard_normal((n, kv_heads, group, head_dim)).astype(np.float32)
+    k_new, v_new = (rng.standard_normal((n, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    k_pages = np.asarray(
+        llama.to_cache(jnp.asarray(rng.standard_normal((1, pool, kv_heads, head_dim, PAGE))), storage)
     )
+    v_pages = np.asarray(
+        llama.to_cache(jnp.asarray(rng.standard_normal((1, pool, kv_heads, PAGE, head_dim))), storage)
+    )
+    expected_k, expected_v = k_pages.copy(), v_pages.copy()
+    for i in range(n - 1):
+        page, lane = page_table[token_seqs[i], positions[i] // PAGE], positions[i] % PAGE
+        expected_k[0, page, :, :, lane] = llama.to_cache(jnp.asarray(k_new[i]), storage)
+        expected_v[0, page, :, lane] = llama.to_cache(jnp.asarray(v_new[i]), storage)
+    args = (q, k_new, v_new, k_pages, v_pages, 0, page_table, token_seqs, positions)
+    got, k_written, v_written = map(np.asarray, jax.jit(cpu_kernels.paged_attention)(*args))
     np.testing.assert_array_equal(k_written, expected_k)
     np.testing.assert_array_equal(v_written, expected_v)
-    all_slots = jnp.arange(slots)
-    k_cache = np.asarray(llama.from_cache(llama.keys_by_position(jnp.asarray(expected_k), all_slots, length)))
-    v_cache = np.asarray(llama.from_cache(jnp.asarray(expected_v)))
-    np.testing.assert_allclose(got, reference(q, k_cache, v_cache, slot_ids, starts, ends), atol=ATOL)
-    assert not got[4].any()
-
-    live = [0, 1, 2, 3, 5, 6]  # the XLA path has no notion of idle rows: compare the live ones
-    positions = np.arange(length)
-    mask = (positions >= starts[live, None]) & (positions <= ends[live, None])
-    xla = llama.decode_attention(
-        *map(jnp.asarray, (q[live], expected_k, expected_v, slot_ids[live])), length, jnp.asarray(mask)
-    )
-    np.testing.assert_allclose(got[live], np.asarray(xla).reshape(got[live].shape), atol=ATOL)
+    keys = np.asarray(llama.from_cache(jnp.asarray(expected_k[0][page_table])))  # [S, P, K, D, 16]
+    keys = keys.transpose(0, 2, 3, 1, 4).reshape(seqs, kv_heads, head_dim, length)
+    values = np.asarray(llama.from_cache(jnp.asarray(expected_v[0][page_table])))  # [S, P, K, 16, D]
+    values = values.transpose(0, 2, 1, 3, 4).reshape(seqs, kv_heads, length, head_dim)
+    np.testing.assert_allclose(got, reference(q, keys, values, token_seqs, positions), atol=ATOL)
+    assert not got[-1].any()
 
 
 @pytest.mark.parametrize(
@@ -143,9 +130,10 @@ def test_16_bit_cache_entries_round_as_xla_converts(value, cache_dtype):
     storage = llama.cache_storage_dtype(cache_dtype)
     q = np.zeros((1, 1, 1, 16), np.float32)
     new = np.full((1, 1, 16), value, np.float32)
-    keys = jnp.zeros((1, 1, 1, 16, cpu_kernels.KEY_BLOCK), storage)
-    values = jnp.zeros((1, 1, 4, 16), storage)
-    _, k_written, _ = cpu_kernels.decode_attention(q, new, new, keys, values, *np.zeros((3, 1), np.int32))
+    keys = jnp.zeros((1, 1, 1, 16, PAGE), storage)
+    values = jnp.zeros((1, 1, 1, PAGE, 16), storage)
+    zeros = np.zeros((1,), np.int32)
+    _, k_written, _ = pages_call(q, new, keys, values, zeros.reshape(1, 1), zeros, zeros)
     expected = np.asarray(llama.to_cache(jnp.asarray(new[0, 0]), storage))
     written = np.asarray(k_written)[0, 0, 0, :, 0]
     if np.isnan(value):
@@ -231,7 +219,7 @@ def test_kernels_build_for_a_cpu_without_avx512_bf16(tmp_path):
     cpu_kernels.build_library("g++", library, flags)
     loaded = ctypes.cdll.LoadLibrary(str(library))
     assert loaded.JaxserverHasBf16Gemm() == 0
-    assert loaded.JaxserverDecodeAttention and loaded.JaxserverDecodeAttentionBf16
+    assert loaded.JaxserverPagedAttention and loaded.JaxserverPagedAttentionBf16
 
 
 def test_loading_the_kernels_keeps_subnormal_floats():

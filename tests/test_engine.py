@@ -246,8 +246,6 @@ def next_token_logits(model, ids: list[int]) -> np.ndarray:
         jnp.asarray([ids]),
         cache,
         write_pos=zero,
-        start=zero,
-        attn_len=len(ids),
         logit_index=jnp.asarray([len(ids) - 1]),
     )
     return np.asarray(logits[0], np.float64)

@@ -36,16 +36,7 @@ def full_logits(cfg, params, ids: np.ndarray, matmul_kernel: bool = False) -> np
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if matmul_kernel:
         head, layers = llama.pack_matmul_weights(head, layers)
-    logits, _ = llama.forward(
-        head,
-        layers,
-        cfg,
-        jnp.asarray(ids),
-        cache,
-        zeros,
-        zeros,
-        attn_len=seq,
-    )
+    logits, _ = llama.forward(head, layers, cfg, jnp.asarray(ids), cache, zeros)
     return np.asarray(logits)
 
 
@@ -73,8 +64,7 @@ def tiny_model(tiny_llama_dir):
     return cfg, jax.tree.map(jnp.asarray, params), tokenizer
 
 
-@pytest.mark.parametrize("attention_kernel", [False, True], ids=["xla-attention", "cpu-kernel"])
-def test_cached_decode_equals_recompute(tiny_model, attention_kernel):
+def test_cached_decode_equals_recompute(tiny_model):
     """Feeding tokens one by one through the cache gives the logits of a full recomputation."""
     cfg, params, _ = tiny_model
     ids = np.random.default_rng(1).integers(0, cfg.vocab_size, size=(1, 24))
@@ -90,10 +80,7 @@ def test_cached_decode_equals_recompute(tiny_model, attention_kernel):
             jnp.asarray(ids[:, pos : pos + 1]),
             cache,
             jnp.full((1,), pos),
-            zero,
-            attn_len=32,
             logit_index=zero,
-            attention_kernel=attention_kernel,
         )
         np.testing.assert_allclose(np.asarray(logits)[0], expected[pos], atol=ATOL, rtol=1e-4)
 
@@ -186,7 +173,7 @@ def lowered_forward(cfg, head, layers, batch: int, seq: int) -> str:
     zeros = jnp.zeros((batch,), jnp.int32)
 
     def logits(head, layers, ids, cache):
-        return llama.forward(head, layers, cfg, ids, cache, zeros, zeros, attn_len=seq)[0]
+        return llama.forward(head, layers, cfg, ids, cache, zeros)[0]
 
     ids, cache = jnp.zeros((batch, seq), jnp.int32), llama.init_cache(cfg, batch, seq, jnp.float32)
     return jax.jit(logits).lower(head, layers, ids, cache).as_text()
@@ -195,8 +182,8 @@ def lowered_forward(cfg, head, layers, batch: int, seq: int) -> str:
 @pytest.mark.parametrize(("cache_dtype", "storage"), [(jnp.bfloat16, jnp.uint16), (jnp.float16, jnp.float16)])
 def test_16_bit_cache_decode_step_tracks_float32(tiny_model, cache_dtype, storage):
     """A prompt prefilled into a bfloat16 (kept as 16-bit integers) or float16 KV cache and one decode
-    step through the attention kernel, with bf16 weights: last-position logits within bf16 rounding of the
-    float32 model's computed from scratch (the tolerance of the test above)."""
+    step, with bf16 weights: last-position logits within bf16 rounding of the float32 model's computed
+    from scratch."""
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     ids = np.random.default_rng(4).integers(0, cfg.vocab_size, size=(2, 24))
@@ -207,7 +194,7 @@ def test_16_bit_cache_decode_step_tracks_float32(tiny_model, cache_dtype, storag
     cache = llama.init_cache(cfg, 2, 32, cache_dtype)
     assert cache.k[0].dtype == storage
     zeros = jnp.zeros((2,), jnp.int32)
-    _, cache = llama.forward(head, layers, cfg, jnp.asarray(ids[:, :-1]), cache, zeros, zeros, attn_len=32)
+    _, cache = llama.forward(head, layers, cfg, jnp.asarray(ids[:, :-1]), cache, zeros)
     logits, _ = llama.forward(
         head,
         layers,
@@ -215,10 +202,7 @@ def test_16_bit_cache_decode_step_tracks_float32(tiny_model, cache_dtype, storag
         jnp.asarray(ids[:, -1:]),
         cache,
         jnp.full((2,), 23, jnp.int32),
-        zeros,
-        attn_len=32,
         logit_index=zeros,
-        attention_kernel=cpu_kernels.available(),
     )
     scale = np.abs(exact).max()
     assert 0 < np.abs(np.asarray(logits) - exact).max() < 0.05 * scale

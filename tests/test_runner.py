@@ -30,7 +30,7 @@ def recompute_logits(cfg, params, length: int = 128):
     def last_logits(ids: jax.Array, index: jax.Array) -> jax.Array:
         cache = llama.init_cache(cfg, 1, length, jnp.float32)
         zeros = jnp.zeros((1,), jnp.int32)
-        logits, _ = llama.forward(head, layers, cfg, ids, cache, zeros, zeros, length, logit_index=index)
+        logits, _ = llama.forward(head, layers, cfg, ids, cache, zeros, logit_index=index)
         return logits[0]
 
     def logits_after(ids: list[int]) -> np.ndarray:

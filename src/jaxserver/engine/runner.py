@@ -229,16 +229,9 @@ def _decode_steps(
 
 
 def attention_for(cfg: ModelConfig, cache: paged.PagedKVCache) -> paged.Attention:
-    """The CPU kernel where it reads these pages whole on one device, else XLA's reference attention."""
-    sharding = cache.k.sharding
-    split = isinstance(sharding, jax.sharding.NamedSharding) and any(
-        axis is not None for axis in sharding.spec
-    )
-    return (
-        cpu_kernels.paged_attention
-        if paged.kernel_fits(cfg, cache) and not split
-        else paged.attention_reference
-    )
+    """The CPU kernel where it reads these pages, else XLA's reference attention."""
+    fits = paged.kernel_fits(cfg, cache.k.dtype, cache.k.sharding)
+    return cpu_kernels.paged_attention if fits else paged.attention_reference
 
 
 class Runner:

@@ -17,9 +17,9 @@ from jaxserver.engine.engine import Engine
 from jaxserver.engine.runner import Runner
 from jaxserver.model import cpu_kernels, paged
 from jaxserver.model.config import ModelConfig
-from jaxserver.model.llama import Params, cache_storage_dtype
+from jaxserver.model.llama import Params
 from jaxserver.model.tokenizer import Tokenizer
-from jaxserver.parallel.mesh import paged_cache_sharding, splits
+from jaxserver.parallel.mesh import paged_cache_sharding
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def kv_cache_dtype(config: JAXServerConfig, model: ModelConfig, sharding: jax.sh
     if wanted == "fp32":
         return jnp.dtype(jnp.float32)
     dtype = jnp.dtype(KV_CACHE_DTYPES["fp16" if wanted == "auto" else wanted])
-    if kernel_fits(model, dtype, sharding):
+    if paged.kernel_fits(model, dtype, sharding):
         return dtype
     if wanted != "auto":
         log.warning(
@@ -56,13 +56,6 @@ def kv_cache_dtype(config: JAXServerConfig, model: ModelConfig, sharding: jax.sh
             wanted,
         )
     return jnp.dtype(jnp.float32)
-
-
-def kernel_fits(model: ModelConfig, dtype: jnp.dtype, sharding: jax.sharding.Sharding) -> bool:
-    """Whether the paged attention kernel can read a pool of `dtype` entries placed with `sharding`."""
-    heads_fit = cpu_kernels.takes_heads(model.num_heads // model.num_kv_heads, model.head_dim)
-    dtype_fits = jnp.dtype(cache_storage_dtype(dtype)) in cpu_kernels.PAGED_TARGETS
-    return cpu_kernels.available() and heads_fit and dtype_fits and not splits(sharding)
 
 
 def kv_cache_pages(config: JAXServerConfig, model: ModelConfig, dtype: jnp.dtype) -> int:

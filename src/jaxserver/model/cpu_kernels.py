@@ -2,8 +2,8 @@
 
 XLA:CPU has no fused attention: it gathers each row's cache slice into a padded bucket and writes out the
 query-times-key products before reducing them (docs/architecture.md, Kernels), and writes new cache entries
-by a scatter. `decode_attention` writes each query's new key and value in place and reads its cache in
-place, only the positions it attends, for decode rows and prompt tokens alike. And XLA's bf16-weight dot
+by a scatter. `paged_attention` writes each query's new key and value into its page in place and reads
+only the positions it attends through its page table, for decode tokens and prompt pieces alike. And XLA's bf16-weight dot
 reads the weights well below the memory's bandwidth when only a few rows multiply them, as in a decode step
 with few streams: `bf16_gemm`, over weights packed for it once (`pack_bf16_weight`), streams them at close
 to the memory's bandwidth for few rows and is faster at many rows too, with AVX512-BF16's dot products, and
@@ -36,31 +36,21 @@ log = logging.getLogger(__name__)
 
 KERNELS_DIR = Path(__file__).parent / "kernels"
 SOURCES = (
-    KERNELS_DIR / "decode_attention.cc",
     KERNELS_DIR / "paged_attention.cc",
     KERNELS_DIR / "bf16_gemm.cc",
 )
 # Included by the sources, so part of the build's key.
 HEADERS = (KERNELS_DIR / "cpu_common.h", KERNELS_DIR / "attention_common.h")
-TARGET_NAME = "jaxserver_decode_attention"
-BF16_CACHE_TARGET_NAME = "jaxserver_decode_attention_bf16"
-F16_CACHE_TARGET_NAME = "jaxserver_decode_attention_f16"
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
-# The paged attention kernel's target for each page array dtype (as CACHE_TARGETS).
+# The paged attention kernel's target for each page array dtype (bf16 entries are kept as uint16 bits).
 PAGED_TARGETS = {
     jnp.dtype(jnp.float32): "jaxserver_paged_attention",
     jnp.dtype(jnp.float16): "jaxserver_paged_attention_f16",
     jnp.dtype(jnp.uint16): "jaxserver_paged_attention_bf16",
 }
-# The attention kernel's target for each cache array dtype it reads (bf16 entries are kept as uint16 bits).
-CACHE_TARGETS = {
-    jnp.dtype(jnp.float32): TARGET_NAME,
-    jnp.dtype(jnp.float16): F16_CACHE_TARGET_NAME,
-    jnp.dtype(jnp.uint16): BF16_CACHE_TARGET_NAME,
-}
 # kTileColumns in bf16_gemm.cc: the packed weights' tile width
 GEMM_TILE_COLUMNS = 64
-# kKeyBlock in decode_attention.cc: cached keys come in blocks of this many positions (llama.KVCache)
+# kKeyBlock in attention_common.h: keys come in blocks of this many positions (a page holds one block)
 KEY_BLOCK = 16
 # -march=native: the library is built on the machine that runs it (the cache key includes the CPU).
 # -ffast-math lets the compiler vectorise the softmax's exp and reassociate the sums. It is given to the
@@ -151,9 +141,6 @@ def _load_library() -> ctypes.CDLL | None:
     try:
         library = ctypes.cdll.LoadLibrary(str(_build()))
         for name, symbol in (
-            (TARGET_NAME, library.JaxserverDecodeAttention),
-            (BF16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionBf16),
-            (F16_CACHE_TARGET_NAME, library.JaxserverDecodeAttentionF16),
             (GEMM_TARGET_NAME, library.JaxserverBf16Gemm),
             (PAGED_TARGETS[jnp.dtype(jnp.float32)], library.JaxserverPagedAttention),
             (PAGED_TARGETS[jnp.dtype(jnp.float16)], library.JaxserverPagedAttentionF16),
@@ -200,30 +187,6 @@ def is_packed(w: jax.Array) -> bool:
     return w.ndim == 4
 
 
-def decode_attention(
-    q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    slot_ids: jax.Array,
-    starts: jax.Array,
-    ends: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One query token per row against its own cache slot, positions starts[b]..ends[b] (inclusive),
-    after writing the row's own key and value at position ends[b]. Rows may share a slot (the tokens of
-    a prompt piece): every write lands before any row attends.
-
-    q [B, kv_heads, group, hd] float32; k_new, v_new [B, kv_heads, hd]; k_cache [slots, kv_heads, blocks,
-    hd, KEY_BLOCK]; v_cache [slots, kv_heads, length, hd], float32, float16, or bf16 stored as uint16 bits
-    (`llama.KVCache`); slot_ids, starts, ends [B] int32 -> (out [B, kv_heads, group, hd], k_cache,
-    v_cache), the caches updated in place where the caller donates them. A row whose end lies past the
-    cache (an idle row) writes nothing and gets zeros.
-    """
-    target = CACHE_TARGETS[jnp.dtype(k_cache.dtype)]
-    return _attention_call(target, q, k_new, v_new, k_cache, v_cache, slot_ids, starts, ends)
-
-
 def paged_attention(
     q: jax.Array,
     k_new: jax.Array,
@@ -242,37 +205,23 @@ def paged_attention(
     KEY_BLOCK, hd]; page_table [seqs, max_pages]; token_seqs, positions [N]) -> (out [N, kv_heads, group,
     hd], k_pages, v_pages), the pages updated in place where the caller donates them. A padding token
     (sequence or position outside the arrays) writes nothing and gets zeros."""
-    target = PAGED_TARGETS[jnp.dtype(k_pages.dtype)]
-    layer = jnp.asarray(layer).reshape(1)
-    return _attention_call(
-        target, q, k_new, v_new, k_pages, v_pages, layer, page_table, token_seqs, positions
-    )
-
-
-def _attention_call(
-    target: str,
-    q: jax.Array,
-    k_new: jax.Array,
-    v_new: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    *indices: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """An attention kernel's call: float32 queries and new entries, the caches aliased with their outputs
-    (updated in place where the caller donates them), int32 index arrays after them."""
     if not available():
         raise RuntimeError("the attention kernels are not available here (see the logged reason)")
     results = (
         jax.ShapeDtypeStruct(q.shape, jnp.float32),
-        jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype),
-        jax.ShapeDtypeStruct(v_cache.shape, v_cache.dtype),
+        jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+        jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype),
     )
-    return jax.ffi.ffi_call(target, results, input_output_aliases={3: 1, 4: 2})(
+    indices = (jnp.asarray(layer).reshape(1), page_table, token_seqs, positions)
+    call = jax.ffi.ffi_call(
+        PAGED_TARGETS[jnp.dtype(k_pages.dtype)], results, input_output_aliases={3: 1, 4: 2}
+    )
+    return call(
         q.astype(jnp.float32),
         k_new.astype(jnp.float32),
         v_new.astype(jnp.float32),
-        k_cache,
-        v_cache,
+        k_pages,
+        v_pages,
         *(index.astype(jnp.int32) for index in indices),
     )
 

@@ -12,9 +12,9 @@ splits them into the per-layer buffers the forward pass runs on):
     layers/bq, bk, bv                               (only with attention bias, Qwen2)
     layers/w_gate, w_up [L, hidden, mlp]  layers/w_down [L, mlp, hidden]
 
-The cache holds, for every cache row ("slot"), keys and values at absolute cache indices. A row's valid
-entries are [start, length): `start` > 0 only for left-padded prompts, whose pad tokens occupy the front.
-Rotary positions are `index - start`, so padding never changes what a token sees.
+`forward` runs over a contiguous cache per batch row: the unpaged reference that the paged step
+(`paged.py`), which serves, is checked against. The cache's entry dtypes and their storage
+(`cache_storage_dtype`, `to_cache`, `from_cache`) are shared by both.
 """
 
 from __future__ import annotations
@@ -35,23 +35,9 @@ Params = dict[str, Any]
 MASK_VALUE = -1e30
 
 
-# Keys are cached in blocks of this many positions (`KVCache`), as the attention kernel reads them.
-KEY_BLOCK = cpu_kernels.KEY_BLOCK
-
-
 class KVCache(NamedTuple):
-    """Keys and values per layer: keys [slots, kv_heads, blocks, head_dim, KEY_BLOCK] (blocks *
-    KEY_BLOCK >= length), values [slots, kv_heads, length, head_dim].
-
-    Keys lie with the positions along the fast axis, so a query multiplies one key dimension by many
-    positions at once, in blocks of 16 positions so that a run of positions is one contiguous stream and
-    a new key lands in one place: stored [head_dim, length], each position's dimensions lay a page apart,
-    and the attention kernel was markedly slower (docs/performance.md). XLA's attention reads them
-    through `keys_by_position`.
-
-    Entries are float32, float16, or bfloat16 kept as its 16 bits in uint16 arrays (`to_cache`,
-    `from_cache`): XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes integers
-    in place. (16-bit caches are used only where the attention kernel writes them.)"""
+    """Keys and values per layer, each [rows, kv_heads, length, head_dim], entries stored as
+    `cache_storage_dtype` gives."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -60,13 +46,11 @@ class KVCache(NamedTuple):
     def length(self) -> int:
         return self.v[0].shape[2]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in (*self.k, *self.v))
-
 
 def cache_storage_dtype(dtype: Any) -> jnp.dtype:
-    """The array dtype a cache of `dtype` entries is kept in (see KVCache)."""
+    """The array dtype a cache of `dtype` entries is kept in: float32, float16, or bfloat16 kept as its
+    16 bits in uint16 (XLA:CPU wrote one token into a bf16 array by copying the whole array, and writes
+    integers in place)."""
     return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
@@ -84,33 +68,11 @@ def from_cache(entries: jax.Array) -> jax.Array:
     return entries.astype(jnp.float32)
 
 
-def key_blocks(length: int) -> int:
-    """Key blocks a cache of `length` positions holds (`KVCache`)."""
-    return -(-length // KEY_BLOCK)
-
-
-def keys_by_position(k_cache: jax.Array, rows: jax.Array, length: int) -> jax.Array:
-    """The cached keys [slots, kv_heads, blocks, head_dim, KEY_BLOCK] of cache rows `rows` [R] as [R,
-    kv_heads, head_dim, length]: their first `length` positions, one after the other."""
-    blocks = key_blocks(length)
-    keys = jnp.moveaxis(k_cache[rows, :, :blocks], 2, 3)  # [R, kv_heads, head_dim, blocks, KEY_BLOCK]
-    return keys.reshape(*keys.shape[:3], blocks * KEY_BLOCK)[..., :length]
-
-
-def init_cache(
-    cfg: ModelConfig, slots: int, length: int, dtype: Any, sharding: jax.sharding.Sharding | None = None
-) -> KVCache:
+def init_cache(cfg: ModelConfig, rows: int, length: int, dtype: Any) -> KVCache:
     """An empty cache with entries of `dtype` (float32, float16 or bfloat16)."""
-
-    def zeros(shape: tuple[int, ...]) -> jax.Array:
-        array = jnp.zeros(shape, cache_storage_dtype(dtype))
-        return array if sharding is None else jax.device_put(array, sharding)
-
-    keys = (slots, cfg.num_kv_heads, key_blocks(length), cfg.head_dim, KEY_BLOCK)
-    values = (slots, cfg.num_kv_heads, length, cfg.head_dim)
-    return KVCache(
-        tuple(zeros(keys) for _ in range(cfg.num_layers)), tuple(zeros(values) for _ in range(cfg.num_layers))
-    )
+    shape = (rows, cfg.num_kv_heads, length, cfg.head_dim)
+    zeros = tuple(jnp.zeros(shape, cache_storage_dtype(dtype)) for _ in range(cfg.num_layers))
+    return KVCache(zeros, zeros)
 
 
 # --- building blocks ----------------------------------------------------------------------------------
@@ -214,51 +176,6 @@ def attention(q: jax.Array, k_t: jax.Array, v: jax.Array, mask: jax.Array) -> ja
     return out.reshape(*out.shape[:2], -1)
 
 
-# Decoding attends a few rows at a time: XLA:CPU materialises the query-times-key products before
-# reducing them (docs/architecture.md, Kernels), which for a full batch overflow the caches; in pieces of
-# about this many (row, token) pairs they stay in them, several times faster, and 8 rows of 256 tokens
-# still fit in one piece (docs/performance.md).
-DECODE_GROUP_TOKENS = 2048
-
-
-def decode_attention(
-    q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, slot_ids: jax.Array, attn_len: int, mask: jax.Array
-) -> jax.Array:
-    """Attention of one new token per row, reading each row's cache in place.
-
-    q [B, kv_heads, group, hd]; k_cache, v_cache: one layer's, as `KVCache` holds them; slot_ids [B]: each
-    row's cache row; mask [B, attn_len] -> [B, 1, kv_heads*group*hd]. Only the first `attn_len` (static)
-    cache entries are read.
-    """
-    batch = q.shape[0]
-    rows = _largest_divisor_at_most(batch, max(1, DECODE_GROUP_TOKENS // attn_len))
-    scale = q.shape[-1] ** -0.5
-
-    def attend(first: jax.Array, out: jax.Array) -> jax.Array:
-        ids = jax.lax.dynamic_slice_in_dim(slot_ids, first, rows)
-        queries = jax.lax.dynamic_slice_in_dim(q, first, rows)  # [R, K, G, D]
-        keys = from_cache(keys_by_position(k_cache, ids, attn_len))
-        values = from_cache(v_cache[ids, :, :attn_len])
-        # Multiply-and-reduce, the products along the cache positions (the fast axis of both caches as
-        # read here): batched dots of these small shapes ran slower, as each slice was copied first.
-        scores = (queries[..., None] * keys[:, :, None]).sum(axis=-2) * scale  # [R, K, G, T]
-        seen = jax.lax.dynamic_slice_in_dim(mask, first, rows)[:, None, None]
-        probs = jax.nn.softmax(jnp.where(seen, scores, MASK_VALUE), axis=-1).astype(values.dtype)
-        group_out = (probs[..., None] * values[:, :, None]).sum(axis=-2)  # [R, K, G, D]
-        return jax.lax.dynamic_update_slice_in_dim(out, group_out.astype(out.dtype), first, 0)
-
-    # A loop, not a Python unroll: the scheduler would run unrolled groups side by side, all their
-    # temporaries alive at once, which is the problem the groups avoid.
-    out = jax.lax.fori_loop(
-        0, batch // rows, lambda i, out: attend(i * rows, out), jnp.zeros(q.shape, q.dtype)
-    )
-    return out.reshape(batch, 1, -1)
-
-
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
-
-
 # --- the forward pass ---------------------------------------------------------------------------------
 #
 # The layers are unrolled over per-layer weight buffers (`layer_params`) rather than scanned over the
@@ -306,32 +223,6 @@ def finish_layer(x: jax.Array, attended: jax.Array, layer: Params, cfg: ModelCon
     return x + linear(jax.nn.silu(gate) * up, layer["w_down"])
 
 
-def _xla_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    k_cache: jax.Array,
-    v_cache: jax.Array,
-    rows: jax.Array,
-    query_index: jax.Array,
-    mask: jax.Array,
-    attn_len: int,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One layer's attention with XLA's operations: write k, v [B, S, kv_heads, hd] into cache rows
-    `rows` [B] at `query_index` [B, S], then attend q [B, S, kv_heads, group, hd] to the first `attn_len`
-    entries under `mask` [B, S, T]. Returns (out [B, S, heads * hd], k_cache, v_cache)."""
-    # Advanced indices between slices: the indexed block is [B, S, kv_heads, hd], like k and v.
-    # (An index past the cache's length but within its last key block writes keys no query reads.)
-    block, lane = query_index // KEY_BLOCK, query_index % KEY_BLOCK
-    k_cache = k_cache.at[rows[:, None], :, block, :, lane].set(to_cache(k, k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows[:, None], :, query_index].set(to_cache(v, v_cache.dtype), mode="drop")
-    if q.shape[1] == 1:
-        return decode_attention(q[:, 0], k_cache, v_cache, rows, attn_len, mask[:, 0]), k_cache, v_cache
-    keys = from_cache(keys_by_position(k_cache, rows, attn_len))
-    values = from_cache(v_cache[rows, :, :attn_len])
-    return attention(q, keys, values, mask), k_cache, v_cache
-
-
 def forward(
     params: Params,
     layers: list[Params],
@@ -339,68 +230,32 @@ def forward(
     tokens: jax.Array,
     cache: KVCache,
     write_pos: jax.Array,
-    start: jax.Array,
-    attn_len: int,
-    slot_ids: jax.Array | None = None,
     logit_index: jax.Array | None = None,
-    attention_kernel: bool = False,
-    rope: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, KVCache]:
-    """Run `tokens` [B, S] through the decoder, writing their K/V into the cache.
-
-    `params` holds the embedding, final norm and head; `layers` comes from `layer_params`. Row b's tokens
-    go to cache row `slot_ids[b]` (rows 0..B-1 when None) at indices write_pos[b] .. write_pos[b]+S-1
-    (indices past the cache are dropped: an idle row writes nothing), and attend to that row's cache
-    indices [start[b], own index] within the first `attn_len` (static) entries. Rotary positions are
-    `index - start`. Returns logits [B, V] at `logit_index` [B] (or [B, S, V] for every position when
-    None) in float32, and the updated cache. With `attention_kernel` (`cpu_kernels.available()`),
-    queries attend through the CPU kernel, which reads each query's own range and ignores `attn_len`
-    (XLA's attention over a prompt piece writes out and copies the scores). `rope`, when given, is
-    `rotary` of the tokens' positions, computed by the caller: a decode chunk computes all its steps'
-    before its loop, since XLA would evaluate cos and sin again inside every layer's rotation. Weights
-    packed by `pack_matmul_weights` are multiplied through the bf16 matmul kernel. (Figures behind these
-    choices: docs/performance.md.)
-    """
+    """Run `tokens` [B, S] through the decoder, row b's at positions write_pos[b] .. write_pos[b]+S-1 of
+    its cache row, attending to every earlier position of the row. `params` holds the embedding, final
+    norm and head; `layers` comes from `layer_params`. Returns float32 logits [B, V] at `logit_index` [B]
+    (or [B, S, V] at every position when None) and the updated cache."""
     batch, seq = tokens.shape
-    heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    query_index = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
-    cos, sin = rotary(query_index - start[:, None], cfg) if rope is None else rope
-    rows = jnp.arange(batch) if slot_ids is None else slot_ids
-    if attention_kernel:
-        # Each query position is a row of the kernel's: it writes its key and value, then attends to its
-        # slot's [start, position]. Slots, starts and positions per kernel row:
-        kernel_rows = (jnp.repeat(rows, seq), jnp.repeat(start, seq), query_index.reshape(-1))
-    else:
-        key_index = jnp.arange(attn_len)
-        mask = (key_index[None, None, :] <= query_index[:, :, None]) & (
-            key_index[None, None, :] >= start[:, None, None]
-        )  # [B, S, T]
+    positions = write_pos[:, None] + jnp.arange(seq)[None, :]  # [B, S]
+    cos, sin = rotary(positions, cfg)
+    mask = jnp.arange(cache.length)[None, None, :] <= positions[:, :, None]  # [B, S, T]
+    rows = jnp.arange(batch)[:, None]
     x = embed_rows(params["embed"], tokens)
     new_k, new_v = [], []
     for layer, k_cache, v_cache in zip(layers, cache.k, cache.v, strict=True):
         q, k, v = project_qkv(x, layer, cfg, cos, sin)
-        if attention_kernel:
-            out, k_cache, v_cache = cpu_kernels.decode_attention(
-                q.reshape(batch * seq, kv_heads, heads // kv_heads, hd),
-                k.reshape(batch * seq, kv_heads, hd),
-                v.reshape(batch * seq, kv_heads, hd),
-                k_cache,
-                v_cache,
-                *kernel_rows,
-            )
-            out = out.reshape(batch, seq, -1)
-        else:
-            out, k_cache, v_cache = _xla_attention(
-                q, k, v, k_cache, v_cache, rows, query_index, mask, attn_len
-            )
+        # Advanced indices around a slice: the indexed block is [B, S, kv_heads, hd], like k and v.
+        k_cache = k_cache.at[rows, :, positions].set(to_cache(k, k_cache.dtype))
+        v_cache = v_cache.at[rows, :, positions].set(to_cache(v, v_cache.dtype))
+        keys = jnp.swapaxes(from_cache(k_cache), 2, 3)  # [B, kv_heads, hd, T]
+        x = finish_layer(x, attention(q, keys, from_cache(v_cache), mask), layer, cfg)
         new_k.append(k_cache)
         new_v.append(v_cache)
-        x = finish_layer(x, out, layer, cfg)
     if logit_index is not None:
         x = x[jnp.arange(batch), logit_index]  # [B, hidden]
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    logits = linear(x, params["lm_head"])
-    return logits, KVCache(tuple(new_k), tuple(new_v))
+    return linear(x, params["lm_head"]), KVCache(tuple(new_k), tuple(new_v))
 
 
 def head_params(params: Params) -> Params:

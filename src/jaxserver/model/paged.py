@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from jaxserver.model import cpu_kernels
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import (
-    KEY_BLOCK,
     MASK_VALUE,
     Params,
     cache_storage_dtype,
@@ -33,13 +32,13 @@ from jaxserver.model.llama import (
     to_cache,
 )
 
-PAGE_TOKENS = KEY_BLOCK  # a page is one key block: 16 positions
+PAGE_TOKENS = cpu_kernels.KEY_BLOCK  # a page is one key block of the kernel: 16 positions
 
 
 class PagedKVCache(NamedTuple):
     """Every layer's pages in one array each: keys [layers, pages, kv_heads, head_dim, PAGE_TOKENS], values
     [layers, pages, kv_heads, PAGE_TOKENS, head_dim]; entries float32, float16, or bfloat16 kept as uint16
-    bits (as `llama.KVCache`). A page's keys lie with its positions along the fast axis, as a query
+    bits (`llama.cache_storage_dtype`). A page's keys lie with its positions along the fast axis, as a query
     multiplies them. One array per kind for all layers: the attention of each layer updates it in place,
     and moving or dropping a page is one operation for the whole model."""
 
@@ -69,13 +68,15 @@ def init_paged_cache(
     return PagedKVCache(zeros(keys), zeros(values))
 
 
-def kernel_fits(cfg: ModelConfig, cache: PagedKVCache) -> bool:
-    """Whether `cpu_kernels.paged_attention` is built, takes this model's heads and knows these pages'
-    dtype. (It reads whole pages: for a pool split over devices the caller passes XLA's attention.)"""
+def kernel_fits(cfg: ModelConfig, dtype: Any, sharding: jax.sharding.Sharding | None = None) -> bool:
+    """Whether `cpu_kernels.paged_attention` can serve a pool of `dtype` entries placed with `sharding`:
+    it is built, takes this model's heads and this dtype, and reads every page whole on one device."""
+    split = isinstance(sharding, jax.sharding.NamedSharding) and any(a is not None for a in sharding.spec)
     return (
         cpu_kernels.available()
         and cpu_kernels.takes_heads(cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        and jnp.dtype(cache.k.dtype) in cpu_kernels.PAGED_TARGETS
+        and cache_storage_dtype(dtype) in cpu_kernels.PAGED_TARGETS
+        and not split
     )
 
 
@@ -139,7 +140,7 @@ def forward_ragged(
     where it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights,
     XLA:CPU ran a layer many times slower (docs/performance.md, "Ragged step")."""
     if attention is None:
-        attention = cpu_kernels.paged_attention if kernel_fits(cfg, cache) else attention_reference
+        attention = cpu_kernels.paged_attention if kernel_fits(cfg, cache.k.dtype) else attention_reference
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     count = tokens.shape[0]
     cos, sin = rotary(positions[None, :], cfg)

@@ -96,8 +96,3 @@ def paged_cache_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
     """The sharding of the paged KV cache's keys and values: kv heads over the model axis where they divide."""
     shape = (cfg.num_layers, 1, cfg.num_kv_heads, cfg.head_dim, cfg.head_dim)
     return NamedSharding(mesh, spec_for(shape, PAGED_CACHE_AXES, mesh))
-
-
-def splits(sharding: jax.sharding.Sharding | None) -> bool:
-    """Whether `sharding` divides an array between devices (a kernel that reads it whole cannot run)."""
-    return isinstance(sharding, NamedSharding) and any(axis is not None for axis in sharding.spec)

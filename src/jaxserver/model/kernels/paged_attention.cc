@@ -41,8 +41,7 @@ namespace {
 using namespace jaxserver_kernels;  // vectors, the cache readers and writers, ExpNonPositive, SoftmaxNumerators
 
 constexpr int64_t kPageTokens = kKeyBlock;
-// As in decode_attention.cc: group x kScorePages score accumulators and group x kDimVecs value sums stay in
-// registers.
+// group x kScorePages score accumulators and group x kDimVecs value sums stay in registers.
 constexpr int64_t kScorePages = 4;
 constexpr int64_t kDimVecs = 4;
 constexpr int64_t kMaxGroup = 16;
