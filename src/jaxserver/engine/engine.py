@@ -283,31 +283,26 @@ class Engine:
                 totals.tokens_recomputed += piece.end - piece.start - (1 if piece.samples else 0)
 
     def _emit(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> None:
-        """Detokenize new tokens, apply stop conditions, send the chunk; finish the request if it ended."""
-        request = seq.request
-        self._recent_tokens.append((time.monotonic(), len(new_tokens)))
-        while self._recent_tokens and time.monotonic() - self._recent_tokens[0][0] > RATE_WINDOW_S:
-            self._recent_tokens.popleft()
-        seq.generated += new_tokens
-        self.tokens_generated += len(new_tokens)
-        reason: FinishReason | None = None
-        if not request.ignore_eos and new_tokens[-1] in self.tokenizer.eos_token_ids:
-            reason = "stop"
-        elif len(seq.generated) >= request.max_new_tokens or seq.num_tokens >= self.runner.max_length:
-            reason = "length"
-        seq.detokenizer.push(new_tokens)
-        if reason:
-            seq.detokenizer.flush()
-        text = seq.detokenizer.text
-        held_back = 0
-        if request.stop:
-            longest_stop = max(map(len, request.stop))
-            search_from = max(0, seq.emitted_chars - longest_stop + 1)
-            hits = [i for i in (text.find(s, search_from) for s in request.stop) if i >= 0]
-            if hits:
-                text, reason = text[: min(hits)], "stop"
-            elif not reason:
-                held_back = longest_stop - 1  # could be the start of a stop string
+        """Detokenize new tokens, apply stop conditions, send the chunk; finish the request if it ended.
+        Tokens are taken one at a time, so a stop string ends the answer at the token that completed it,
+        even inside a multi-step decode call's tokens."""
+        reason, text = None, seq.detokenizer.text
+        for kept, token in enumerate(new_tokens, start=1):
+            seq.generated.append(token)
+            seq.detokenizer.push([token])
+            reason = self._end_reason(seq, token)
+            if reason:
+                seq.detokenizer.flush()
+            text = seq.detokenizer.text
+            stop_at = self._stop_string_at(seq, text)
+            if stop_at is not None:
+                text, reason = text[:stop_at], "stop"
+            if reason:
+                new_tokens, logprobs = new_tokens[:kept], logprobs and logprobs[:kept]
+                break
+        self._count_tokens(len(new_tokens))
+        # Text that could be the start of a stop string waits for the next tokens.
+        held_back = 0 if reason or not seq.request.stop else max(map(len, seq.request.stop)) - 1
         end = max(seq.emitted_chars, len(text) - held_back)
         delta, seq.emitted_chars = text[seq.emitted_chars : end], end
         chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason, logprobs=logprobs)
@@ -315,6 +310,32 @@ class Engine:
             self._finish(seq, reason, last=chunk)
         else:
             seq.stream.put(chunk)
+
+    def _end_reason(self, seq: Sequence, token: int) -> FinishReason | None:
+        """Whether `token`, just generated, ends the sequence: EOS ("stop"), its budget or the context."""
+        request = seq.request
+        if not request.ignore_eos and token in self.tokenizer.eos_token_ids:
+            return "stop"
+        if len(seq.generated) >= request.max_new_tokens or seq.num_tokens >= self.runner.max_length:
+            return "length"
+        return None
+
+    @staticmethod
+    def _stop_string_at(seq: Sequence, text: str) -> int | None:
+        """Where the first of the request's stop strings starts in `text`, searching only where one could
+        have been completed since the text last sent; None if none is there."""
+        if not seq.request.stop:
+            return None
+        search_from = max(0, seq.emitted_chars - max(map(len, seq.request.stop)) + 1)
+        hits = [i for i in (text.find(stop, search_from) for stop in seq.request.stop) if i >= 0]
+        return min(hits) if hits else None
+
+    def _count_tokens(self, count: int) -> None:
+        now = time.monotonic()
+        self.tokens_generated += count
+        self._recent_tokens.append((now, count))
+        while self._recent_tokens and now - self._recent_tokens[0][0] > RATE_WINDOW_S:
+            self._recent_tokens.popleft()
 
     def _finish(
         self,
