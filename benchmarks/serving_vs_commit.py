@@ -47,7 +47,8 @@ def wait_for_background_compiles(url: str, timeout_s: float = 900) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         engine = httpx.get(f"{url}/status", timeout=10).json()["engine"]
-        if not engine.get("decode_programs_compiling", engine.get("decode_shapes_compiling", 0)):
+        compiling = ("programs_compiling", "decode_programs_compiling", "decode_shapes_compiling")
+        if not next((engine[key] for key in compiling if key in engine), 0):
             return
         time.sleep(1)
     raise RuntimeError(f"the server was still compiling after {timeout_s} s")
@@ -62,19 +63,21 @@ def start(tree: Path, flags: list[str], cache_dir: str, log: Path) -> tuple[Serv
 
 def run_tree(name: str, tree: Path, args: argparse.Namespace) -> dict:
     flags = shlex.split(args.flags)
+    rows = []
     with tempfile.TemporaryDirectory() as cache_dir:
         server, cold_s = start(tree, flags, cache_dir, RESULTS / f"serve-{name}-cold.log")
         server.stop(timeout_s=60)
         server, warm_s = start(tree, flags, cache_dir, RESULTS / f"serve-{name}.log")
-    rows = []
-    try:
-        wait_for_background_compiles(server.url)
-        for concurrency in [int(c) for c in args.sweep.split(",")]:
-            n = max(4, args.requests_per_level * concurrency)
-            rows.append(measure(server.url, n, concurrency, args.input_len, args.output_len, None, seed=0))
-        rss = peak_rss_mib(server)
-    finally:
-        server.stop(timeout_s=60)
+        try:
+            wait_for_background_compiles(server.url)
+            for concurrency in [int(c) for c in args.sweep.split(",")]:
+                n = max(4, args.requests_per_level * concurrency)
+                rows.append(
+                    measure(server.url, n, concurrency, args.input_len, args.output_len, None, seed=0)
+                )
+            rss = peak_rss_mib(server)
+        finally:
+            server.stop(timeout_s=60)
     print(f"\n{name} ({tree}): ready in {cold_s:.0f} s cold, {warm_s:.0f} s warm; peak RSS {rss:.0f} MiB")
     print_table(rows)
     return {

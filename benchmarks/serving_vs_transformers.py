@@ -69,7 +69,7 @@ def wait_for_compile_ahead(url: str, timeout_s: float = 900) -> None:
     """Wait until the server has compiled its rarer decode shapes in the background: meanwhile that
     compilation takes a core, and the figures would measure it too."""
     deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/status", timeout=5).json()["engine"].get("decode_programs_compiling", 0):
+    while httpx.get(f"{url}/status", timeout=5).json()["engine"].get("programs_compiling", 0):
         if time.monotonic() > deadline:
             raise RuntimeError(f"the server was still compiling decode shapes after {timeout_s} s")
         time.sleep(1)

@@ -69,7 +69,7 @@ class FakeRunner:
 
     cache_bytes = 0
     cache_dtype = jnp.dtype(jnp.float32)
-    decoders_to_compile = 0
+    programs_to_compile = 0
 
     def __init__(
         self, pages: int, max_num_seqs: int, max_length: int, max_num_batched_tokens: int, decode_steps: int
@@ -80,6 +80,10 @@ class FakeRunner:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_decode_steps = decode_steps
         self.plans: list[tuple[str, int]] = []  # ("step" | "decode", tokens computed) per call
+
+    @property
+    def token_budget(self) -> int:
+        return self.max_num_batched_tokens
 
     def shape(self, plan: StepPlan) -> tuple[int, int]:
         return plan.tokens, min(plan.tokens, self.max_num_seqs)

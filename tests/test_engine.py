@@ -360,11 +360,12 @@ def test_shared_prefix_pages_change_no_answer(make_engine, model, weights):
 
 def test_a_decode_call_ends_at_the_step_where_a_sequence_finishes(make_engine):
     """Sequences with 3 and 20 tokens to go, decoded up to 16 steps per call: the first call stops after
-    the third step, so the finished answer is out at once; the other goes on in the next calls."""
+    the third step, so the finished answer is out at once; the other goes on in the next calls, longer
+    ones once a call was timed (a tiny model's step is far below DECODE_CALL_S / 16)."""
     engine = make_engine(steps=16, max_length=64, start=False)
     short = engine.submit(GenerationRequest([5] * 6, 4, GREEDY, ignore_eos=True))
     long = engine.submit(GenerationRequest([6] * 6, 21, GREEDY, ignore_eos=True))
     engine.start()  # both are admitted in its first step
     assert [len(c.token_ids) for c in short] == [1, 3]  # the prompt step's token, then one call
     sizes = [len(c.token_ids) for c in long]
-    assert sizes[:2] == [1, 3] and sum(sizes) == 21 and max(sizes) == 16
+    assert sizes[:2] == [1, 3] and sum(sizes) == 21 and 4 < max(sizes) <= 16

@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -21,6 +22,19 @@ def test_checkpoint_round_trip(tiny_server, tmp_path):
     reloaded = JAXServer.load(tmp_path / "ckpt", config=tiny.test_config())
     assert reloaded.model_config == tiny_server.model_config
     assert greedy_answer(reloaded) == greedy_answer(tiny_server)
+
+
+def test_params_read_back_while_the_engine_serves(tiny_llama_dir, tiny_server):
+    """The server keeps one copy of the weights, the engine's; `params` rebuilds the loaded pytree."""
+    _, loaded, _ = load_model(tiny_llama_dir)
+    assert tiny_server._params is None
+    params = tiny_server.params
+    assert sorted(params) == sorted(loaded) and sorted(params["layers"]) == sorted(loaded["layers"])
+    pairs = [(params[n], loaded[n]) for n in ("embed", "final_norm")]
+    pairs += [(params["layers"][n], stacked) for n, stacked in loaded["layers"].items()]
+    for got, want in pairs:  # the weights in the server's dtype (bf16 on machines with the bf16 kernel)
+        want = jnp.asarray(want).astype(got.dtype)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 def test_load_from_params_matches_load(tiny_llama_dir, tiny_server):

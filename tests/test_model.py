@@ -58,6 +58,25 @@ def test_config_reads_family_traits(tmp_path):
     assert "bq" in params["layers"] and "lm_head" in params
 
 
+@pytest.mark.parametrize("kind", ["llama", "llama3-tied", "qwen2"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_stacked_params_rebuild_what_serving_weights_split(tmp_path, kind, dtype):
+    """The serving weights (concatenated projections, bf16 products packed for the matmul kernel, the
+    embedding as bits) give back the stacked parameters exactly: JAXServer.params reads them so."""
+    cfg, params, _ = load_model(tiny.make_hf_model(tmp_path, kind))
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    head, layers = llama.pack_matmul_weights(llama.head_params(params), llama.layer_params(params, cfg))
+    head = llama.embedding_as_bits(head)
+    if dtype == jnp.bfloat16:
+        assert head["embed"].dtype == jnp.uint16
+        assert any(cpu_kernels.is_packed(w) for w in layers[0].values())
+    rebuilt = llama.stacked_params(head, layers, cfg)
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 @pytest.fixture(scope="module")
 def tiny_model(tiny_llama_dir):
     cfg, params, tokenizer = load_model(tiny_llama_dir)

@@ -56,7 +56,7 @@ class JAXServer:
         self.config = config if isinstance(config, JAXServerConfig) else JAXServerConfig(**(config or {}))
         logging.getLogger("jaxserver").setLevel(logging.INFO if self.config.logging else logging.WARNING)
         self.model_config: ModelConfig | None = None
-        self.params: Params | None = None
+        self._params: Params | None = None
         self.tokenizer: Tokenizer | None = None
         self.model_name = "unloaded"
         self.mesh: jax.sharding.Mesh | None = None
@@ -136,6 +136,19 @@ class JAXServer:
         self.configure_generate_functions(cfg, tokenizer)
 
     @property
+    def params(self) -> Params | None:
+        """The model's parameters, placed on the mesh. Once the engine serves, its per-layer weights are the
+        only copy (the stacked ones would double the model's memory), and each read rebuilds the stacked
+        layout from them."""
+        if self._params is None and self.engine is not None and self.mesh is not None:
+            return shard_params(self.engine.runner.model_params(), self.mesh)
+        return self._params
+
+    @params.setter
+    def params(self, params: Params | None) -> None:
+        self._params = params
+
+    @property
     def weight_dtype(self) -> str:
         """The weights' dtype: the config's, with "auto" resolved for this machine (`setup.weight_dtype`)."""
         return setup.weight_dtype(self.config)
@@ -152,7 +165,7 @@ class JAXServer:
         engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh)
         if self.engine is not None:  # the old one served while the new one compiled
             self.engine.shutdown(drain_timeout_s=0)
-        self.engine = engine
+        self.engine, self._params = engine, None
         self._funcs_generated = True
 
     @property

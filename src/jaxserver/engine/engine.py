@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from jaxserver.engine.page_pool import PagePool
+from jaxserver.engine.programs import decode_rows
 from jaxserver.engine.request import (
     FinishReason,
     GenerationChunk,
@@ -43,7 +44,7 @@ from jaxserver.engine.request import (
     TokenLogprobs,
     check_prompt_fits,
 )
-from jaxserver.engine.runner import Runner, decode_rows
+from jaxserver.engine.runner import Runner
 from jaxserver.engine.scheduler import Scheduler, Sequence, StepPlan
 from jaxserver.errors import BadRequestError, EngineError, NotReadyError, OverloadedError
 from jaxserver.model import paged
@@ -52,6 +53,9 @@ from jaxserver.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
+# A multi-step decode call holds back every stream's tokens until it returns, and a waiting prompt's start:
+# it takes as many steps as last lasted about this long at its batch size.
+DECODE_CALL_S = 0.25
 
 
 @dataclass
@@ -86,6 +90,7 @@ class Engine:
         self.finished: Counter[str] = Counter()  # finish reason -> requests
         self.tokens_generated = 0
         self.totals = StepTotals()
+        self._step_seconds: dict[int, float] = {}  # a decode step's last measured time, by rows computed
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._by_id: dict[str, Sequence] = {}  # the engine thread's: every sequence not yet finished
         self._outstanding = 0  # submitted and not yet finished
@@ -169,7 +174,7 @@ class Engine:
             },
             "prefix_cache_hit_pages": self.scheduler.prefix_hit_pages,
             "preemptions": self.scheduler.preemptions,
-            "decode_programs_compiling": self.runner.decoders_to_compile,
+            "programs_compiling": self.runner.programs_to_compile,
             "step_totals": asdict(self.totals),
             "engine_error": self.error,
         }
@@ -181,7 +186,7 @@ class Engine:
             while not self._stopping:
                 self._take_inbox(block=self.scheduler.idle)
                 self._end_overdue(time.monotonic())
-                plan = self.scheduler.schedule()
+                plan = self.scheduler.schedule(self.runner.token_budget)
                 if plan.pieces:
                     self._run_plan(plan)
             self._take_inbox(block=False)
@@ -238,12 +243,14 @@ class Engine:
         )
         started = time.perf_counter()
         if decode_only and plain and self.runner.max_decode_steps > 1 and self.runner.can_decode(plan):
-            steps = self.scheduler.reserve(plan, self.runner.max_decode_steps)
+            rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
+            steps = self.scheduler.reserve(plan, self._decode_steps_for(rows))
             generated = self.runner.decode(plan, steps)
             self.scheduler.computed(plan, {i: plan.pieces[i].start + len(t) for i, t in generated.items()})
             outputs = {i: (tokens, None) for i, tokens in generated.items() if tokens}
             steps_run = max(map(len, generated.values()), default=0)
-            rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
+            if steps_run:
+                self._step_seconds[rows] = (time.perf_counter() - started) / steps_run
         else:
             sampled = self.runner.step(plan)
             self.scheduler.computed(plan)
@@ -252,6 +259,12 @@ class Engine:
         self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, outputs)
         for index, (tokens, logprobs) in outputs.items():
             self._emit(plan.pieces[index].seq, tokens, logprobs)
+
+    def _decode_steps_for(self, rows: int) -> int:
+        """Steps for a decode call of `rows` rows to last about DECODE_CALL_S (4 until one was timed)."""
+        step_s = self._step_seconds.get(rows)
+        steps = 4 if step_s is None else int(DECODE_CALL_S / step_s)
+        return max(1, min(steps, self.runner.max_decode_steps))
 
     def _count_step(
         self,

@@ -5,8 +5,9 @@ A step's flat batch is padded to a token bucket, and its rows (one per sequence)
 that bucket, so the compiled shapes are a dozen token counts whatever mix of prompts and decode tokens
 arrives. Padding tokens belong to no sequence: they read and write nothing. A step of decode tokens only
 may run several steps in one call (`decode`), each feeding the token the last one sampled, until a row
-finishes: Python is entered once per chunk, which is where multi-step decoding pays. Every shape is
-compiled by `warm_up`, before the server reports ready.
+finishes: Python is entered once per chunk, which is where multi-step decoding pays. `warm_up` compiles
+the smallest step, enough to serve; `compile_programs` compiles the rest beside serving, and each program
+is used from the moment it is ready.
 """
 
 from __future__ import annotations
@@ -14,218 +15,30 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.engine.request import MAX_TOP_LOGPROBS, SamplingOptions, TokenLogprobs
+from jaxserver.engine.programs import (
+    MIN_TOKEN_BUCKET,
+    StepOutputs,
+    decode_rows,
+    decode_steps,
+    fine_bucket,
+    forward_step,
+    idle_rows,
+    sample_step,
+    sampling_rows,
+)
+from jaxserver.engine.request import SamplingOptions, TokenLogprobs
 from jaxserver.engine.scheduler import StepPlan
 from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
-from jaxserver.model.sampling import (
-    LogprobArrays,
-    Penalties,
-    SamplingArrays,
-    apply_penalties,
-    sample,
-    token_logprobs,
-)
+from jaxserver.model.sampling import Penalties, SamplingArrays
 
 log = logging.getLogger(__name__)
-
-MIN_TOKEN_BUCKET = 8
-
-
-def bucket(n: int, minimum: int, cap: int) -> int:
-    """Smallest power of two >= n (and >= minimum), but never above cap."""
-    size = minimum
-    while size < n:
-        size *= 2
-    return min(size, cap)
-
-
-def fine_bucket(n: int, minimum: int, cap: int) -> int:
-    """Smallest power of two or 1.5 times one (8, 12, 16, 24, 32, 48, ...) >= n and >= minimum, never above
-    cap: padding wastes at most a third of the work, for twice the shapes of `bucket`."""
-    size = bucket(n, minimum, cap)
-    three_quarters = size * 3 // 4
-    return three_quarters if n <= three_quarters and three_quarters >= minimum else size
-
-
-def sampling_rows(
-    rows: int,
-    *,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    greedy: bool,
-    seed: int,
-    min_p: float = 0.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    repetition_penalty: float = 1.0,
-) -> SamplingArrays:
-    """Host arrays of `rows` rows of the same sampling settings."""
-    key = np.asarray(jax.random.key_data(jax.random.key(seed, impl="threefry2x32")), np.uint32)
-    return SamplingArrays(
-        temperature=np.full((rows,), temperature, np.float32),
-        top_p=np.full((rows,), top_p, np.float32),
-        top_k=np.full((rows,), top_k, np.int32),
-        greedy=np.full((rows,), greedy),
-        key=np.tile(key, (rows, 1)),
-        min_p=np.full((rows,), min_p, np.float32),
-        presence_penalty=np.full((rows,), presence_penalty, np.float32),
-        frequency_penalty=np.full((rows,), frequency_penalty, np.float32),
-        repetition_penalty=np.full((rows,), repetition_penalty, np.float32),
-    )
-
-
-class DecodeState(NamedTuple):
-    """The rows of a multi-step decode call; every field is [rows]."""
-
-    tokens: jax.Array  # int32: the last token, fed to the next step
-    lengths: jax.Array  # int32: its position (where its key and value are written)
-    remaining: jax.Array  # int32: tokens the row may still generate
-    active: jax.Array  # bool
-    stop_at_eos: jax.Array  # bool: False for requests that ignore EOS (benchmarks)
-    sampling: SamplingArrays
-
-
-class StepOutputs(NamedTuple):
-    """One ragged step's results, one row per piece (padding rows after them)."""
-
-    tokens: jax.Array  # [S] int32: the token sampled after each piece's last token
-    logprobs: LogprobArrays  # [S, ...] of the model's distribution at that token
-
-
-def _forward_step(
-    params: Params,
-    layers: list[Params],
-    cache: paged.PagedKVCache,
-    tokens: jax.Array,
-    positions: jax.Array,
-    token_seqs: jax.Array,
-    page_table: jax.Array,
-    logit_index: jax.Array,
-    *,
-    cfg: ModelConfig,
-    attention: paged.Attention,
-    rows_out: int,
-) -> tuple[jax.Array, paged.PagedKVCache]:
-    """The logits after each sequence's last token in the batch, padded to [rows_out, V] (what
-    `_sample_step` takes whatever the step's size), and the cache with the step's tokens written."""
-    logits, cache = paged.forward_ragged(
-        params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache, attention
-    )
-    return jnp.pad(logits, ((0, rows_out - logits.shape[0]), (0, 0))), cache
-
-
-def _sample_step(
-    logits: jax.Array,
-    penalties: Penalties,
-    sampling: SamplingArrays,
-    rows: jax.Array,
-    samples: jax.Array,
-    positions: jax.Array,
-    penalize: jax.Array,
-    want_logprobs: jax.Array,
-) -> tuple[StepOutputs, Penalties]:
-    """The next token of each row of logits [R, V] (meaningful where `samples` [R] is set) at `positions`
-    [R], after the repetition penalties of its sequence's row `rows` [R] of `penalties` when `penalize`;
-    the sampled tokens counted there. Compiled once, apart from the forward pass: sampling's many small
-    operations cost XLA more to compile than the 30 layers do."""
-    penalized = jax.lax.cond(
-        penalize,
-        lambda: apply_penalties(
-            logits, sampling, Penalties(penalties.counts[rows], penalties.in_prompt[rows])
-        ),
-        lambda: logits,
-    )
-    next_tokens = sample(penalized, sampling, positions=positions)
-    counted = penalties.counts.at[rows, next_tokens].add(samples.astype(jnp.int32))
-
-    def no_logprobs() -> LogprobArrays:
-        top = (logits.shape[0], MAX_TOP_LOGPROBS)
-        return LogprobArrays(jnp.zeros(logits.shape[0]), jnp.zeros(top, jnp.int32), jnp.zeros(top))
-
-    logprobs = jax.lax.cond(
-        want_logprobs, lambda: token_logprobs(logits, next_tokens, MAX_TOP_LOGPROBS), no_logprobs
-    )
-    return StepOutputs(next_tokens, logprobs), penalties._replace(counts=counted)
-
-
-def _advanced(state: DecodeState, new_tokens: jax.Array, eos_ids: jax.Array, max_length: int) -> DecodeState:
-    """`state` after its active rows took `new_tokens` [R]: longer by one, and inactive where EOS, the
-    token budget or the context finished them."""
-    live = state.active
-    lengths = state.lengths + live
-    remaining = state.remaining - live
-    finished = (
-        (jnp.isin(new_tokens, eos_ids) & state.stop_at_eos) | (remaining <= 0) | (lengths + 1 >= max_length)
-    )
-    return state._replace(
-        tokens=jnp.where(live, new_tokens, state.tokens),
-        lengths=lengths,
-        remaining=remaining,
-        active=live & ~finished,
-    )
-
-
-def _decode_steps(
-    params: Params,
-    layers: list[Params],
-    cache: paged.PagedKVCache,
-    state: DecodeState,
-    page_table: jax.Array,
-    eos_ids: jax.Array,
-    steps: jax.Array,
-    *,
-    cfg: ModelConfig,
-    attention: paged.Attention,
-    max_steps: int,
-    max_length: int,
-) -> tuple[jax.Array, jax.Array, paged.PagedKVCache]:
-    """Up to `steps` (<= max_steps) decode steps of the rows of `state` [R] (row r is sequence r of
-    page_table [R, max_pages], whose pages hold room for them), fewer if a row finishes first. Returns
-    the tokens generated [R, max_steps], where each was generated (bool, same shape), and the cache."""
-    rows = state.tokens.shape[0]
-    seq_ids = jnp.arange(rows, dtype=jnp.int32)
-
-    def step(carry):
-        i, state, cache, tokens, emitted = carry
-        token_seqs = jnp.where(state.active, seq_ids, rows)  # a finished row is padding: writes nothing
-        logits, cache = paged.forward_ragged(
-            params,
-            layers,
-            cfg,
-            state.tokens,
-            state.lengths,
-            token_seqs,
-            page_table,
-            seq_ids,
-            cache,
-            attention,
-        )
-        new_tokens = sample(logits, state.sampling, positions=state.lengths + 1)
-        emitted = emitted.at[:, i].set(state.active)
-        state = _advanced(state, new_tokens, eos_ids, max_length)
-        return i + 1, state, cache, tokens.at[:, i].set(new_tokens), emitted
-
-    started_active = state.active
-
-    def keep_going(carry) -> jax.Array:
-        # The call ends at the step where a row finishes, so that its client has its end at once and its
-        # row and pages are free for a waiting request.
-        i, state = carry[0], carry[1]
-        return (i < steps) & jnp.any(state.active) & jnp.all(state.active == started_active)
-
-    tokens = jnp.zeros((rows, max_steps), jnp.int32)
-    emitted = jnp.zeros((rows, max_steps), bool)
-    _, _, cache, tokens, emitted = jax.lax.while_loop(keep_going, step, (0, state, cache, tokens, emitted))
-    return tokens, emitted, cache
 
 
 def attention_for(cfg: ModelConfig, cache: paged.PagedKVCache) -> paged.Attention:
@@ -254,8 +67,8 @@ class Runner:
         compile_lazily: bool = False,
         attention: paged.Attention | None = None,
     ):
-        """`compile_lazily`: compile a decode program at its first use rather than only by
-        `compile_decoding` (which serving runs beside the engine, so that no request waits for one).
+        """`compile_lazily`: compile each program at its first use rather than only by `warm_up` and
+        `compile_programs` (which serving runs beside the engine, so that no request waits for one).
         `attention`: by default the CPU kernel wherever it reads the pages (`attention_for`)."""
         self.cfg = cfg
         self.compile_lazily = compile_lazily
@@ -271,13 +84,13 @@ class Runner:
         self.attention = attention or attention_for(cfg, self.cache)
         self.attention_kernel = self.attention is cpu_kernels.paged_attention
         self._forward = jax.jit(
-            functools.partial(_forward_step, cfg=cfg, attention=self.attention, rows_out=max_num_seqs),
+            functools.partial(forward_step, cfg=cfg, attention=self.attention, rows_out=max_num_seqs),
             donate_argnums=2,
         )
-        self._sample = jax.jit(_sample_step, donate_argnums=1)
+        self._sample = jax.jit(sample_step, donate_argnums=1)
         self._decode = jax.jit(
             functools.partial(
-                _decode_steps,
+                decode_steps,
                 cfg=cfg,
                 attention=self.attention,
                 max_steps=max_decode_steps,
@@ -285,9 +98,16 @@ class Runner:
             ),
             donate_argnums=2,
         )
-        # Decode programs by row count, as they finish compiling (`compile_decoding`); until a plan's
-        # is ready, the engine steps it instead.
+        # Compiled programs as they become ready: the ragged step by token bucket, multi-step decoding by
+        # row count. Steps take at most the largest bucket here (`token_budget`), and a decode-only plan
+        # whose program is missing is stepped instead, so serving starts with the smallest step and
+        # `compile_programs` brings the rest beside it. Lowered from the cache's shapes and placements
+        # only, which hold while the engine thread donates the arrays themselves.
+        self._steps: dict[int, jax.stages.Compiled] = {}
         self._decoders: dict[int, jax.stages.Compiled] = {}
+        self._cache_spec = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.cache
+        )
         # Every row's repetition penalties; only rows of penalized requests are kept up to date. Placed
         # as the step's outputs will be, so that the first step compiles no variant of its own.
         vocab = cfg.vocab_size
@@ -297,6 +117,10 @@ class Runner:
         # Each row's sampling settings as host arrays, set when another request takes the row.
         self._sampling = sampling_rows(max_num_seqs, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         self._row_owners: list[tuple[str, int] | None] = [None] * max_num_seqs
+
+    def model_params(self) -> Params:
+        """The parameters in the stacked layout they were given in, rebuilt from the serving weights."""
+        return llama.stacked_params(self.params, self.layers, self.cfg)
 
     @property
     def pages(self) -> int:
@@ -324,10 +148,20 @@ class Runner:
             self._compile_decoder(rows)
         return rows in self._decoders
 
+    @property
+    def token_budget(self) -> int:
+        """The most tokens a step may take now: the largest step compiled so far, or (compiling lazily, or
+        before any) `max_num_batched_tokens`."""
+        compiled = list(self._steps)
+        return self.max_num_batched_tokens if self.compile_lazily or not compiled else max(compiled)
+
     def shape(self, plan: StepPlan) -> tuple[int, int]:
-        """The compiled (tokens, rows) shape a plan runs in; the rows follow from the tokens, since a step
-        has at most one row per token."""
-        tokens = fine_bucket(plan.tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        """The (tokens, rows) shape a plan runs in: the smallest compiled step that holds its tokens (else
+        the bucket that will be compiled for them). The rows follow from the tokens, since a step has at
+        most one row per token."""
+        wanted = fine_bucket(plan.tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        fitting = [size for size in list(self._steps) if size >= plan.tokens]  # another thread adds to it
+        tokens = wanted if self.compile_lazily or not fitting else min(fitting)
         return tokens, min(tokens, self.max_num_seqs)
 
     def step(self, plan: StepPlan) -> dict[int, tuple[int, TokenLogprobs | None]]:
@@ -349,7 +183,7 @@ class Runner:
             page_table[row, : len(indices)] = indices
             logit_index[row] = at + count - 1
             at += count
-        logits, self.cache = self._forward(
+        logits, self.cache = self._step_program(token_count)(
             self.params, self.layers, self.cache, tokens, positions, token_seqs, page_table, logit_index
         )
         outputs = self._sample_rows(plan, logits)
@@ -373,7 +207,7 @@ class Runner:
             raise ValueError(f"the decode program for {len(plan.pieces)} sequences is not compiled yet")
         steps = min(steps, self.max_decode_steps)
         rows = decode_rows(len(plan.pieces), self.max_num_seqs)
-        state = _idle_rows(rows)._replace(sampling=self._rows_sampling(plan, rows))
+        state = idle_rows(rows)._replace(sampling=self._rows_sampling(plan, rows))
         page_table = np.full((rows, self.max_pages), -1, np.int32)  # -1: no page (the kernel skips it)
         for row, piece in enumerate(plan.pieces):
             seq, request = piece.seq, piece.seq.request
@@ -388,53 +222,77 @@ class Runner:
         return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
 
     def warm_up(self) -> None:
-        """Compile every shape `step` runs and its sampler, with calls of padding only (they write nothing),
-        so that no request waits for a compilation."""
+        """Compile the smallest step and the sampler, running both once on padding (which writes nothing):
+        enough to serve, in steps of a few tokens, with no request waiting for a compilation."""
         started = time.perf_counter()
-        for count in self.token_buckets():
-            rows = min(count, self.max_num_seqs)
-            logits, self.cache = self._forward(
-                self.params,
-                self.layers,
-                self.cache,
-                np.zeros(count, np.int32),
-                np.zeros(count, np.int32),
-                np.full(count, rows, np.int32),
-                np.full((rows, self.max_pages), -1, np.int32),
-                np.zeros(rows, np.int32),
-            )
-        self._sample_rows(StepPlan(), logits)
-        log.info(
-            "compiled the ragged step for %d token counts (%d to %d) in %.1f s",
-            len(self.token_buckets()),
-            MIN_TOKEN_BUCKET,
-            self.max_num_batched_tokens,
-            time.perf_counter() - started,
+        count = self.token_buckets()[0]
+        rows = min(count, self.max_num_seqs)
+        logits, self.cache = self._step_program(count)(
+            self.params,
+            self.layers,
+            self.cache,
+            np.zeros(count, np.int32),
+            np.zeros(count, np.int32),
+            np.full(count, rows, np.int32),
+            np.full((rows, self.max_pages), -1, np.int32),
+            np.zeros(rows, np.int32),
         )
+        self._sample_rows(StepPlan(), logits)
+        log.info("compiled the %d-token step and the sampler in %.1f s", count, time.perf_counter() - started)
 
     @property
-    def decoders_to_compile(self) -> int:
-        return len(self.row_buckets()) - len(self._decoders)
+    def programs_to_compile(self) -> int:
+        missing_steps = len(self.token_buckets()) - len(self._steps)
+        return missing_steps + len(self.row_buckets()) - len(self._decoders)
 
-    def compile_decoding(self) -> None:
-        """Compile the multi-step decode program of every row count, the likeliest first; each is used as
-        soon as it is ready. It may run on a thread of its own beside the engine: lowering reads only the
-        arrays' shapes and placements, which the cache keeps once the engine has donated it."""
+    def compile_programs(self) -> None:
+        """Compile every program `warm_up` left out, each used as soon as it is ready: the largest step
+        (the budget prompts fill), the decode programs (likeliest row counts first), then the steps
+        between. It may run on a thread of its own beside the engine."""
         started = time.perf_counter()
+        steps = sorted(self.token_buckets(), reverse=True)
+        for size in steps[:1]:
+            self._step_program(size)
         for rows in self.row_buckets():
             if rows not in self._decoders:
                 self._compile_decoder(rows)
+        for size in steps[1:]:
+            self._step_program(size)
         log.info(
-            "compiled decoding for %d batch sizes (1 to %d) in %.1f s",
+            "compiled the steps for %d token counts (%d to %d) and decoding for %d batch sizes in %.1f s",
+            len(self._steps),
+            MIN_TOKEN_BUCKET,
+            self.max_num_batched_tokens,
             len(self._decoders),
-            self.max_num_seqs,
             time.perf_counter() - started,
         )
+
+    def _step_program(self, size: int) -> jax.stages.Compiled:
+        """The step compiled for `size` tokens, compiled now if it is not yet."""
+        if size not in self._steps:
+            self._compile_step(size)
+        return self._steps[size]
+
+    def _compile_step(self, count: int) -> None:
+        rows = min(count, self.max_num_seqs)
+        tokens = np.zeros(count, np.int32)
+        page_table = np.full((rows, self.max_pages), -1, np.int32)
+        lowered = self._forward.lower(
+            self.params,
+            self.layers,
+            self._cache_spec,
+            tokens,
+            tokens,
+            tokens,
+            page_table,
+            np.zeros(rows, np.int32),
+        )
+        self._steps[count] = lowered.compile()
 
     def _compile_decoder(self, rows: int) -> None:
         page_table = np.full((rows, self.max_pages), -1, np.int32)
         lowered = self._decode.lower(
-            self.params, self.layers, self.cache, _idle_rows(rows), page_table, self.eos_ids, np.int32(1)
+            self.params, self.layers, self._cache_spec, idle_rows(rows), page_table, self.eos_ids, np.int32(1)
         )
         self._decoders[rows] = lowered.compile()
 
@@ -497,24 +355,6 @@ def _set_row(sampling: SamplingArrays, row: int, options: SamplingOptions) -> No
     one = sampling_rows(1, **vars(options))
     for column, value in zip(sampling, one, strict=True):
         column[row] = value[0]
-
-
-def _idle_rows(rows: int) -> DecodeState:
-    """Host arrays of `rows` inactive decode rows."""
-    return DecodeState(
-        tokens=np.zeros(rows, np.int32),
-        lengths=np.zeros(rows, np.int32),
-        remaining=np.zeros(rows, np.int32),
-        active=np.zeros(rows, bool),
-        stop_at_eos=np.ones(rows, bool),
-        sampling=sampling_rows(rows, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0),
-    )
-
-
-def decode_rows(n: int, cap: int) -> int:
-    """Rows a decode call computes for n sequences: powers of two up to 8, then also 1.5 times one (12, 24,
-    48, ...), so that padding rows, which cost as much as real ones, waste at most a third."""
-    return bucket(n, 1, cap) if n <= 8 else fine_bucket(n, 8, cap)
 
 
 def _replicated(sharding: jax.sharding.Sharding | None) -> jax.sharding.NamedSharding | None:

@@ -103,16 +103,18 @@ class Scheduler:
         self.waiting.append(seq)
         return seq
 
-    def schedule(self) -> StepPlan:
-        """The next step's pieces; pages are taken for them (and released from preempted sequences)."""
-        plan, budget = StepPlan(), self.max_num_batched_tokens
+    def schedule(self, token_budget: int | None = None) -> StepPlan:
+        """The next step's pieces, at most `token_budget` tokens (default `max_num_batched_tokens`); pages
+        are taken for them (and released from preempted sequences)."""
+        limit = min(token_budget or self.max_num_batched_tokens, self.max_num_batched_tokens)
+        plan, budget = StepPlan(), limit
         for seq in list(self.running):
             if seq not in self.running or budget == 0:  # preempted for an older sequence's page
                 continue
             count = min(seq.num_tokens - seq.computed, budget)
             if count > 0 and self._make_room(seq, seq.computed + count, plan):
                 plan.pieces.append(Piece(seq, seq.computed, seq.computed + count))
-            budget = self.max_num_batched_tokens - plan.tokens  # a preempted sequence's piece gives back
+            budget = limit - plan.tokens  # a preempted sequence's piece gives back
         while self.waiting and budget > 0 and self._free_rows and not plan.preempted:
             seq = self.waiting[0]
             seq.table = self.pool.open(seq.tokens)

@@ -114,15 +114,17 @@ def start_engine(
     engine.start()
     if config.warm_up:
         threading.Thread(
-            target=_compile_decoding, args=(runner,), name="jaxserver-compile-decoding", daemon=True
+            target=_compile_programs, args=(runner,), name="jaxserver-compile", daemon=True
         ).start()
     return engine
 
 
-def _compile_decoding(runner: Runner) -> None:
-    """Compile the multi-step decode programs while the server already serves (by single steps until
+def _compile_programs(runner: Runner) -> None:
+    """Compile the programs warm-up left out while the server already serves (in small steps until
     then); a failure here costs only speed, so it is logged, not raised."""
     try:
-        runner.compile_decoding()
+        runner.compile_programs()
     except Exception:
-        log.warning("compiling the decode programs failed; decoding goes on a step at a time", exc_info=True)
+        log.warning(
+            "compiling the remaining programs failed; serving goes on with those ready", exc_info=True
+        )

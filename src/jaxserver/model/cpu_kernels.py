@@ -182,6 +182,12 @@ def pack_bf16_weight(w: jax.Array) -> jax.Array:
     return tiles.transpose(2, 0, 3, 1)
 
 
+def unpack_bf16_weight(packed: jax.Array) -> jax.Array:
+    """The bfloat16 [K, N] weight that `pack_bf16_weight` packed."""
+    tiles, half_inner, tile_columns, _ = packed.shape
+    return packed.transpose(1, 3, 0, 2).reshape(half_inner * 2, tiles * tile_columns)
+
+
 def is_packed(w: jax.Array) -> bool:
     """Whether w is a weight packed by `pack_bf16_weight` (the only 4-dimensional weights)."""
     return w.ndim == 4

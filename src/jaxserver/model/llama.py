@@ -300,6 +300,37 @@ def serving_weights(params: Params, cfg: ModelConfig) -> tuple[Params, list[Para
     return embedding_as_bits(head), layers
 
 
+def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Params:
+    """The parameter pytree `serving_weights` made `head` and `layers` from (new arrays, in the layout
+    loaders and checkpoints use)."""
+    head = {name: _unpacked(w) for name, w in head.items()}
+    if head["embed"].dtype == jnp.uint16:
+        head["embed"] = jax.lax.bitcast_convert_type(head["embed"], jnp.bfloat16)
+    if cfg.tie_word_embeddings:
+        del head["lm_head"]
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    splits = {
+        "wqkv": (("wq", "wk", "wv"), (q, q + kv)),
+        "w_gate_up": (("w_gate", "w_up"), (cfg.intermediate_size,)),
+    }
+    if cfg.attention_bias:
+        splits["bqkv"] = (("bq", "bk", "bv"), (q, q + kv))
+
+    def split(layer: Params) -> Params:
+        parts = {}
+        for name, w in layer.items():
+            names, at = splits.get(name, ((name,), ()))
+            parts |= dict(zip(names, jnp.split(_unpacked(w), at, axis=-1), strict=True))
+        return parts
+
+    per_layer = [split(layer) for layer in layers]
+    return head | {"layers": {name: jnp.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}}
+
+
+def _unpacked(w: jax.Array) -> jax.Array:
+    return cpu_kernels.unpack_bf16_weight(w) if cpu_kernels.is_packed(w) else w
+
+
 # --- parameters ---------------------------------------------------------------------------------------
 
 
