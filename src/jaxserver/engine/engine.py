@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 RATE_WINDOW_S = 60.0
 # A multi-step decode call holds back every stream's tokens until it returns, and a waiting prompt's start:
 # it takes as many steps as last lasted about this long at its batch size.
-DECODE_CALL_S = 0.25
+DECODE_CALL_S = 0.5
 
 
 @dataclass

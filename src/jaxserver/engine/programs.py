@@ -101,16 +101,17 @@ def forward_step(
     attention: paged.Attention,
     rows_out: int,
 ) -> tuple[jax.Array, paged.PagedKVCache]:
-    """The logits after each sequence's last token in the batch, padded to [rows_out, V] (what
-    `sample_step` takes whatever the step's size), and the cache with the step's tokens written."""
-    logits, cache = paged.forward_ragged(
+    """The final hidden states after each sequence's last token in the batch, padded to [rows_out, hidden]
+    (what `sample_step` takes whatever the step's size), and the cache with the step's tokens written."""
+    hidden, cache = paged.hidden_ragged(
         params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache, attention
     )
-    return jnp.pad(logits, ((0, rows_out - logits.shape[0]), (0, 0))), cache
+    return jnp.pad(hidden, ((0, rows_out - hidden.shape[0]), (0, 0))), cache
 
 
 def sample_step(
-    logits: jax.Array,
+    params: Params,
+    hidden: jax.Array,
     penalties: Penalties,
     sampling: SamplingArrays,
     rows: jax.Array,
@@ -119,10 +120,12 @@ def sample_step(
     penalize: jax.Array,
     want_logprobs: jax.Array,
 ) -> tuple[StepOutputs, Penalties]:
-    """The next token of each row of logits [R, V] (meaningful where `samples` [R] is set) at `positions`
-    [R], after the repetition penalties of its sequence's row `rows` [R] of `penalties` when `penalize`;
-    the sampled tokens counted there. Compiled once, apart from the forward pass: sampling's many small
-    operations cost XLA more to compile than the 30 layers do."""
+    """The next token after each of the first R rows of hidden [max_num_seqs, hidden] (meaningful where
+    `samples` [R] is set) at `positions` [R], after the repetition penalties of its sequence's row `rows`
+    [R] of `penalties` when `penalize`; the sampled tokens counted there. Compiled apart from the forward
+    pass, by R alone: the output projection and sampling cost per row, so a step samples only a bucket
+    of the rows it has (and sampling's many small operations cost XLA more to compile than the layers)."""
+    logits = paged.output_logits(params, hidden[: rows.shape[0]])
     penalized = jax.lax.cond(
         penalize,
         lambda: apply_penalties(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +84,19 @@ class Runner:
         self.cache = paged.init_paged_cache(cfg, pages, cache_dtype, cache_sharding)
         self.attention = attention or attention_for(cfg, self.cache)
         self.attention_kernel = self.attention is cpu_kernels.paged_attention
+        # On a mesh the step's hidden states and the sampler's outputs come out replicated, as every
+        # sampler is compiled to take them.
+        replicated = _replicated(cache_sharding)
+        cache_shardings = jax.tree.map(lambda a: a.sharding, self.cache)
+        placed = {} if replicated is None else {"out_shardings": (replicated, cache_shardings)}
         self._forward = jax.jit(
             functools.partial(forward_step, cfg=cfg, attention=self.attention, rows_out=max_num_seqs),
             donate_argnums=2,
+            **placed,
         )
-        self._sample = jax.jit(sample_step, donate_argnums=1)
+        self._sample = jax.jit(
+            sample_step, donate_argnums=2, **({} if replicated is None else {"out_shardings": replicated})
+        )
         self._decode = jax.jit(
             functools.partial(
                 decode_steps,
@@ -98,21 +107,19 @@ class Runner:
             ),
             donate_argnums=2,
         )
-        # Compiled programs as they become ready: the ragged step by token bucket, multi-step decoding by
-        # row count. Steps take at most the largest bucket here (`token_budget`), and a decode-only plan
+        # Compiled programs as they become ready: the ragged step by token bucket, the sampler and
+        # multi-step decoding by row count. Steps take at most the largest bucket here (`token_budget`), and a decode-only plan
         # whose program is missing is stepped instead, so serving starts with the smallest step and
         # `compile_programs` brings the rest beside it. Lowered from the cache's shapes and placements
         # only, which hold while the engine thread donates the arrays themselves.
         self._steps: dict[int, jax.stages.Compiled] = {}
+        self._samplers: dict[int, jax.stages.Compiled] = {}
         self._decoders: dict[int, jax.stages.Compiled] = {}
-        self._cache_spec = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), self.cache
-        )
+        self._cache_spec = _spec(self.cache)
         # Every row's repetition penalties; only rows of penalized requests are kept up to date. Placed
         # as the step's outputs will be, so that the first step compiles no variant of its own.
         vocab = cfg.vocab_size
         zeros = Penalties(jnp.zeros((max_num_seqs, vocab), jnp.int32), jnp.zeros((max_num_seqs, vocab), bool))
-        replicated = _replicated(cache_sharding)
         self.penalties = zeros if replicated is None else jax.device_put(zeros, replicated)
         # Each row's sampling settings as host arrays, set when another request takes the row.
         self._sampling = sampling_rows(max_num_seqs, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
@@ -183,10 +190,10 @@ class Runner:
             page_table[row, : len(indices)] = indices
             logit_index[row] = at + count - 1
             at += count
-        logits, self.cache = self._step_program(token_count)(
+        hidden, self.cache = self._step_program(token_count)(
             self.params, self.layers, self.cache, tokens, positions, token_seqs, page_table, logit_index
         )
-        outputs = self._sample_rows(plan, logits)
+        outputs = self._sample_rows(plan, hidden)
         return {
             i: (int(outputs.tokens[i]), _listed(outputs, i, piece.seq.request.logprobs))
             for i, piece in enumerate(plan.pieces)
@@ -222,12 +229,13 @@ class Runner:
         return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
 
     def warm_up(self) -> None:
-        """Compile the smallest step and the sampler, running both once on padding (which writes nothing):
-        enough to serve, in steps of a few tokens, with no request waiting for a compilation."""
+        """Compile the smallest step and the samplers for one row and for every row, running them once on
+        padding (which writes nothing): enough to serve, in steps of a few tokens, with no request waiting
+        for a compilation."""
         started = time.perf_counter()
         count = self.token_buckets()[0]
         rows = min(count, self.max_num_seqs)
-        logits, self.cache = self._step_program(count)(
+        hidden, self.cache = self._step_program(count)(
             self.params,
             self.layers,
             self.cache,
@@ -237,13 +245,16 @@ class Runner:
             np.full((rows, self.max_pages), -1, np.int32),
             np.zeros(rows, np.int32),
         )
-        self._sample_rows(StepPlan(), logits)
+        for sample_rows in (1, self.max_num_seqs):
+            self._sampler(sample_rows)
+        self._sample_rows(StepPlan(), hidden)
         log.info("compiled the %d-token step and the sampler in %.1f s", count, time.perf_counter() - started)
 
     @property
     def programs_to_compile(self) -> int:
         missing_steps = len(self.token_buckets()) - len(self._steps)
-        return missing_steps + len(self.row_buckets()) - len(self._decoders)
+        missing_samplers = len(self.row_buckets()) - len(self._samplers)
+        return missing_steps + missing_samplers + len(self.row_buckets()) - len(self._decoders)
 
     def compile_programs(self) -> None:
         """Compile every program `warm_up` left out, each used as soon as it is ready: the largest step
@@ -253,6 +264,8 @@ class Runner:
         steps = sorted(self.token_buckets(), reverse=True)
         for size in steps[:1]:
             self._step_program(size)
+        for rows in self.row_buckets():
+            self._sampler(rows)
         for rows in self.row_buckets():
             if rows not in self._decoders:
                 self._compile_decoder(rows)
@@ -296,16 +309,37 @@ class Runner:
         )
         self._decoders[rows] = lowered.compile()
 
-    def _sample_rows(self, plan: StepPlan, logits: jax.Array) -> StepOutputs:
-        """Sample the next token after each of the plan's pieces from its row of logits [max_num_seqs, V]."""
-        rows = self.max_num_seqs
+    def _sampler(self, rows: int) -> jax.stages.Compiled:
+        """The sampler compiled for `rows` rows, compiled now if it is not yet."""
+        if rows not in self._samplers:
+            hidden = self._step_program(self.token_buckets()[0]).out_info[0]  # as every step returns it
+            host = [np.zeros(rows, dtype) for dtype in (np.int32, bool, np.int32)]
+            lowered = self._sample.lower(
+                self.params,
+                hidden,
+                _spec(self.penalties),
+                sampling_rows(rows, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0),
+                *host,
+                np.bool_(False),
+                np.bool_(False),
+            )
+            self._samplers[rows] = lowered.compile()
+        return self._samplers[rows]
+
+    def _sample_rows(self, plan: StepPlan, hidden: jax.Array) -> StepOutputs:
+        """Sample the next token after each of the plan's pieces from its row of the step's final hidden
+        states [max_num_seqs, hidden], in the smallest compiled sampler that holds the plan's rows."""
+        wanted = decode_rows(max(len(plan.pieces), 1), self.max_num_seqs)
+        fitting = [size for size in list(self._samplers) if size >= wanted]  # another thread adds to it
+        rows = wanted if self.compile_lazily or not fitting else min(fitting)
         seq_rows, samples, positions = (np.zeros(rows, dtype) for dtype in (np.int32, bool, np.int32))
         for row, piece in enumerate(plan.pieces):
             seq_rows[row], samples[row], positions[row] = piece.seq.row, piece.samples, piece.end
         requests = [piece.seq.request for piece in plan.pieces]
         sampling = self._rows_sampling(plan, rows)  # first: a new row's penalties start here
-        outputs, self.penalties = self._sample(
-            logits,
+        outputs, self.penalties = self._sampler(rows)(
+            self.params,
+            hidden,
             self.penalties,
             sampling,
             seq_rows,
@@ -355,6 +389,11 @@ def _set_row(sampling: SamplingArrays, row: int, options: SamplingOptions) -> No
     one = sampling_rows(1, **vars(options))
     for column, value in zip(sampling, one, strict=True):
         column[row] = value[0]
+
+
+def _spec(tree: Any) -> Any:
+    """The shapes, dtypes and placements of a pytree of arrays, to lower programs from."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
 
 
 def _replicated(sharding: jax.sharding.Sharding | None) -> jax.sharding.NamedSharding | None:

@@ -133,10 +133,34 @@ def forward_ragged(
     cache: PagedKVCache,
     attention: Attention | None = None,
 ) -> tuple[jax.Array, PagedKVCache]:
+    """`hidden_ragged`'s hidden states as logits [S, V] float32, and the updated cache."""
+    hidden, cache = hidden_ragged(
+        params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache, attention
+    )
+    return output_logits(params, hidden), cache
+
+
+def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
+    """Logits [S, V] of final hidden states [S, hidden] (normed by `hidden_ragged`)."""
+    return linear(hidden, params["lm_head"])
+
+
+def hidden_ragged(
+    params: Params,
+    layers: list[Params],
+    cfg: ModelConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    token_seqs: jax.Array,
+    page_table: jax.Array,
+    logit_index: jax.Array,
+    cache: PagedKVCache,
+    attention: Attention | None = None,
+) -> tuple[jax.Array, PagedKVCache]:
     """Run the flat batch tokens [N] (token n of sequence token_seqs[n] at position positions[n]; padding
     tokens have a sequence outside page_table [S, max_pages]) through the decoder, writing their keys and
-    values into their pages. Returns the logits [S, V] float32 of the tokens at logit_index [S] (each
-    sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel
+    values into their pages. Returns the final (normed) hidden states [S, hidden] of the tokens at
+    logit_index [S] (each sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel
     where it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights,
     XLA:CPU ran a layer many times slower (docs/performance.md, "Ragged step")."""
     if attention is None:
@@ -160,5 +184,4 @@ def forward_ragged(
             positions,
         )
         x = finish_layer(x, out.reshape(1, count, heads * hd), layer, cfg)
-    x = rms_norm(x[0, logit_index], params["final_norm"], cfg.rms_norm_eps)  # [S, hidden]
-    return linear(x, params["lm_head"]), PagedKVCache(k_pages, v_pages)
+    return rms_norm(x[0, logit_index], params["final_norm"], cfg.rms_norm_eps), PagedKVCache(k_pages, v_pages)
