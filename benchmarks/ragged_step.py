@@ -19,11 +19,22 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from decode_step import SMOLLM2_135M
 
 from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model.config import ModelConfig
 
 T = paged.PAGE_TOKENS
+SMOLLM2_135M = ModelConfig(  # the default model's shapes
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+)
 
 
 def batch(seqs: int, context: int, prompt: int, max_pages: int) -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """This checkout's `jaxserver serve` beside an earlier commit's, one after the other in one run, with the
-same load: start-up time (cold: an empty compilation cache; then warm), peak RSS, and `jaxserver bench` at
-each concurrency of --sweep.
+same load: start-up time (cold: a new HOME, so every cache jaxserver keeps there is empty: compiled programs,
+built kernels, converted models; then warm), peak RSS, and `jaxserver bench` at each concurrency of --sweep.
 
     python benchmarks/serving_vs_commit.py [--base b91f0cb] [--sweep 1,32,64] [--flags "--max-length 1024"]
 
@@ -54,20 +54,23 @@ def wait_for_background_compiles(url: str, timeout_s: float = 900) -> None:
     raise RuntimeError(f"the server was still compiling after {timeout_s} s")
 
 
-def start(tree: Path, flags: list[str], cache_dir: str, log: Path) -> tuple[ServerProcess, float]:
-    env = dict(os.environ, PYTHONPATH=str(tree / "src"))
+def start(tree: Path, flags: list[str], home: str, log: Path) -> tuple[ServerProcess, float]:
+    """Serve from `tree` with HOME at `home`, so that every cache jaxserver keeps under ~/.cache (compiled
+    programs, kernels, converted models) starts empty in a new `home`."""
+    env = dict(os.environ, PYTHONPATH=str(tree / "src"), HOME=home)
+    env.pop("JAXSERVER_KERNEL_DIR", None)
     started = time.monotonic()
-    server = start_server([*flags, "--compilation-cache-dir", cache_dir], log, timeout_s=900, env=env)
+    server = start_server(flags, log, timeout_s=900, env=env)
     return server, time.monotonic() - started
 
 
 def run_tree(name: str, tree: Path, args: argparse.Namespace) -> dict:
     flags = shlex.split(args.flags)
     rows = []
-    with tempfile.TemporaryDirectory() as cache_dir:
-        server, cold_s = start(tree, flags, cache_dir, RESULTS / f"serve-{name}-cold.log")
+    with tempfile.TemporaryDirectory() as home:
+        server, cold_s = start(tree, flags, home, RESULTS / f"serve-{name}-cold.log")
         server.stop(timeout_s=60)
-        server, warm_s = start(tree, flags, cache_dir, RESULTS / f"serve-{name}.log")
+        server, warm_s = start(tree, flags, home, RESULTS / f"serve-{name}.log")
         try:
             wait_for_background_compiles(server.url)
             for concurrency in [int(c) for c in args.sweep.split(",")]:

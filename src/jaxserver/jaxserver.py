@@ -116,7 +116,7 @@ class JAXServer:
     ):
         """Read the model at `path`, place it on the mesh and compile. Records the error for /status."""
         try:
-            cfg, params, own_tokenizer = load_model(path, self.weight_dtype)
+            cfg, params, own_tokenizer = load_model(path, self.weight_dtype, self.config.model_cache_dir)
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"

@@ -27,7 +27,8 @@ def flatten(params: Params, prefix: str = "") -> dict[str, np.ndarray]:
         if isinstance(value, dict):
             flat |= flatten(value, name + _SEP)
         else:
-            flat[name] = np.asarray(jax.device_get(value))
+            # safetensors writes an array's buffer as it lies: a transposed view must be laid out first.
+            flat[name] = np.ascontiguousarray(jax.device_get(value))
     return flat
 
 
@@ -60,5 +61,5 @@ def load_checkpoint(path: Path, dtype: np.dtype) -> tuple[ModelConfig, Params, T
     weights = path / WEIGHTS_FILE
     if not weights.exists():
         raise ModelLoadError(f"{path} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
-    params = jax.tree.map(lambda a: a.astype(dtype), unflatten(load_file(str(weights))))
+    params = jax.tree.map(lambda a: a.astype(dtype, copy=False), unflatten(load_file(str(weights))))
     return cfg, params, load_hf_tokenizer(path, cfg)

