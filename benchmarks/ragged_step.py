@@ -12,7 +12,6 @@ sampling, no host work beyond reading the logits back).
 from __future__ import annotations
 
 import argparse
-import functools
 import statistics
 import time
 
@@ -81,7 +80,12 @@ def main() -> None:
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_available():
         head, layers = llama.pack_matmul_weights(head, layers)
-    step = jax.jit(functools.partial(paged.forward_ragged, cfg=cfg), donate_argnames="cache")
+
+    def forward_logits(head, layers, **inputs):
+        hidden, cache = paged.forward_ragged(head, layers, cfg, **inputs)
+        return paged.output_logits(head, hidden), cache
+
+    step = jax.jit(forward_logits, donate_argnames="cache")
     max_pages = 2048 // T
     cases = [("decode", 1, 0), ("decode", 8, 0), ("decode", 32, 0), ("decode", 64, 0), ("prompt", 0, 256)]
     cases.append(("mixed", 32, 224))

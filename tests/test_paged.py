@@ -1,8 +1,6 @@
 """The decoder over a paged KV cache: the CPU kernel against the XLA reference, and a ragged batch of prompt
 pieces and decode tokens against the unpaged forward pass of each sequence alone."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -66,7 +64,12 @@ def ragged_logits(cfg, params, batches, attention=None, pack=False, pages: int =
         head, layers = llama.pack_matmul_weights(head, layers)
     seqs = 1 + max(seq for batch in batches for seq, _, _ in batch)
     table = jnp.asarray(np.arange(seqs * max_pages).reshape(seqs, max_pages) % pages, jnp.int32)
-    step = jax.jit(functools.partial(paged.forward_ragged, cfg=cfg, attention=attention))
+
+    @jax.jit
+    def step(head, layers, **inputs):
+        hidden, cache = paged.forward_ragged(head, layers, cfg, attention=attention, **inputs)
+        return paged.output_logits(head, hidden), cache
+
     results = []
     for batch in batches:
         tokens, positions, token_seqs, last = [], [], [], []

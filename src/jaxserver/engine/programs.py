@@ -103,7 +103,7 @@ def forward_step(
 ) -> tuple[jax.Array, paged.PagedKVCache]:
     """The final hidden states after each sequence's last token in the batch, padded to [rows_out, hidden]
     (what `sample_step` takes whatever the step's size), and the cache with the step's tokens written."""
-    hidden, cache = paged.hidden_ragged(
+    hidden, cache = paged.forward_ragged(
         params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache, attention
     )
     return jnp.pad(hidden, ((0, rows_out - hidden.shape[0]), (0, 0))), cache
@@ -186,7 +186,7 @@ def decode_steps(
     def step(carry):
         i, state, cache, tokens, emitted = carry
         token_seqs = jnp.where(state.active, seq_ids, rows)  # a finished row is padding: writes nothing
-        logits, cache = paged.forward_ragged(
+        hidden, cache = paged.forward_ragged(
             params,
             layers,
             cfg,
@@ -198,6 +198,7 @@ def decode_steps(
             cache,
             attention,
         )
+        logits = paged.output_logits(params, hidden)
         new_tokens = sample(logits, state.sampling, positions=state.lengths + 1)
         emitted = emitted.at[:, i].set(state.active)
         state = _advanced(state, new_tokens, eos_ids, max_length)

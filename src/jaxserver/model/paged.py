@@ -121,31 +121,12 @@ def attention_reference(
     return jnp.where(valid[:, None, None, None], out, 0.0), k_pages, v_pages
 
 
-def forward_ragged(
-    params: Params,
-    layers: list[Params],
-    cfg: ModelConfig,
-    tokens: jax.Array,
-    positions: jax.Array,
-    token_seqs: jax.Array,
-    page_table: jax.Array,
-    logit_index: jax.Array,
-    cache: PagedKVCache,
-    attention: Attention | None = None,
-) -> tuple[jax.Array, PagedKVCache]:
-    """`hidden_ragged`'s hidden states as logits [S, V] float32, and the updated cache."""
-    hidden, cache = hidden_ragged(
-        params, layers, cfg, tokens, positions, token_seqs, page_table, logit_index, cache, attention
-    )
-    return output_logits(params, hidden), cache
-
-
 def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
-    """Logits [S, V] of final hidden states [S, hidden] (normed by `hidden_ragged`)."""
+    """Logits [S, V] of final hidden states [S, hidden] (normed by `forward_ragged`)."""
     return linear(hidden, params["lm_head"])
 
 
-def hidden_ragged(
+def forward_ragged(
     params: Params,
     layers: list[Params],
     cfg: ModelConfig,
