@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from jaxserver.launch import start_server
+from jaxserver.launch import free_port, start_server
 from tests import tiny
 from tests.live import engine_stats, serving, wait_until_idle
 
@@ -195,3 +195,25 @@ def test_serve_logs_its_own_progress_and_nothing_foreign(tiny_llama_dir, tmp_pat
     assert any(" INFO jaxserver: ready in " in line for line in lines)
     ours = re.compile(r"\S+ \S+ (INFO|WARNING|ERROR) jaxserver[.:]|INFO: ")
     assert [line for line in lines if not ours.match(line)] == []
+
+
+def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
+    """The model loads while the app is built; a load that fails stops the server, whichever is first."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "no-model-here"
+    command = [
+        sys.executable,
+        "-m",
+        "jaxserver.cli",
+        "serve",
+        "--port",
+        str(free_port()),
+        "--model",
+        str(missing),
+        "--no-ui",
+    ]
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert finished.returncode == 1
+    assert f"could not load the model: model path {missing} does not exist" in finished.stderr
