@@ -26,7 +26,7 @@ from jaxserver.engine import setup
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, new_request
 from jaxserver.errors import EngineError, ModelLoadError, NotReadyError
-from jaxserver.model import checkpoint
+from jaxserver.model import checkpoint, cpu_kernels
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
 from jaxserver.model.loader import load_model
@@ -115,8 +115,12 @@ class JAXServer:
         self, path: str | os.PathLike | None, tokenizer: Any = None, expected: ModelConfig | None = None
     ):
         """Read the model at `path`, place it on the mesh and compile. Records the error for /status."""
+        # The kernels build (tens of seconds, once per machine) while the file loads: "auto" weights wait
+        # for them to pick bf16 or float32, but either is read as float32 first.
+        threading.Thread(target=cpu_kernels.available, name="jaxserver-kernels", daemon=True).start()
+        host_dtype = "float32" if self.config.jax_dtype_name == "auto" else self.weight_dtype
         try:
-            cfg, params, own_tokenizer = load_model(path, self.weight_dtype, self.config.model_cache_dir)
+            cfg, params, own_tokenizer = load_model(path, host_dtype, self.config.model_cache_dir)
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"

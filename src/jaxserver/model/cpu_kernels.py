@@ -39,6 +39,12 @@ SOURCES = (
     KERNELS_DIR / "paged_attention.cc",
     KERNELS_DIR / "bf16_gemm.cc",
 )
+# The objects the library links, each a source and its macros, compiled side by side: the attention kernel
+# once per cache dtype (its instantiations take most of the build).
+BUILD_UNITS = (
+    *((SOURCES[0], f"-DJAXSERVER_PAGED_CACHE={dtype}") for dtype in (1, 2, 3)),
+    (SOURCES[1], ""),
+)
 # Included by the sources, so part of the build's key.
 HEADERS = (KERNELS_DIR / "cpu_common.h", KERNELS_DIR / "attention_common.h")
 GEMM_TARGET_NAME = "jaxserver_bf16_gemm"
@@ -86,6 +92,7 @@ def _library_path(compiler: str) -> Path:
         *(source.read_bytes() for source in (*SOURCES, *HEADERS)),
         compiler.encode(),
         " ".join(COMPILE_FLAGS).encode(),
+        repr(BUILD_UNITS).encode(),
         jax.ffi.include_dir().encode(),
         _cpu_signature().encode(),
     ):
@@ -94,19 +101,36 @@ def _library_path(compiler: str) -> Path:
 
 
 def build_library(compiler: str, output: Path, flags: tuple[str, ...] = COMPILE_FLAGS) -> None:
-    """Compile the kernels' sources with `flags` and link them into the shared library `output`; raises
-    RuntimeError with the compiler's message if either step fails."""
+    """Compile the kernels' build units with `flags`, all at once, and link them into the shared library
+    `output`; raises RuntimeError with the compiler's message if a step fails."""
     with tempfile.TemporaryDirectory() as scratch:
-        objects = [Path(scratch) / f"{source.stem}.o" for source in SOURCES]
-        steps = [
-            [compiler, *flags, "-I", jax.ffi.include_dir(), "-c", str(source), "-o", str(obj)]
-            for source, obj in zip(SOURCES, objects, strict=True)
+        objects = [Path(scratch) / f"unit{i}-{source.stem}.o" for i, (source, _) in enumerate(BUILD_UNITS)]
+        compiles = [
+            [
+                compiler,
+                *flags,
+                *filter(None, [macro]),
+                "-I",
+                jax.ffi.include_dir(),
+                "-c",
+                str(source),
+                "-o",
+                str(obj),
+            ]
+            for (source, macro), obj in zip(BUILD_UNITS, objects, strict=True)
         ]
-        steps.append([compiler, "-shared", *map(str, objects), "-o", str(output)])  # no fast-math here
-        for command in steps:
-            result = subprocess.run(command, capture_output=True, text=True, check=False)
-            if result.returncode != 0:
-                raise RuntimeError(f"building the kernels failed:\n{result.stderr[-2000:]}")
+        running = [
+            subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            for command in compiles
+        ]
+        errors = [process.communicate()[1] for process in running]
+        for process, stderr in zip(running, errors, strict=True):
+            if process.returncode != 0:
+                raise RuntimeError(f"building the kernels failed:\n{stderr[-2000:]}")
+        link = [compiler, "-shared", *map(str, objects), "-o", str(output)]  # no fast-math here
+        result = subprocess.run(link, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"linking the kernels failed:\n{result.stderr[-2000:]}")
 
 
 def _build() -> Path:

@@ -279,8 +279,16 @@ auto Signature() {
 
 }  // namespace
 
+// One cache dtype's handler per build (cpu_kernels.BUILD_UNITS): its instantiations for every group size take
+// most of the build, so the three are compiled side by side.
+#if !defined(JAXSERVER_PAGED_CACHE)
+#error "define JAXSERVER_PAGED_CACHE: 1 (float32), 2 (bfloat16 bits) or 3 (float16)"
+#elif JAXSERVER_PAGED_CACHE == 1
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverPagedAttention, (PagedAttention<float, ffi::F32>), Signature<ffi::F32>());
+#elif JAXSERVER_PAGED_CACHE == 2
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverPagedAttentionBf16, (PagedAttention<uint16_t, ffi::U16>),
                               Signature<ffi::U16>());
+#elif JAXSERVER_PAGED_CACHE == 3
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserverPagedAttentionF16, (PagedAttention<_Float16, ffi::F16>),
                               Signature<ffi::F16>());
+#endif
