@@ -78,8 +78,12 @@ def serve(args: argparse.Namespace) -> int:
             threading.Thread(target=server.shutdown, args=(config.drain_timeout_s,), daemon=True).start()
             super().handle_exit(sig, frame)
 
-    failed = threading.Event()
-    https: list[uvicorn.Server] = []  # the HTTP server, once built
+    # The app is built before the model loads, not beside it: Python 3.11's ast.parse (Gradio's import
+    # calls it) fails when another thread parses at the same time.
+    backstop_s = int(config.drain_timeout_s) + 10  # uvicorn's own deadline, a backstop behind the drain
+    http = DrainingServer(
+        uvicorn.Config(server.app, host=config.host, port=config.port, timeout_graceful_shutdown=backstop_s)
+    )
 
     def load() -> None:
         started = time.perf_counter()
@@ -93,19 +97,9 @@ def serve(args: argparse.Namespace) -> int:
             )
         except Exception as exc:  # noqa: BLE001 - any failure is reported, then serving stops
             log.error("could not load the model: %s", exc)
-            failed.set()
-            for http in https:
-                http.should_exit = True
+            http.should_exit = True
 
-    # The model loads while the app (its Gradio pages take seconds) is built.
     threading.Thread(target=load, name="model-loader", daemon=True).start()
-    # uvicorn's own deadline is a backstop behind the engine's drain.
-    backstop_s = int(config.drain_timeout_s) + 10
-    http = DrainingServer(
-        uvicorn.Config(server.app, host=config.host, port=config.port, timeout_graceful_shutdown=backstop_s)
-    )
-    https.append(http)
-    http.should_exit = failed.is_set()
     http.run()
     return 1 if server.load_error else 0
 
