@@ -108,9 +108,10 @@ class Runner:
             donate_argnums=2,
         )
         # Compiled programs as they become ready: the ragged step by token bucket, the sampler and
-        # multi-step decoding by row count. Steps take at most the largest bucket here (`token_budget`), and a decode-only plan
-        # whose program is missing is stepped instead, so serving starts with the smallest step and
-        # `compile_programs` brings the rest beside it. Lowered from the cache's shapes and placements
+        # multi-step decoding by row count. Steps take at most the largest step here (`token_budget`) and
+        # run in the smallest that holds them (`_ready_size`), and a decode-only plan whose program is
+        # missing is stepped instead, so serving starts with the smallest step and `compile_programs`
+        # brings the rest beside it. Lowered from the cache's shapes and placements
         # only, which hold while the engine thread donates the arrays themselves.
         self._steps: dict[int, jax.stages.Compiled] = {}
         self._samplers: dict[int, jax.stages.Compiled] = {}
@@ -166,9 +167,9 @@ class Runner:
         """The (tokens, rows) shape a plan runs in: the smallest compiled step that holds its tokens (else
         the bucket that will be compiled for them). The rows follow from the tokens, since a step has at
         most one row per token."""
-        wanted = fine_bucket(plan.tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
-        fitting = [size for size in list(self._steps) if size >= plan.tokens]  # another thread adds to it
-        tokens = wanted if self.compile_lazily or not fitting else min(fitting)
+        tokens = self._ready_size(
+            self._steps, fine_bucket(plan.tokens, MIN_TOKEN_BUCKET, self.max_num_batched_tokens)
+        )
         return tokens, min(tokens, self.max_num_seqs)
 
     def step(self, plan: StepPlan) -> dict[int, tuple[int, TokenLogprobs | None]]:
@@ -248,7 +249,9 @@ class Runner:
         for sample_rows in (1, self.max_num_seqs):
             self._sampler(sample_rows)
         self._sample_rows(StepPlan(), hidden)
-        log.info("compiled the %d-token step and the sampler in %.1f s", count, time.perf_counter() - started)
+        log.info(
+            "compiled the %d-token step and two samplers in %.1f s", count, time.perf_counter() - started
+        )
 
     @property
     def programs_to_compile(self) -> int:
@@ -258,8 +261,8 @@ class Runner:
 
     def compile_programs(self) -> None:
         """Compile every program `warm_up` left out, each used as soon as it is ready: the largest step
-        (the budget prompts fill), the decode programs (likeliest row counts first), then the steps
-        between. It may run on a thread of its own beside the engine."""
+        (the budget prompts fill), the samplers, the decode programs (likeliest row counts first), then
+        the steps between. It may run on a thread of its own beside the engine."""
         started = time.perf_counter()
         steps = sorted(self.token_buckets(), reverse=True)
         for size in steps[:1]:
@@ -279,6 +282,12 @@ class Runner:
             len(self._decoders),
             time.perf_counter() - started,
         )
+
+    def _ready_size(self, programs: dict[int, jax.stages.Compiled], wanted: int) -> int:
+        """The smallest compiled size of `programs` that holds a bucket of size `wanted`, or `wanted` itself
+        (compiled at its first use) when compiling lazily or when none is ready."""
+        fitting = [size for size in list(programs) if size >= wanted]  # another thread adds to it
+        return wanted if self.compile_lazily or not fitting else min(fitting)
 
     def _step_program(self, size: int) -> jax.stages.Compiled:
         """The step compiled for `size` tokens, compiled now if it is not yet."""
@@ -329,9 +338,7 @@ class Runner:
     def _sample_rows(self, plan: StepPlan, hidden: jax.Array) -> StepOutputs:
         """Sample the next token after each of the plan's pieces from its row of the step's final hidden
         states [max_num_seqs, hidden], in the smallest compiled sampler that holds the plan's rows."""
-        wanted = decode_rows(max(len(plan.pieces), 1), self.max_num_seqs)
-        fitting = [size for size in list(self._samplers) if size >= wanted]  # another thread adds to it
-        rows = wanted if self.compile_lazily or not fitting else min(fitting)
+        rows = self._ready_size(self._samplers, decode_rows(max(len(plan.pieces), 1), self.max_num_seqs))
         seq_rows, samples, positions = (np.zeros(rows, dtype) for dtype in (np.int32, bool, np.int32))
         for row, piece in enumerate(plan.pieces):
             seq_rows[row], samples[row], positions[row] = piece.seq.row, piece.samples, piece.end
