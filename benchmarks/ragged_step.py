@@ -77,18 +77,16 @@ def main() -> None:
     cfg = SMOLLM2_135M
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     params = llama.init_params(cfg, jax.random.key(0), dtype)
-    head, layers = llama.head_params(params), llama.layer_params(params, cfg)
-    if dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_available():
-        head, layers = llama.pack_matmul_weights(head, layers)
+    max_pages = 2048 // T
+    head, layers = llama.serving_weights(params, cfg, max_pages * T)  # as the runner serves them
 
     def forward_logits(head, layers, **inputs):
         hidden, cache = paged.forward_ragged(head, layers, cfg, **inputs)
         return paged.output_logits(head, hidden), cache
 
     step = jax.jit(forward_logits, donate_argnames="cache")
-    max_pages = 2048 // T
     cases = [("decode", 1, 0), ("decode", 8, 0), ("decode", 32, 0), ("decode", 64, 0), ("prompt", 0, 256)]
-    cases.append(("mixed", 32, 224))
+    cases += [("mixed", 32, 224), ("prompt", 0, 128), ("prompt", 0, 512)]
     print(f"jax {jax.__version__}, weights {args.dtype}, kernels {cpu_kernels.available()}, pages float16")
     print("| pool pages | batch | tokens | compile (s) | ms per call |")
     print("|---|---|---|---|---|")

@@ -62,6 +62,7 @@ def ragged_logits(cfg, params, batches, attention=None, pack=False, pages: int =
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if pack:
         head, layers = llama.pack_matmul_weights(head, layers)
+    head |= llama.rotary_tables(cfg, max_pages * paged.PAGE_TOKENS)  # as the runner serves it
     seqs = 1 + max(seq for batch in batches for seq, _, _ in batch)
     table = jnp.asarray(np.arange(seqs * max_pages).reshape(seqs, max_pages) % pages, jnp.int32)
 
@@ -131,3 +132,15 @@ def test_a_sequence_gets_the_same_bits_alone_or_in_a_batch(tiny_model):
     beside = ragged_logits(cfg, params, batches, pack=pack)
     np.testing.assert_array_equal(alone[0][0], beside[0][1])
     np.testing.assert_array_equal(alone[1][0], beside[1][0])
+
+
+def test_the_rotary_tables_hold_the_rotation_angles(tiny_model):
+    """The tables the step reads hold cos and sin of position x frequency: against the angles computed in
+    float32 in the step, which round the angle itself (1.2e-4 at position 2047), hence the tolerance."""
+    cfg, _ = tiny_model
+    positions = np.arange(2048)
+    tables = llama.rotary_tables(cfg, len(positions))
+    cos, sin = llama.rotary(jnp.asarray(positions[None, :]), cfg)
+    np.testing.assert_allclose(tables["rotary_cos"], np.asarray(cos)[0, :, 0], atol=3e-4)
+    np.testing.assert_allclose(tables["rotary_sin"], np.asarray(sin)[0, :, 0], atol=3e-4)
+    np.testing.assert_allclose(tables["rotary_cos"][1:4, 0], np.cos([1.0, 2.0, 3.0]), rtol=1e-7)

@@ -73,7 +73,7 @@ class Runner:
         `attention`: by default the CPU kernel wherever it reads the pages (`attention_for`)."""
         self.cfg = cfg
         self.compile_lazily = compile_lazily
-        self.params, self.layers = llama.serving_weights(params, cfg)
+        self.params, self.layers = llama.serving_weights(params, cfg, max_length)
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_length // paged.PAGE_TOKENS)
         self.max_num_batched_tokens = max(max_num_batched_tokens, MIN_TOKEN_BUCKET)

@@ -154,6 +154,18 @@ def rotary(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array
     return jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
 
 
+ROTARY_TABLES = ("rotary_cos", "rotary_sin")
+
+
+def rotary_tables(cfg: ModelConfig, positions: int) -> dict[str, np.ndarray]:
+    """cos and sin of the rotation angles at positions 0 .. positions - 1, [positions, hd/2] float32 each
+    (computed in float64), named as `serving_weights` keeps them."""
+    angles = np.arange(positions, dtype=np.float64)[:, None] * rope_inverse_frequencies(cfg)
+    return {
+        name: f(angles).astype(np.float32) for name, f in zip(ROTARY_TABLES, (np.cos, np.sin), strict=True)
+    }
+
+
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate query/key pairs (first half, second half) of each head. x: [B, S, heads, hd]."""
     x32 = x.astype(jnp.float32)
@@ -289,21 +301,26 @@ def pack_matmul_weights(head: Params, layers: list[Params]) -> tuple[Params, lis
     return pack(head, HEAD_MATMULS), [pack(layer, LAYER_MATMULS) for layer in layers]
 
 
-def serving_weights(params: Params, cfg: ModelConfig) -> tuple[Params, list[Params]]:
+def serving_weights(params: Params, cfg: ModelConfig, positions: int) -> tuple[Params, list[Params]]:
     """`params` as the compiled steps read them: `head_params` and `layer_params`, bf16 products packed for
     the CPU matmul kernel where it runs (it reads each weight whole, so only when every weight lies on one
-    device), and the embedding table kept as bits for `embed_rows`."""
+    device), the embedding table kept as bits for `embed_rows`, and the rotary tables of `positions`
+    positions (`rotary_tables`), placed on every device the weights are on."""
     head, layers = head_params(params), layer_params(params, cfg)
     whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
     if whole_weights and cpu_kernels.bf16_gemm_available():
         head, layers = pack_matmul_weights(head, layers)
-    return embedding_as_bits(head), layers
+    sharding = head["final_norm"].sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    tables = {name: jax.device_put(t, sharding) for name, t in rotary_tables(cfg, positions).items()}
+    return embedding_as_bits(head) | tables, layers
 
 
 def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Params:
     """The parameter pytree `serving_weights` made `head` and `layers` from (new arrays, in the layout
     loaders and checkpoints use)."""
-    head = {name: _unpacked(w) for name, w in head.items()}
+    head = {name: _unpacked(w) for name, w in head.items() if name not in ROTARY_TABLES}
     if head["embed"].dtype == jnp.uint16:
         head["embed"] = jax.lax.bitcast_convert_type(head["embed"], jnp.bfloat16)
     if cfg.tie_word_embeddings:

@@ -20,6 +20,7 @@ from jaxserver.model import cpu_kernels
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import (
     MASK_VALUE,
+    ROTARY_TABLES,
     Params,
     cache_storage_dtype,
     embed_rows,
@@ -126,6 +127,17 @@ def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
     return linear(hidden, params["lm_head"])
 
 
+def _rotation(params: Params, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
+    """cos and sin at positions [N], [1, N, 1, hd/2] each: read from the serving weights' tables
+    (`llama.serving_weights`), else computed. Computed in the step, XLA fuses them into every layer's
+    rotation and evaluates them again in each (docs/performance.md, "Rotary tables")."""
+    if ROTARY_TABLES[0] not in params:
+        return rotary(positions[None, :], cfg)
+    at = jnp.clip(positions, 0, params[ROTARY_TABLES[0]].shape[0] - 1)
+    cos, sin = (params[name][at][None, :, None, :] for name in ROTARY_TABLES)
+    return cos, sin
+
+
 def forward_ragged(
     params: Params,
     layers: list[Params],
@@ -148,7 +160,7 @@ def forward_ragged(
         attention = cpu_kernels.paged_attention if kernel_fits(cfg, cache.k.dtype) else attention_reference
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     count = tokens.shape[0]
-    cos, sin = rotary(positions[None, :], cfg)
+    cos, sin = _rotation(params, positions, cfg)
     x = embed_rows(params["embed"], tokens[None, :])  # [1, N, hidden]: the flat batch as one row
     k_pages, v_pages = cache
     for index, layer in enumerate(layers):
