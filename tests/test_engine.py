@@ -1,6 +1,7 @@
 """The engine over the paged runner: batched, preempted and prefix-sharing requests answer as each alone,
 sampling and penalties against direct references, cancellation, timeouts, overload and failure."""
 
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -279,6 +280,40 @@ def test_penalized_greedy_answer_matches_a_direct_reference(make_engine, model):
             )
         )
     assert mixed == [run(engine, plain)[0], expected] * 2
+
+
+def test_logit_bias_matches_a_direct_reference_and_stays_in_its_row(make_engine, model):
+    """A logit bias, checked step by step against numpy on full-forward logits: it bans the plain answer's
+    tokens and lifts others; beside a plain request both answer as alone."""
+    engine = make_engine()
+    prompt = prompts(2, model[0].vocab_size)[1][:10]
+    plain = GenerationRequest(prompt, 8, GREEDY, ignore_eos=True)
+    plain_tokens = run(engine, plain)[0]
+    bias = {token: -100.0 for token in plain_tokens[:3]} | {7: 2.5, 11: 1.5}
+    options = SamplingOptions(greedy=True, logit_bias=tuple(bias.items()))
+    biased = GenerationRequest(prompt, 8, options, ignore_eos=True)
+    expected: list[int] = []
+    for _ in range(8):
+        logits = next_token_logits(model, prompt + expected)
+        for token, value in bias.items():
+            logits[token] += value
+        expected.append(int(np.argmax(logits)))
+    assert run(engine, biased)[0] == expected
+    assert not set(expected) & set(plain_tokens[:3])
+    with ThreadPoolExecutor(4) as pool:
+        mixed = list(pool.map(lambda r: run(engine, r)[0], [plain, biased] * 2))
+    assert mixed == [plain_tokens, expected] * 2
+
+
+def test_logit_bias_is_checked_at_submission(model):
+    from jaxserver.config import JAXServerConfig
+    from jaxserver.engine.request import new_request
+
+    config, vocab = JAXServerConfig(max_length=64), model[0].vocab_size
+    for bias, fragment in [(((vocab, 1.0),), "token ids"), (((3, 101.0),), "[-100, 100]")]:
+        with pytest.raises(BadRequestError, match=re.escape(fragment)) as caught:
+            new_request(config, vocab, [5, 6], logit_bias=bias)
+        assert caught.value.param == "logit_bias"
 
 
 def test_logprobs_are_the_models_distribution_at_each_step(make_engine, model):

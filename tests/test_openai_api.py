@@ -192,6 +192,21 @@ def test_min_p_one_is_greedy_and_penalties_are_accepted(complete):
     assert penalized.usage.completion_tokens == 10
 
 
+def test_logit_bias_reaches_the_sampler_on_both_routes(complete, chat, live):
+    """+100 on one token makes it the greedy answer's every token (the engine's tests check the bias
+    against a reference)."""
+    _, url = live
+    forced = post(url, "/detokenize", {"tokens": [42] * 6}).json()["prompt"]
+    common = {
+        "max_tokens": 6,
+        "temperature": 0,
+        "logit_bias": {"42": 100},
+        "extra_body": {"ignore_eos": True},
+    }
+    assert complete(prompt="The capital of", **common).choices[0].text == forced
+    assert chat(messages=HELLO, **common).choices[0].message.content == forced
+
+
 @pytest.mark.parametrize(
     "body, status, param",
     [
@@ -205,7 +220,10 @@ def test_min_p_one_is_greedy_and_penalties_are_accepted(complete):
         ({"n": 100}, 400, "n"),
         ({"timeout": -1}, 400, "timeout"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools"),
-        ({"logit_bias": {"5": 10}}, 400, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, 400, "logit_bias"),
+        ({"logit_bias": {"five": 1}}, 400, "logit_bias"),
+        ({"logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+        ({"logit_bias": {str(t): 1 for t in range(301)}}, 400, "logit_bias"),
         ({"response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"frobnicate": 1}, 400, "frobnicate"),
         ({"model": "gpt-17"}, 404, "model"),

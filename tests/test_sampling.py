@@ -111,7 +111,9 @@ def test_min_p_drops_tokens_below_a_fraction_of_the_top_probability():
 def test_penalties_match_their_definitions():
     logits = jnp.asarray([[2.0, -1.0, 0.5, 3.0]])
     penalties = Penalties(
-        counts=jnp.asarray([[0, 2, 1, 0]]), in_prompt=jnp.asarray([[True, False, False, False]])
+        counts=jnp.asarray([[0, 2, 1, 0]]),
+        in_prompt=jnp.asarray([[True, False, False, False]]),
+        bias=jnp.zeros((1, 4)),
     )
     got = apply_penalties(logits, rows(1, repetition=2.0, presence=0.5, frequency=0.25), penalties)
     # token 0: in the prompt, positive -> /2; token 1: generated twice, negative -> *2, -0.5, -2*0.25;
@@ -119,17 +121,20 @@ def test_penalties_match_their_definitions():
     np.testing.assert_allclose(np.asarray(got), [[1.0, -3.0, -0.5, 3.0]], rtol=1e-6)
     untouched = apply_penalties(logits, rows(1), penalties)
     np.testing.assert_allclose(np.asarray(untouched), np.asarray(logits))
+    # The bias is added after the penalties.
+    biased = apply_penalties(logits, rows(1), penalties._replace(bias=jnp.asarray([[0.0, 5.0, 0.0, -100.0]])))
+    np.testing.assert_allclose(np.asarray(biased), [[2.0, 4.0, 0.5, -97.0]], rtol=1e-6)
 
 
 def test_count_tokens_only_counts_live_rows():
-    penalties = Penalties(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), bool))
+    penalties = Penalties(jnp.zeros((2, 4), jnp.int32), jnp.zeros((2, 4), bool), jnp.zeros((2, 4)))
     penalties = count_tokens(penalties, jnp.asarray([3, 1]), jnp.asarray([True, False]))
     penalties = count_tokens(penalties, jnp.asarray([3, 1]), jnp.asarray([True, True]))
     assert np.asarray(penalties.counts).tolist() == [[0, 0, 0, 2], [0, 1, 0, 0]]
 
 
 def test_greedy_with_a_penalty_avoids_the_repeated_token():
-    penalties = Penalties(jnp.asarray([[0, 1, 0, 0, 0]]), jnp.zeros((1, 5), bool))
+    penalties = Penalties(jnp.asarray([[0, 1, 0, 0, 0]]), jnp.zeros((1, 5), bool), jnp.zeros((1, 5)))
     penalized = apply_penalties(LOGITS, rows(1, greedy=True, presence=2.0), penalties)
     assert int(sample(penalized, rows(1, greedy=True), jnp.zeros((1,), jnp.int32))[0]) == 2
 

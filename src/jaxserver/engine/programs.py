@@ -128,9 +128,7 @@ def sample_step(
     logits = paged.output_logits(params, hidden[: rows.shape[0]])
     penalized = jax.lax.cond(
         penalize,
-        lambda: apply_penalties(
-            logits, sampling, Penalties(penalties.counts[rows], penalties.in_prompt[rows])
-        ),
+        lambda: apply_penalties(logits, sampling, Penalties(*(part[rows] for part in penalties))),
         lambda: logits,
     )
     next_tokens = sample(penalized, sampling, positions=positions)

@@ -12,7 +12,7 @@ import queue
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.errors import BadRequestError, ContextLengthError
@@ -25,6 +25,7 @@ MAX_TOP_LOGPROBS = 20
 # float32 became inf).
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_LOGIT_BIAS = 300  # entries of a request's logit_bias, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class SamplingOptions:
     presence_penalty: float = 0.0  # subtracted from the logit of every token already generated
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence in the generated tokens
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt/output tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100])
 
     def __post_init__(self) -> None:
         if not 0 <= self.temperature <= FLOAT32_MAX:
@@ -58,10 +60,21 @@ class SamplingOptions:
                 f"repetition_penalty must be in (0, {FLOAT32_MAX:.3g}] (1 disables it)",
                 param="repetition_penalty",
             )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise BadRequestError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+        if any(not -100 <= bias <= 100 for _, bias in self.logit_bias):
+            raise BadRequestError("logit_bias values must be in [-100, 100]", param="logit_bias")
 
     @property
     def penalized(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+        """Whether the sampler changes this request's logits first: repetition penalties or a logit bias
+        (which only single steps apply, not multi-step decoding)."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+            or self.logit_bias
+        )
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,15 @@ def new_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     timeout_s: float | None = None,
-    **penalties: float,
+    **penalties: Any,
 ) -> GenerationRequest:
     """A checked request for the prompt `ids`: what a client leaves out (None) takes the config's default;
-    `penalties` are SamplingOptions' min_p and penalty fields. Raises a `BadRequestError` for anything
+    `penalties` are SamplingOptions' min_p, penalty and logit_bias fields. Raises a `BadRequestError` for anything
     that cannot run."""
     if any(not 0 <= i < vocab_size for i in ids):
         raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="prompt")
+    if any(not 0 <= i < vocab_size for i, _ in penalties.get("logit_bias", ())):
+        raise BadRequestError(f"logit_bias keys must be token ids in [0, {vocab_size})", param="logit_bias")
     if not ids:
         raise BadRequestError("the prompt is empty", param="prompt")
     check_prompt_fits(len(ids), config.max_length)

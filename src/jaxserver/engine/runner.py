@@ -33,7 +33,7 @@ from jaxserver.engine.programs import (
     sampling_rows,
 )
 from jaxserver.engine.request import SamplingOptions, TokenLogprobs
-from jaxserver.engine.scheduler import StepPlan
+from jaxserver.engine.scheduler import Sequence, StepPlan
 from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
@@ -117,14 +117,18 @@ class Runner:
         self._samplers: dict[int, jax.stages.Compiled] = {}
         self._decoders: dict[int, jax.stages.Compiled] = {}
         self._cache_spec = _spec(self.cache)
-        # Every row's repetition penalties; only rows of penalized requests are kept up to date. Placed
+        # Every row's repetition penalties and logit bias; only rows of penalized requests are kept up to
+        # date. Placed
         # as the step's outputs will be, so that the first step compiles no variant of its own.
         vocab = cfg.vocab_size
-        zeros = Penalties(jnp.zeros((max_num_seqs, vocab), jnp.int32), jnp.zeros((max_num_seqs, vocab), bool))
+        zeros = Penalties(*(jnp.zeros((max_num_seqs, vocab), t) for t in (jnp.int32, bool, jnp.float32)))
         self.penalties = zeros if replicated is None else jax.device_put(zeros, replicated)
         # Each row's sampling settings as host arrays, set when another request takes the row.
         self._sampling = sampling_rows(max_num_seqs, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
         self._row_owners: list[tuple[str, int] | None] = [None] * max_num_seqs
+        # Rows whose bias is not zero: the sampler adds a row's bias whatever its request, so a request
+        # without one that takes such a row clears it.
+        self._biased_rows: set[int] = set()
 
     def model_params(self) -> Params:
         """The parameters in the stacked layout they were given in, rebuilt from the serving weights."""
@@ -357,14 +361,26 @@ class Runner:
         )
         return jax.device_get(outputs)
 
-    def _start_penalties(self, row: int, prompt: list[int], generated: list[int]) -> None:
-        """Row `row`'s penalties from the tokens a sequence holds (a resumed one has generated some)."""
-        counts = np.bincount(np.asarray(generated, np.int64), minlength=self.cfg.vocab_size).astype(np.int32)
-        in_prompt = np.zeros(self.cfg.vocab_size, bool)
-        in_prompt[prompt] = True
+    def _start_penalties(self, row: int, seq: Sequence) -> None:
+        """Row `row`'s penalties from the tokens a sequence holds (a resumed one has generated some), and
+        its request's logit bias."""
+        vocab = self.cfg.vocab_size
+        counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=vocab).astype(np.int32)
+        in_prompt = np.zeros(vocab, bool)
+        in_prompt[seq.request.prompt_ids] = True
+        bias = np.zeros(vocab, np.float32)
+        for token, value in seq.request.sampling.logit_bias:
+            bias[token] = value
         self.penalties = Penalties(
-            self.penalties.counts.at[row].set(counts), self.penalties.in_prompt.at[row].set(in_prompt)
+            *(
+                part.at[row].set(new)
+                for part, new in zip(self.penalties, (counts, in_prompt, bias), strict=True)
+            )
         )
+        if seq.request.sampling.logit_bias:
+            self._biased_rows.add(row)
+        else:
+            self._biased_rows.discard(row)
 
     def _rows_sampling(self, plan: StepPlan, rows: int) -> SamplingArrays:
         """The plan's sequences' sampling settings, one row per piece (padding rows as row 0's)."""
@@ -374,8 +390,8 @@ class Runner:
             owner = (seq.request.request_id, seq.preemptions)
             if self._row_owners[seq.row] != owner:
                 _set_row(self._sampling, seq.row, seq.request.sampling)
-                if seq.request.sampling.penalized:
-                    self._start_penalties(seq.row, seq.request.prompt_ids, seq.generated)
+                if seq.request.sampling.penalized or seq.row in self._biased_rows:
+                    self._start_penalties(seq.row, seq)
                 self._row_owners[seq.row] = owner
         order = np.zeros(rows, np.int32)
         order[: len(plan.pieces)] = [piece.seq.row for piece in plan.pieces]
@@ -393,7 +409,8 @@ def _listed(outputs: StepOutputs, row: int, top: int | None) -> TokenLogprobs | 
 
 def _set_row(sampling: SamplingArrays, row: int, options: SamplingOptions) -> None:
     """Row `row` of the host arrays `sampling` set to a request's options."""
-    one = sampling_rows(1, **vars(options))
+    # The logit bias is no column here: it lives in the runner's penalty rows.
+    one = sampling_rows(1, **{name: v for name, v in vars(options).items() if name != "logit_bias"})
     for column, value in zip(sampling, one, strict=True):
         column[row] = value[0]
 

@@ -29,16 +29,17 @@ class SamplingArrays(NamedTuple):
 
 
 class Penalties(NamedTuple):
-    """What the repetition penalties look at, per row: [B, vocab]."""
+    """What the repetition penalties look at, and the logit bias, per row: [B, vocab]."""
 
     counts: jax.Array  # int32: occurrences of each token among the generated ones
     in_prompt: jax.Array  # bool: the token occurs in the prompt
+    bias: jax.Array  # float32: added to the logits (a request's logit_bias)
 
 
 def apply_penalties(logits: jax.Array, params: SamplingArrays, penalties: Penalties) -> jax.Array:
     """Penalize tokens already seen, as vLLM does: the repetition penalty divides the positive logits (and
     multiplies the negative ones) of tokens in the prompt or the output; presence and frequency penalties
-    subtract from the logits of generated tokens, once and once per occurrence."""
+    subtract from the logits of generated tokens, once and once per occurrence. Then add the bias."""
     counts = penalties.counts
     generated = counts > 0
     repetition = params.repetition_penalty[:, None]
@@ -48,6 +49,7 @@ def apply_penalties(logits: jax.Array, params: SamplingArrays, penalties: Penalt
         logits
         - params.frequency_penalty[:, None] * counts
         - params.presence_penalty[:, None] * generated.astype(logits.dtype)
+        + penalties.bias
     )
 
 

@@ -287,6 +287,7 @@ def engine_requests(
                 presence_penalty=body.presence_penalty,
                 frequency_penalty=body.frequency_penalty,
                 repetition_penalty=body.repetition_penalty,
+                logit_bias=tuple((body.logit_bias or {}).items()),
                 logprobs=logprobs,
                 prompt_ids=ids,
                 timeout_s=body.timeout,

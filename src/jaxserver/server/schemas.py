@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from jaxserver.engine.request import MAX_TOP_LOGPROBS
+from jaxserver.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # what a sampling key takes
 
@@ -66,7 +66,7 @@ class ErrorResponse(BaseModel):
 # --- the OpenAI-compatible routes -----------------------------------------------------------------------
 # Field names, ranges and defaults follow OpenAI's API; top_k, min_p, repetition_penalty and ignore_eos are
 # vLLM's extensions. A field OpenAI treats as an optional hint (user, metadata, store, ...) is accepted and
-# ignored; a feature we lack is accepted only with its neutral value (no tools, no logit bias, text only),
+# ignored; a feature we lack is accepted only with its neutral value (no tools, text only),
 # so that a request relying on it fails with a 400 naming the field instead of being answered wrongly.
 # Omitted sampling fields take the server config's defaults.
 
@@ -126,9 +126,20 @@ class OpenAISampling(BaseModel):
         '"abort" and the text so far.',
     )
     user: str | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[int, float] | None = Field(
+        None,
+        description=f"Token id -> a bias in [-100, 100] added to its logit before sampling (at most "
+        f"{MAX_LOGIT_BIAS} tokens): -100 bans a token, 100 all but forces it.",
+    )
 
-    _no_logit_bias = _neutral("logit_bias", "logit_bias")
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[int, float] | None) -> dict[int, float] | None:
+        if value and len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens")
+        if value and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("biases must be in [-100, 100]")
+        return value
 
     @field_validator("stop")
     @classmethod
