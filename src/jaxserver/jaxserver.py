@@ -213,7 +213,8 @@ class JAXServer:
         """Tokenize and check a request; raises a `BadRequestError` for anything that cannot run.
         `prompt_ids` (already tokenized) replaces `string` when given. `options`: temperature, top_p,
         top_k, seed (None: the config's), min_p, presence_penalty, frequency_penalty, repetition_penalty,
-        logit_bias ((token id, bias) pairs), stop (strings), ignore_eos, logprobs (top k), timeout_s (seconds from submission)."""
+        logit_bias ((token id, bias) pairs), stop (strings), ignore_eos, logprobs (top k), timeout_s
+        (seconds from submission)."""
         tokenizer = self.require_ready()
         ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
         return new_request(self.config, tokenizer.vocab_size, ids, greedy, max_new_tokens, **options)

@@ -122,8 +122,8 @@ def new_request(
     **penalties: Any,
 ) -> GenerationRequest:
     """A checked request for the prompt `ids`: what a client leaves out (None) takes the config's default;
-    `penalties` are SamplingOptions' min_p, penalty and logit_bias fields. Raises a `BadRequestError` for anything
-    that cannot run."""
+    `penalties` are SamplingOptions' min_p, penalty and logit_bias fields. Raises a `BadRequestError` for
+    anything that cannot run."""
     if any(not 0 <= i < vocab_size for i in ids):
         raise BadRequestError(f"token ids must be in [0, {vocab_size})", param="prompt")
     if any(not 0 <= i < vocab_size for i, _ in penalties.get("logit_bias", ())):

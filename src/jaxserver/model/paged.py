@@ -29,7 +29,6 @@ from jaxserver.model.llama import (
     linear,
     project_qkv,
     rms_norm,
-    rotary,
     to_cache,
 )
 
@@ -127,12 +126,10 @@ def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
     return linear(hidden, params["lm_head"])
 
 
-def _rotation(params: Params, positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos and sin at positions [N], [1, N, 1, hd/2] each: read from the serving weights' tables
-    (`llama.serving_weights`), else computed. Computed in the step, XLA fuses them into every layer's
-    rotation and evaluates them again in each (docs/performance.md, "Rotary tables")."""
-    if ROTARY_TABLES[0] not in params:
-        return rotary(positions[None, :], cfg)
+def _rotation(params: Params, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin at positions [N], [1, N, 1, hd/2] each, read from the tables `llama.serving_weights`
+    keeps beside the weights. Computed in the step instead, XLA fuses them into every layer's rotation and
+    evaluates them again in each (docs/performance.md, "Rotary tables")."""
     at = jnp.clip(positions, 0, params[ROTARY_TABLES[0]].shape[0] - 1)
     cos, sin = (params[name][at][None, :, None, :] for name in ROTARY_TABLES)
     return cos, sin
@@ -152,15 +149,16 @@ def forward_ragged(
 ) -> tuple[jax.Array, PagedKVCache]:
     """Run the flat batch tokens [N] (token n of sequence token_seqs[n] at position positions[n]; padding
     tokens have a sequence outside page_table [S, max_pages]) through the decoder, writing their keys and
-    values into their pages. Returns the final (normed) hidden states [S, hidden] of the tokens at
-    logit_index [S] (each sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel
-    where it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights,
-    XLA:CPU ran a layer many times slower (docs/performance.md, "Ragged step")."""
+    values into their pages. `params` and `layers` are `llama.serving_weights` (the head with its rotary
+    tables). Returns the final (normed) hidden states [S, hidden] of the tokens at logit_index [S] (each
+    sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel where
+    it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights, XLA:CPU ran
+    a layer many times slower (docs/performance.md, "Ragged step")."""
     if attention is None:
         attention = cpu_kernels.paged_attention if kernel_fits(cfg, cache.k.dtype) else attention_reference
     heads, kv_heads, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     count = tokens.shape[0]
-    cos, sin = _rotation(params, positions, cfg)
+    cos, sin = _rotation(params, positions)
     x = embed_rows(params["embed"], tokens[None, :])  # [1, N, hidden]: the flat batch as one row
     k_pages, v_pages = cache
     for index, layer in enumerate(layers):
