@@ -214,10 +214,13 @@ class JAXServer:
         `prompt_ids` (already tokenized) replaces `string` when given. `options`: temperature, top_p,
         top_k, seed (None: the config's), min_p, presence_penalty, frequency_penalty, repetition_penalty,
         logit_bias ((token id, bias) pairs), stop (strings), ignore_eos, logprobs (top k), timeout_s
-        (seconds from submission)."""
-        tokenizer = self.require_ready()
+        (seconds from submission), constraint (a `Constraint` the answer must match)."""
+        engine, tokenizer = self._running()
         ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
-        return new_request(self.config, tokenizer.vocab_size, ids, greedy, max_new_tokens, **options)
+        request = new_request(self.config, tokenizer.vocab_size, ids, greedy, max_new_tokens, **options)
+        if request.constraint is not None:
+            engine.grammars.check(request.constraint)
+        return request
 
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None

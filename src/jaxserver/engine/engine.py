@@ -34,6 +34,9 @@ from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
+from jaxserver.engine.constraints import GrammarCompiler, bitmask_words
 from jaxserver.engine.page_pool import PagePool
 from jaxserver.engine.programs import decode_rows
 from jaxserver.engine.request import (
@@ -86,6 +89,7 @@ class Engine:
         self.max_waiting = max_waiting
         pool = PagePool(runner.pages, paged.PAGE_TOKENS, prefix_caching)
         self.scheduler = Scheduler(pool, runner.max_num_seqs, runner.max_num_batched_tokens)
+        self.grammars = GrammarCompiler(tokenizer, runner.cfg.vocab_size)
         self.error: str | None = None
         self.finished: Counter[str] = Counter()  # finish reason -> requests
         self.tokens_generated = 0
@@ -131,7 +135,10 @@ class Engine:
                 )
             self._outstanding += 1
         stream = OutputStream(request, loop)
-        self._inbox.put(("submit", Sequence(request, stream, self.tokenizer.incremental_decoder())))
+        seq = Sequence(request, stream, self.tokenizer.incremental_decoder())
+        if request.constraint is not None:
+            seq.matcher = self.grammars.matcher(request.constraint)
+        self._inbox.put(("submit", seq))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -238,9 +245,7 @@ class Engine:
     def _run_plan(self, plan: StepPlan) -> None:
         """Run a plan, count it, and emit what it generated."""
         decode_only = all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces)
-        plain = not any(
-            p.seq.request.sampling.penalized or p.seq.request.logprobs is not None for p in plan.pieces
-        )
+        plain = not any(piece.seq.request.stepped for piece in plan.pieces)
         started = time.perf_counter()
         if decode_only and plain and self.runner.max_decode_steps > 1 and self.runner.can_decode(plan):
             rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
@@ -252,13 +257,24 @@ class Engine:
             if steps_run:
                 self._step_seconds[rows] = (time.perf_counter() - started) / steps_run
         else:
-            sampled = self.runner.step(plan)
+            sampled = self.runner.step(plan, self._token_masks(plan))
             self.scheduler.computed(plan)
             outputs = {i: ([token], None if lp is None else [lp]) for i, (token, lp) in sampled.items()}
             steps_run, rows = 1, self.runner.shape(plan)[1]
         self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, outputs)
         for index, (tokens, logprobs) in outputs.items():
             self._emit(plan.pieces[index].seq, tokens, logprobs)
+
+    def _token_masks(self, plan: StepPlan) -> np.ndarray | None:
+        """The bitmask of allowed next tokens of each piece, or None when no piece samples under a
+        grammar."""
+        constrained = [(i, p.seq.matcher) for i, p in enumerate(plan.pieces) if p.seq.matcher and p.samples]
+        if not constrained:
+            return None
+        masks = np.full((len(plan.pieces), bitmask_words(self.grammars.vocab_size)), -1, np.int32)
+        for index, matcher in constrained:
+            matcher.fill_mask(masks, index)
+        return masks
 
     def _decode_steps_for(self, rows: int) -> int:
         """Steps for a decode call of `rows` rows to last about DECODE_CALL_S (4 until one was timed)."""
@@ -318,17 +334,25 @@ class Engine:
         held_back = 0 if reason or not seq.request.stop else max(map(len, seq.request.stop)) - 1
         end = max(seq.emitted_chars, len(text) - held_back)
         delta, seq.emitted_chars = text[seq.emitted_chars : end], end
-        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason, logprobs=logprobs)
+        error = seq.matcher.error if reason == "error" and seq.matcher else None
+        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason, error, logprobs)
         if reason:
             self._finish(seq, reason, last=chunk)
         else:
             seq.stream.put(chunk)
 
     def _end_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Whether `token`, just generated, ends the sequence: EOS ("stop"), its budget or the context."""
+        """Whether `token`, just generated, ends the sequence: EOS or the end of its grammar ("stop"), a
+        token its grammar refused ("error"), its budget or the context ("length")."""
         request = seq.request
         if not request.ignore_eos and token in self.tokenizer.eos_token_ids:
             return "stop"
+        if seq.matcher is not None:
+            if not seq.matcher.advance(token):
+                log.error("request %s: %s", request.request_id, seq.matcher.error)
+                return "error"
+            if seq.matcher.complete:
+                return "stop"
         if len(seq.generated) >= request.max_new_tokens or seq.num_tokens >= self.runner.max_length:
             return "length"
         return None

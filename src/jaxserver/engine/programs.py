@@ -18,6 +18,7 @@ from jaxserver.model.sampling import (
     Penalties,
     SamplingArrays,
     apply_penalties,
+    apply_token_mask,
     sample,
     token_logprobs,
 )
@@ -117,12 +118,15 @@ def sample_step(
     rows: jax.Array,
     samples: jax.Array,
     positions: jax.Array,
+    allowed: jax.Array,
     penalize: jax.Array,
+    constrain: jax.Array,
     want_logprobs: jax.Array,
 ) -> tuple[StepOutputs, Penalties]:
     """The next token after each of the first R rows of hidden [max_num_seqs, hidden] (meaningful where
     `samples` [R] is set) at `positions` [R], after the repetition penalties of its sequence's row `rows`
-    [R] of `penalties` when `penalize`; the sampled tokens counted there. Compiled apart from the forward
+    [R] of `penalties` when `penalize`, and among the tokens the bitmask `allowed` [R, ceil(vocab / 32)]
+    keeps when `constrain`; the sampled tokens counted there. Compiled apart from the forward
     pass, by R alone: the output projection and sampling cost per row, so a step samples only a bucket
     of the rows it has (and sampling's many small operations cost XLA more to compile than the layers)."""
     logits = paged.output_logits(params, hidden[: rows.shape[0]])
@@ -131,7 +135,8 @@ def sample_step(
         lambda: apply_penalties(logits, sampling, Penalties(*(part[rows] for part in penalties))),
         lambda: logits,
     )
-    next_tokens = sample(penalized, sampling, positions=positions)
+    masked = jax.lax.cond(constrain, lambda: apply_token_mask(penalized, allowed), lambda: penalized)
+    next_tokens = sample(masked, sampling, positions=positions)
     counted = penalties.counts.at[rows, next_tokens].add(samples.astype(jnp.int32))
 
     def no_logprobs() -> LogprobArrays:

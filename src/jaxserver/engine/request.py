@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from jaxserver.config import JAXServerConfig
+from jaxserver.engine.constraints import Constraint
 from jaxserver.errors import BadRequestError, ContextLengthError
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -87,6 +88,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: no log-probabilities; k >= 0: the chosen token's and the top k
     # Seconds from submission after which the engine ends the request ("abort"), waiting or running.
     timeout_s: float | None = None
+    constraint: Constraint | None = None  # a grammar the answer must match
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def __post_init__(self) -> None:
@@ -94,6 +96,12 @@ class GenerationRequest:
             raise BadRequestError(f"top logprobs must be in [0, {MAX_TOP_LOGPROBS}]", param="top_logprobs")
         if self.timeout_s is not None and not self.timeout_s > 0:
             raise BadRequestError("timeout must be > 0 seconds", param="timeout")
+
+    @property
+    def stepped(self) -> bool:
+        """Whether its tokens come from single steps only: multi-step decoding applies no penalties, no
+        logit bias and no grammar, and returns no logprobs."""
+        return self.sampling.penalized or self.logprobs is not None or self.constraint is not None
 
 
 def check_prompt_fits(prompt_len: int, context: int) -> None:
@@ -119,6 +127,7 @@ def new_request(
     ignore_eos: bool = False,
     logprobs: int | None = None,
     timeout_s: float | None = None,
+    constraint: Constraint | None = None,
     **penalties: Any,
 ) -> GenerationRequest:
     """A checked request for the prompt `ids`: what a client leaves out (None) takes the config's default;
@@ -156,6 +165,7 @@ def new_request(
         ignore_eos=ignore_eos,
         logprobs=logprobs,
         timeout_s=timeout_s,
+        constraint=constraint,
     )
 
 

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserver.engine.constraints import bitmask_words
 from jaxserver.engine.programs import (
     MIN_TOKEN_BUCKET,
     StepOutputs,
@@ -176,9 +177,12 @@ class Runner:
         )
         return tokens, min(tokens, self.max_num_seqs)
 
-    def step(self, plan: StepPlan) -> dict[int, tuple[int, TokenLogprobs | None]]:
+    def step(
+        self, plan: StepPlan, allowed: np.ndarray | None = None
+    ) -> dict[int, tuple[int, TokenLogprobs | None]]:
         """Compute the plan's pieces; the sampled next token (and its logprobs, when the request asked) of
-        every piece that reaches its sequence's end, by the piece's index in the plan."""
+        every piece that reaches its sequence's end, by the piece's index in the plan. `allowed`: a token
+        bitmask per piece (int32 [pieces, >= ceil(vocab / 32)], all bits set for an unconstrained one)."""
         token_count, rows = self.shape(plan)
         tokens = np.zeros(token_count, np.int32)
         positions = np.zeros(token_count, np.int32)
@@ -198,7 +202,7 @@ class Runner:
         hidden, self.cache = self._step_program(token_count)(
             self.params, self.layers, self.cache, tokens, positions, token_seqs, page_table, logit_index
         )
-        outputs = self._sample_rows(plan, hidden)
+        outputs = self._sample_rows(plan, hidden, allowed)
         return {
             i: (int(outputs.tokens[i]), _listed(outputs, i, piece.seq.request.logprobs))
             for i, piece in enumerate(plan.pieces)
@@ -209,10 +213,10 @@ class Runner:
         """Up to `steps` (at most `max_decode_steps`) decode steps of a plan of decode tokens only, whose
         sequences' pages have room for them (`Scheduler.reserve`) and whose program is compiled
         (`can_decode`); the tokens each piece generated, by its index in the plan. It stops early at the
-        step where a sequence ends (EOS, its token budget, the context). Repetition penalties and
-        logprobs are `step`'s only."""
-        if any(p.seq.request.sampling.penalized or p.seq.request.logprobs is not None for p in plan.pieces):
-            raise ValueError("decode runs no repetition penalties and no logprobs; step such plans")
+        step where a sequence ends (EOS, its token budget, the context). Requests that are `stepped`
+        are `step`'s only."""
+        if any(piece.seq.request.stepped for piece in plan.pieces):
+            raise ValueError("decode runs no penalties, logit bias, grammar or logprobs; step such plans")
         if not all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces):
             raise ValueError("decode takes plans of decode tokens only (one token per sequence, at its end)")
         if not self.can_decode(plan):
@@ -252,7 +256,7 @@ class Runner:
         )
         for sample_rows in (1, self.max_num_seqs):
             self._sampler(sample_rows)
-        self._sample_rows(StepPlan(), hidden)
+        self._sample_rows(StepPlan(), hidden, None)
         log.info(
             "compiled the %d-token step and two samplers in %.1f s", count, time.perf_counter() - started
         )
@@ -333,21 +337,30 @@ class Runner:
                 _spec(self.penalties),
                 sampling_rows(rows, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0),
                 *host,
+                self._all_allowed(rows),
+                np.bool_(False),
                 np.bool_(False),
                 np.bool_(False),
             )
             self._samplers[rows] = lowered.compile()
         return self._samplers[rows]
 
-    def _sample_rows(self, plan: StepPlan, hidden: jax.Array) -> StepOutputs:
+    def _all_allowed(self, rows: int) -> np.ndarray:
+        return np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+
+    def _sample_rows(self, plan: StepPlan, hidden: jax.Array, allowed: np.ndarray | None) -> StepOutputs:
         """Sample the next token after each of the plan's pieces from its row of the step's final hidden
-        states [max_num_seqs, hidden], in the smallest compiled sampler that holds the plan's rows."""
+        states [max_num_seqs, hidden], in the smallest compiled sampler that holds the plan's rows, among
+        the tokens `allowed` (a bitmask per piece) keeps."""
         rows = self._ready_size(self._samplers, decode_rows(max(len(plan.pieces), 1), self.max_num_seqs))
         seq_rows, samples, positions = (np.zeros(rows, dtype) for dtype in (np.int32, bool, np.int32))
         for row, piece in enumerate(plan.pieces):
             seq_rows[row], samples[row], positions[row] = piece.seq.row, piece.samples, piece.end
         requests = [piece.seq.request for piece in plan.pieces]
         sampling = self._rows_sampling(plan, rows)  # first: a new row's penalties start here
+        mask = self._all_allowed(rows)
+        if allowed is not None:
+            mask[: len(plan.pieces)] = allowed[:, : mask.shape[1]]
         outputs, self.penalties = self._sampler(rows)(
             self.params,
             hidden,
@@ -356,7 +369,9 @@ class Runner:
             seq_rows,
             samples,
             positions,
+            mask,
             np.bool_(any(request.sampling.penalized for request in requests)),
+            np.bool_(allowed is not None),
             np.bool_(any(request.logprobs is not None for request in requests)),
         )
         return jax.device_get(outputs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from jaxserver.engine.constraints import TokenMatcher
 from jaxserver.engine.page_pool import PagePool, PageTable
 from jaxserver.engine.request import GenerationRequest, OutputStream
 from jaxserver.model.tokenizer import IncrementalDetokenizer
@@ -29,6 +30,7 @@ class Sequence:
     request: GenerationRequest
     stream: OutputStream | None = None
     detokenizer: IncrementalDetokenizer | None = None
+    matcher: TokenMatcher | None = None  # where its answer is in its grammar, for a constrained request
     emitted_chars: int = 0  # text already sent to the stream
     generated: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose keys and values are in the cache

@@ -53,6 +53,14 @@ def apply_penalties(logits: jax.Array, params: SamplingArrays, penalties: Penalt
     )
 
 
+def apply_token_mask(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Logits [B, V] with the tokens a bitmask [B, ceil(V / 32)] int32 leaves out set to -inf (bit t & 31
+    of word t >> 5 allows token t, as llguidance writes it)."""
+    bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+    keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
+    return jnp.where(keep, logits, -jnp.inf)
+
+
 def count_tokens(penalties: Penalties, tokens: jax.Array, live: jax.Array) -> Penalties:
     """Add one occurrence of tokens [B] to the rows where live [B] is set."""
     rows = jnp.arange(tokens.shape[0])

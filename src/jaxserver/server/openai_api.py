@@ -46,6 +46,7 @@ from jaxserver.server.schemas import (
     Usage,
 )
 from jaxserver.server.streaming import EngineClient
+from jaxserver.server.structured import body_constraint
 
 INT64 = 2**64
 
@@ -271,6 +272,7 @@ def engine_requests(
             param="n",
         )
     seed = body.seed if body.seed is not None else secrets.randbits(31)
+    constraint = body_constraint(body)
     try:
         return [
             backend.prepare(
@@ -291,6 +293,7 @@ def engine_requests(
                 logprobs=logprobs,
                 prompt_ids=ids,
                 timeout_s=body.timeout,
+                constraint=constraint,
             )
             for k, ids in enumerate(ids for ids in prompts for _ in range(body.n))
         ]

@@ -84,6 +84,36 @@ def _neutral(name: str, what: str):
     return field_validator(name)(check)
 
 
+class StructuredOutputs(BaseModel):
+    """vLLM's `structured_outputs`: what the answer must match (one field set)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="A JSON schema.")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="A Lark or GBNF grammar.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="Omitted: any JSON.")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: text, any JSON object, or JSON matching a schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -131,6 +161,14 @@ class OpenAISampling(BaseModel):
         description=f"Token id -> a bias in [-100, 100] added to its logit before sampling (at most "
         f"{MAX_LOGIT_BIAS} tokens): -100 bans a token, 100 all but forces it.",
     )
+
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="vLLM's constrained decoding: exactly one of json, regex, choice, grammar."
+    )
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older structured_outputs.json.")
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -188,18 +226,11 @@ class ChatCompletionRequest(OpenAISampling):
     safety_identifier: str | None = None
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text"]] | None = None
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["none", "auto"] | None = None
 
     _no_tools = _neutral("tools", "tools (function calling)")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value.get("type") != "text":
-            raise ValueError(f"response_format {value.get('type')!r} is not supported; only 'text'")
-        return value
 
 
 class CompletionRequest(OpenAISampling):
