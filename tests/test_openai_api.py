@@ -224,7 +224,6 @@ def test_logit_bias_reaches_the_sampler_on_both_routes(complete, chat, live):
         ({"logit_bias": {"five": 1}}, 400, "logit_bias"),
         ({"logit_bias": {"99999999": 1}}, 400, "logit_bias"),
         ({"logit_bias": {str(t): 1 for t in range(301)}}, 400, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, 400, "response_format"),
         ({"frobnicate": 1}, 400, "frobnicate"),
         ({"model": "gpt-17"}, 404, "model"),
     ],

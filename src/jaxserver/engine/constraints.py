@@ -124,4 +124,3 @@ class GrammarCompiler:
         if error:
             raise BadRequestError(f"invalid {constraint.kind}: {error.strip()}", param=constraint.param)
         return grammar
-

@@ -165,7 +165,9 @@ class OpenAISampling(BaseModel):
     structured_outputs: StructuredOutputs | None = Field(
         None, description="vLLM's constrained decoding: exactly one of json, regex, choice, grammar."
     )
-    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM's older structured_outputs.json.")
+    guided_json: dict[str, Any] | str | None = Field(
+        None, description="vLLM's older structured_outputs.json."
+    )
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None

@@ -22,7 +22,9 @@ def body_constraint(body: OpenAISampling) -> Constraint | None:
     ]
     if len(found) > 1:
         names = ", ".join(c.param for c in found)
-        raise BadRequestError(f"set one constraint on the answer, not several ({names})", param=found[1].param)
+        raise BadRequestError(
+            f"set one constraint on the answer, not several ({names})", param=found[1].param
+        )
     return found[0] if found else None
 
 
