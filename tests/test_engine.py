@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxserver.engine import step_relay
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
@@ -404,3 +405,23 @@ def test_a_decode_call_ends_at_the_step_where_a_sequence_finishes(make_engine):
     assert [len(c.token_ids) for c in short] == [1, 3]  # the prompt step's token, then one call
     sizes = [len(c.token_ids) for c in long]
     assert sizes[:2] == [1, 3] and sum(sizes) == 21 and 4 < max(sizes) <= 16
+
+
+def test_decode_calls_stream_each_step_and_end_at_stop_strings(make_engine, model, monkeypatch):
+    """Handing tokens on at every step: a call of up to 16 steps sends one chunk per token as it runs, and
+    a stop string met inside a call ends the answer exactly where it does without streaming."""
+    engine = make_engine(steps=16, max_length=128)
+    prompt = prompts(1, model[0].vocab_size)[0]
+    tokens, full_text, _ = run(engine, GenerationRequest(prompt, 40, GREEDY, ignore_eos=True))
+    monkeypatch.setattr(step_relay, "RELAY_INTERVAL_S", 0.0)
+    calls = engine.stats()["step_totals"]["decode_calls"]
+    chunks = list(engine.submit(GenerationRequest(prompt, 40, GREEDY, ignore_eos=True)))
+    assert summary(chunks)[:2] == (tokens, full_text)
+    assert all(len(c.token_ids) == 1 for c in chunks[:-1])
+    assert engine.stats()["step_totals"]["decode_calls"] - calls < 40 // 4
+    stop = full_text[20:23]
+    _, text, reason = run(engine, GenerationRequest(prompt, 40, GREEDY, stop=(stop,), ignore_eos=True))
+    assert reason == "stop" and text == full_text[: full_text.index(stop)]
+    stats = engine.stats()
+    assert stats["running_requests"] == 0
+    assert stats["kv_cache"]["pages_free"] == stats["kv_cache"]["pages_total"]

@@ -49,6 +49,7 @@ from jaxserver.engine.request import (
 )
 from jaxserver.engine.runner import Runner
 from jaxserver.engine.scheduler import Scheduler, Sequence, StepPlan
+from jaxserver.engine.step_relay import TokensByRow
 from jaxserver.errors import BadRequestError, EngineError, NotReadyError, OverloadedError
 from jaxserver.model import paged
 from jaxserver.model.tokenizer import Tokenizer
@@ -247,23 +248,54 @@ class Engine:
         decode_only = all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces)
         plain = not any(piece.seq.request.stepped for piece in plan.pieces)
         started = time.perf_counter()
+        ended: dict[int, GenerationChunk] = {}  # the last chunks of pieces that ended while streamed
         if decode_only and plain and self.runner.max_decode_steps > 1 and self.runner.can_decode(plan):
-            rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
-            steps = self.scheduler.reserve(plan, self._decode_steps_for(rows))
-            generated = self.runner.decode(plan, steps)
-            self.scheduler.computed(plan, {i: plan.pieces[i].start + len(t) for i, t in generated.items()})
-            outputs = {i: (tokens, None) for i, tokens in generated.items() if tokens}
-            steps_run = max(map(len, generated.values()), default=0)
-            if steps_run:
-                self._step_seconds[rows] = (time.perf_counter() - started) / steps_run
+            outputs, steps_run, rows, generated = self._decode(plan, ended)
         else:
             sampled = self.runner.step(plan, self._token_masks(plan))
             self.scheduler.computed(plan)
             outputs = {i: ([token], None if lp is None else [lp]) for i, (token, lp) in sampled.items()}
-            steps_run, rows = 1, self.runner.shape(plan)[1]
-        self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, outputs)
+            steps_run, rows, generated = 1, self.runner.shape(plan)[1], len(outputs)
+        self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, generated)
         for index, (tokens, logprobs) in outputs.items():
             self._emit(plan.pieces[index].seq, tokens, logprobs)
+        for index, chunk in ended.items():
+            self._finish(plan.pieces[index].seq, chunk.finish_reason, last=chunk)
+
+    def _decode(
+        self, plan: StepPlan, ended: dict[int, GenerationChunk]
+    ) -> tuple[dict[int, tuple[list[int], None]], int, int, int]:
+        """One multi-step decode call whose tokens reach the streams as it runs; the tokens left to emit
+        after it by piece, the steps it ran, the rows it computed and the tokens it generated. A piece
+        that ended while streamed (EOS, a stop string, its budget) leaves its last chunk in `ended`, to be
+        finished once the call no longer uses its pages."""
+        rows = decode_rows(len(plan.pieces), self.runner.max_num_seqs)
+        steps = self.scheduler.reserve(plan, self._decode_steps_for(rows))
+        streamed: Counter[int] = Counter()
+
+        def stream(new_tokens: TokensByRow) -> None:
+            for index, tokens in new_tokens.items():
+                if index not in ended:
+                    seq = plan.pieces[index].seq
+                    streamed[index] += len(tokens)
+                    chunk = self._take(seq, tokens, None)
+                    if chunk.finish_reason:
+                        ended[index] = chunk
+                    else:
+                        seq.stream.put(chunk)
+
+        started = time.perf_counter()
+        generated = self.runner.decode(plan, steps, stream)
+        self.scheduler.computed(plan, {i: plan.pieces[i].start + len(t) for i, t in generated.items()})
+        steps_run = max(map(len, generated.values()), default=0)
+        if steps_run:
+            self._step_seconds[rows] = (time.perf_counter() - started) / steps_run
+        outputs = {
+            i: (tokens[streamed[i] :], None)
+            for i, tokens in generated.items()
+            if i not in ended and len(tokens) > streamed[i]
+        }
+        return outputs, steps_run, rows, sum(map(len, generated.values()))
 
     def _token_masks(self, plan: StepPlan) -> np.ndarray | None:
         """The bitmask of allowed next tokens of each piece, or None when no piece samples under a
@@ -289,12 +321,12 @@ class Engine:
         seconds: float,
         steps: int,
         rows: int,
-        outputs: dict[int, tuple],
+        generated: int,
     ) -> None:
-        """Add a run's time and tokens to the totals; `rows` were computed in each of its `steps`."""
+        """Add a run's time and `generated` tokens to the totals; `rows` were computed in each of its
+        `steps`."""
         totals = self.totals
         totals.prompt_tokens_reused = self.scheduler.prefix_hit_pages * paged.PAGE_TOKENS
-        generated = sum(len(tokens) for tokens, _ in outputs.values())
         if decode_only:
             totals.decode_seconds += seconds
             totals.decode_calls += 1
@@ -312,9 +344,19 @@ class Engine:
                 totals.tokens_recomputed += piece.end - piece.start - (1 if piece.samples else 0)
 
     def _emit(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> None:
-        """Detokenize new tokens, apply stop conditions, send the chunk; finish the request if it ended.
-        Tokens are taken one at a time, so a stop string ends the answer at the token that completed it,
-        even inside a multi-step decode call's tokens."""
+        """Send the chunk of new tokens; finish the request if it ended."""
+        chunk = self._take(seq, new_tokens, logprobs)
+        if chunk.finish_reason:
+            self._finish(seq, chunk.finish_reason, last=chunk)
+        else:
+            seq.stream.put(chunk)
+
+    def _take(
+        self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None
+    ) -> GenerationChunk:
+        """Detokenize new tokens and apply stop conditions: the chunk to send, with a finish reason if the
+        request ended. Tokens are taken one at a time, so a stop string ends the answer at the token that
+        completed it, even inside a multi-step decode call's tokens."""
         reason, text = None, seq.detokenizer.text
         for kept, token in enumerate(new_tokens, start=1):
             seq.generated.append(token)
@@ -335,11 +377,7 @@ class Engine:
         end = max(seq.emitted_chars, len(text) - held_back)
         delta, seq.emitted_chars = text[seq.emitted_chars : end], end
         error = seq.matcher.error if reason == "error" and seq.matcher else None
-        chunk = GenerationChunk(delta, new_tokens, len(seq.generated), reason, error, logprobs)
-        if reason:
-            self._finish(seq, reason, last=chunk)
-        else:
-            seq.stream.put(chunk)
+        return GenerationChunk(delta, new_tokens, len(seq.generated), reason, error, logprobs)
 
     def _end_reason(self, seq: Sequence, token: int) -> FinishReason | None:
         """Whether `token`, just generated, ends the sequence: EOS or the end of its grammar ("stop"), a

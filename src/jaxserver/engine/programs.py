@@ -3,9 +3,11 @@ sampler (compiled once, apart from it), and multi-step decoding; and the shapes 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
@@ -179,10 +181,14 @@ def decode_steps(
     attention: paged.Attention,
     max_steps: int,
     max_length: int,
+    report_step: Callable[[jax.Array, jax.Array], None] | None = None,
+    report_done: Callable[[jax.Array], None] | None = None,
 ) -> tuple[jax.Array, jax.Array, paged.PagedKVCache]:
     """Up to `steps` (<= max_steps) decode steps of the rows of `state` [R] (row r is sequence r of
     page_table [R, max_pages], whose pages hold room for them), fewer if a row finishes first. Returns
-    the tokens generated [R, max_steps], where each was generated (bool, same shape), and the cache."""
+    the tokens generated [R, max_steps], where each was generated (bool, same shape), and the cache.
+    `report_step(tokens, active)` is called on the host after each step, `report_done(steps)` after the
+    last (`step_relay`)."""
     rows = state.tokens.shape[0]
     seq_ids = jnp.arange(rows, dtype=jnp.int32)
 
@@ -204,6 +210,8 @@ def decode_steps(
         logits = paged.output_logits(params, hidden)
         new_tokens = sample(logits, state.sampling, positions=state.lengths + 1)
         emitted = emitted.at[:, i].set(state.active)
+        if report_step is not None:
+            jax.experimental.io_callback(report_step, None, new_tokens, state.active)
         state = _advanced(state, new_tokens, eos_ids, max_length)
         return i + 1, state, cache, tokens.at[:, i].set(new_tokens), emitted
 
@@ -217,7 +225,11 @@ def decode_steps(
 
     tokens = jnp.zeros((rows, max_steps), jnp.int32)
     emitted = jnp.zeros((rows, max_steps), bool)
-    _, _, cache, tokens, emitted = jax.lax.while_loop(keep_going, step, (0, state, cache, tokens, emitted))
+    steps_run, _, cache, tokens, emitted = jax.lax.while_loop(
+        keep_going, step, (0, state, cache, tokens, emitted)
+    )
+    if report_done is not None:
+        jax.experimental.io_callback(report_done, None, steps_run)
     return tokens, emitted, cache
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -35,6 +36,7 @@ from jaxserver.engine.programs import (
 )
 from jaxserver.engine.request import SamplingOptions, TokenLogprobs
 from jaxserver.engine.scheduler import Sequence, StepPlan
+from jaxserver.engine.step_relay import StepRelay, TokensByRow
 from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
@@ -98,6 +100,7 @@ class Runner:
         self._sample = jax.jit(
             sample_step, donate_argnums=2, **({} if replicated is None else {"out_shardings": replicated})
         )
+        self._relay = StepRelay()
         self._decode = jax.jit(
             functools.partial(
                 decode_steps,
@@ -105,6 +108,8 @@ class Runner:
                 attention=self.attention,
                 max_steps=max_decode_steps,
                 max_length=max_length,
+                report_step=self._relay.report_step,
+                report_done=self._relay.report_done,
             ),
             donate_argnums=2,
         )
@@ -209,12 +214,15 @@ class Runner:
             if piece.samples
         }
 
-    def decode(self, plan: StepPlan, steps: int) -> dict[int, list[int]]:
+    def decode(
+        self, plan: StepPlan, steps: int, on_tokens: Callable[[TokensByRow], None] | None = None
+    ) -> dict[int, list[int]]:
         """Up to `steps` (at most `max_decode_steps`) decode steps of a plan of decode tokens only, whose
         sequences' pages have room for them (`Scheduler.reserve`) and whose program is compiled
         (`can_decode`); the tokens each piece generated, by its index in the plan. It stops early at the
         step where a sequence ends (EOS, its token budget, the context). Requests that are `stepped`
-        are `step`'s only."""
+        are `step`'s only. While the call runs, `on_tokens` gets each piece's new tokens every few steps
+        (`StepRelay.run`)."""
         if any(piece.seq.request.stepped for piece in plan.pieces):
             raise ValueError("decode runs no penalties, logit bias, grammar or logprobs; step such plans")
         if not all(piece.end - piece.start == 1 and piece.samples for piece in plan.pieces):
@@ -231,8 +239,13 @@ class Runner:
             state.remaining[row] = request.max_new_tokens - len(seq.generated)
             state.active[row], state.stop_at_eos[row] = True, not request.ignore_eos
             page_table[row, : len(seq.table.pages)] = seq.table.indices
-        tokens, emitted, self.cache = self._decoders[rows](
-            self.params, self.layers, self.cache, state, page_table, self.eos_ids, np.int32(steps)
+        program, cache = self._decoders[rows], self.cache  # the call runs on the relay's thread
+        tokens, emitted, self.cache = self._relay.run(
+            lambda: program(
+                self.params, self.layers, cache, state, page_table, self.eos_ids, np.int32(steps)
+            ),
+            len(plan.pieces),
+            on_tokens,
         )
         tokens, emitted = np.asarray(tokens), np.asarray(emitted)
         return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
