@@ -1,9 +1,12 @@
 """End to end: `jaxserver serve` with the embedded SmolLM2-135M-Instruct, driven over HTTP on 127.0.0.1."""
 
+import json
 import os
 
+import openai
 import pytest
 import requests
+from pydantic import BaseModel, Field
 
 from jaxserver.launch import start_server
 
@@ -43,3 +46,52 @@ def test_stream_and_status(base_url):
     status = requests.get(f"{base_url}/status", timeout=10).json()
     assert status["model"] == "SmolLM2-135M-Instruct" and status["parameters"] == 134515008
     assert status["requests_served"] >= 2 and len(status["devices"]) == 1
+
+
+class City(BaseModel):
+    name: str = Field(max_length=40)
+    country: str = Field(max_length=40)
+
+
+def test_sdk_parse_and_a_two_turn_tool_loop(base_url):
+    """The SDK's parse() returns the pydantic object; a tool loop (call, result, answer) runs, streamed
+    and not."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    model = client.models.list().data[0].id
+    ask = [{"role": "user", "content": "Name the capital of France and its country."}]
+    parsed = client.chat.completions.parse(model=model, messages=ask, response_format=City, max_tokens=80)
+    assert isinstance(parsed.choices[0].message.parsed, City)
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The current weather in a city.",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string", "maxLength": 40}},
+                "required": ["city"],
+            },
+        },
+    }
+    turn = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = client.chat.completions.create(
+        model=model, messages=turn, tools=[weather], tool_choice="required", max_tokens=80, temperature=0
+    ).choices[0]
+    assert first.finish_reason == "tool_calls"
+    call = first.message.tool_calls[0]
+    assert call.function.name == "get_weather" and "city" in json.loads(call.function.arguments)
+    turn += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny and 21 degrees Celsius."},
+    ]
+    streamed = client.chat.completions.create(
+        model=model, messages=turn, tools=[weather], max_tokens=120, temperature=0, stream=True
+    )
+    text, reasons = "", []
+    for chunk in streamed:
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            reasons += [choice.finish_reason] if choice.finish_reason else []
+    assert reasons in (["stop"], ["tool_calls"], ["length"])
+    if reasons == ["stop"]:
+        assert text.strip()

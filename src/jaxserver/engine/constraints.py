@@ -113,9 +113,9 @@ class GrammarCompiler:
     def _compile(self, constraint: Constraint) -> str:
         try:
             if constraint.kind == "json_schema":
-                grammar = llguidance.LLMatcher.grammar_from_json_schema(
-                    constraint.text, defaults={"whitespace_pattern": JSON_WHITESPACE}
-                )
+                # A schema's own layout options ("x-guidance") replace the bounded whitespace.
+                layout = {} if '"x-guidance"' in constraint.text else {"whitespace_pattern": JSON_WHITESPACE}
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(constraint.text, defaults=layout)
             else:  # llguidance's "grammar" takes Lark or GBNF
                 grammar = llguidance.grammar_from(constraint.kind, constraint.text)
         except ValueError as exc:

@@ -24,7 +24,7 @@ T = TypeVar("T")
 TokensByRow = dict[int, list[int]]
 # Tokens are handed on at most this often: more often costs the engine thread and the event loop time for
 # events no reader can tell apart.
-RELAY_INTERVAL_S = 0.02
+RELAY_INTERVAL_S = 0.04
 _DONE = None
 HAND_ON_WAIT_S = 10.0  # a step waits at most this long for the tokens it reported to be handed on
 

@@ -22,8 +22,8 @@ from jaxserver.server.streaming import ClientDisconnected, EngineClient
 class Answer(Protocol):
     """What a route makes of the chunks of its requests (one per choice)."""
 
-    def add(self, index: int, chunk: GenerationChunk) -> dict[str, Any] | None:
-        """Take choice `index`'s next chunk; return the event it becomes when streamed (None: no event)."""
+    def add(self, index: int, chunk: GenerationChunk) -> list[dict[str, Any]]:
+        """Take choice `index`'s next chunk; return the events it becomes when streamed (maybe none)."""
         ...
 
     def closing_events(self) -> list[dict[str, Any]]:
@@ -63,8 +63,7 @@ async def _events(
     try:
         async with contextlib.aclosing(client.chunks(streams)) as chunks:
             async for index, chunk in chunks:
-                event = answer.add(index, chunk)
-                if event is not None:
+                for event in answer.add(index, chunk):
                     yield sse(event)
     except EngineError as exc:
         yield sse(error_body(exc.message, "server_error"))
@@ -82,15 +81,16 @@ class SeedAnswer:
     def __init__(self, string: str):
         self.string, self.response, self.tokens_used = string, "", 0
 
-    def add(self, index: int, chunk: GenerationChunk) -> dict[str, Any]:
+    def add(self, index: int, chunk: GenerationChunk) -> list[dict[str, Any]]:
         self.response += chunk.text
         self.tokens_used = chunk.tokens_generated
-        return {
+        event = {
             "delta": chunk.text,
             "response": self.response,
             "tokens_used": chunk.tokens_generated,
             "finish_reason": chunk.finish_reason,
         }
+        return [event]
 
     def closing_events(self) -> list[dict[str, Any]]:
         return []

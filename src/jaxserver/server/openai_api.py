@@ -12,7 +12,6 @@ from __future__ import annotations
 import secrets
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,21 +31,24 @@ from jaxserver.server.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatLogprobs,
-    ChatMessage,
     ChatTokenLogprob,
     Completion,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     Delta,
+    FunctionDelta,
     ModelCard,
     ModelList,
     OpenAISampling,
+    ToolCall,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
 from jaxserver.server.streaming import EngineClient
 from jaxserver.server.structured import body_constraint
+from jaxserver.server.tools import ToolPlan, generic_messages, parse_answer, tool_plan
 
 INT64 = 2**64
 
@@ -82,34 +84,70 @@ class _Format:
 
 
 class ChatFormat(_Format):
-    """Choices as `chat.completion` (and `chat.completion.chunk`) objects."""
+    """Choices as `chat.completion` (and `chat.completion.chunk`) objects. With `tools`, answers are in the
+    generic tool format (`server.tools`): parsed into content or tool calls, and streamed once whole."""
+
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool, tools: bool = False):
+        super().__init__(tokenizer, logprobs)
+        self.tools = tools
 
     def whole(self, base: dict[str, Any], choices: list[Choice], usage: Usage) -> ChatCompletion:
-        return ChatCompletion(
-            **base,
-            choices=[
+        answers = []
+        for i, c in enumerate(choices):
+            content, calls, reason = self._parsed(c.text, c.finish_reason or "abort")
+            message = AssistantMessage(content=content, tool_calls=calls)
+            answers.append(
                 ChatChoice(
-                    index=i,
-                    message=AssistantMessage(content=c.text),
-                    logprobs=self._logprobs(c.logprobs),
-                    finish_reason=c.finish_reason or "abort",
+                    index=i, message=message, logprobs=self._logprobs(c.logprobs), finish_reason=reason
                 )
-                for i, c in enumerate(choices)
-            ],
-            usage=usage,
-        )
+            )
+        return ChatCompletion(**base, choices=answers, usage=usage)
 
-    def piece(
+    def pieces(
         self, base: dict[str, Any], index: int, chunk: GenerationChunk, before: Choice
+    ) -> list[ChatCompletionChunk]:
+        role = None if before.started else "assistant"
+        if not self.tools:
+            return [
+                self._chunk(base, index, Delta(role=role, content=chunk.text), chunk.finish_reason, chunk)
+            ]
+        if chunk.finish_reason is None:
+            return [] if before.started else [self._chunk(base, index, Delta(role=role), None)]
+        content, calls, reason = self._parsed(before.text + chunk.text, chunk.finish_reason)
+        if calls is None:
+            return [self._chunk(base, index, Delta(role=role, content=content), reason)]
+        events = []
+        for k, call in enumerate(calls):  # as OpenAI streams a call: its id and name, then its arguments
+            named = ToolCallDelta(
+                index=k,
+                id=call.id,
+                type="function",
+                function=FunctionDelta(name=call.function.name, arguments=""),
+            )
+            events.append(self._chunk(base, index, Delta(role=role, tool_calls=[named]), None))
+            arguments = ToolCallDelta(index=k, function=FunctionDelta(arguments=call.function.arguments))
+            events.append(self._chunk(base, index, Delta(tool_calls=[arguments]), None))
+            role = None
+        return [*events, self._chunk(base, index, Delta(), reason)]
+
+    def _chunk(
+        self,
+        base: dict[str, Any],
+        index: int,
+        delta: Delta,
+        finish_reason: str | None,
+        chunk: GenerationChunk | None = None,
     ) -> ChatCompletionChunk:
-        delta = Delta(role=None if before.started else "assistant", content=chunk.text)
-        choice = ChatChunkChoice(
-            index=index,
-            delta=delta,
-            logprobs=self._logprobs(chunk.logprobs),
-            finish_reason=chunk.finish_reason,
-        )
+        logprobs = self._logprobs(chunk.logprobs) if chunk is not None else None
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)
         return ChatCompletionChunk(**base, choices=[choice])
+
+    def _parsed(self, text: str, reason: str) -> tuple[str | None, list[ToolCall] | None, str]:
+        """(content, tool calls, finish reason) of an answer; only a finished one can hold calls."""
+        if not self.tools or reason != "stop":
+            return text, None, reason
+        content, calls = parse_answer(text)
+        return content, calls, "tool_calls" if calls else reason
 
     def usage_piece(self, base: dict[str, Any], usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(**base, choices=[], usage=usage)
@@ -147,14 +185,16 @@ class TextFormat(_Format):
             usage=usage,
         )
 
-    def piece(self, base: dict[str, Any], index: int, chunk: GenerationChunk, before: Choice) -> Completion:
+    def pieces(
+        self, base: dict[str, Any], index: int, chunk: GenerationChunk, before: Choice
+    ) -> list[Completion]:
         choice = CompletionChoice(
             index=index,
             text=chunk.text,
             logprobs=self._logprobs(chunk.logprobs or [], len(before.text)),
             finish_reason=chunk.finish_reason,
         )
-        return Completion(**base, choices=[choice])
+        return [Completion(**base, choices=[choice])]
 
     def usage_piece(self, base: dict[str, Any], usage: Usage) -> Completion:
         return Completion(**base, choices=[], usage=usage)
@@ -178,23 +218,6 @@ class TextFormat(_Format):
 
 def _top(token: str, logprob: float) -> dict[str, Any]:
     return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-
-def message_dicts(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """Messages as the chat template takes them: text content only ("developer" is a system message)."""
-    out = []
-    for i, message in enumerate(messages):
-        content = message.content
-        if not isinstance(content, str):
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    raise BadRequestError(
-                        f"messages[{i}].content[{j}] has type {part.type!r}; only text parts are supported",
-                        param=f"messages.{i}.content.{j}",
-                    )
-            content = "\n".join(part.text or "" for part in content)
-        out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
-    return out
 
 
 def check_model(backend: Backend, name: str | None) -> None:
@@ -229,13 +252,13 @@ class OpenAIAnswer:
         self.prompt_tokens = sum(len(r.prompt_ids) for r in requests[::n])  # each prompt once
         self.choices = [Choice() for _ in requests]
 
-    def add(self, index: int, chunk: GenerationChunk) -> dict[str, Any] | None:
+    def add(self, index: int, chunk: GenerationChunk) -> list[dict[str, Any]]:
         choice = self.choices[index]
-        event = None
+        events = []
         if self.streamed and (chunk.text or chunk.finish_reason or chunk.logprobs or not choice.started):
-            event = self.form.piece(self.base, index, chunk, choice).model_dump(mode="json")
+            events = [e.model_dump(mode="json") for e in self.form.pieces(self.base, index, chunk, choice)]
         choice.add(chunk)
-        return event
+        return events
 
     def usage(self) -> Usage:
         completion = sum(c.tokens for c in self.choices)
@@ -261,9 +284,10 @@ def engine_requests(
     max_tokens: int | None,
     logprobs: int | None,
     max_tokens_field: str = "max_tokens",
+    tools: ToolPlan | None = None,
 ) -> list[GenerationRequest]:
-    """n requests per prompt, choice k (counted over all prompts) seeded with seed + k. Errors about the
-    engine's max_new_tokens name the body's field instead."""
+    """n requests per prompt, choice k (counted over all prompts) seeded with seed + k, constrained as the
+    body or its `tools` ask. Errors about the engine's max_new_tokens name the body's field instead."""
     capacity = backend.config.max_num_seqs + backend.config.max_waiting_requests
     if len(prompts) * body.n > capacity:
         raise BadRequestError(
@@ -273,6 +297,13 @@ def engine_requests(
         )
     seed = body.seed if body.seed is not None else secrets.randbits(31)
     constraint = body_constraint(body)
+    if tools is not None:
+        if constraint is not None:
+            raise BadRequestError(
+                "a request with tools cannot also constrain its answer (the tools' format does)",
+                param=constraint.param,
+            )
+        constraint = tools.constraint()
     try:
         return [
             backend.prepare(
@@ -367,11 +398,13 @@ def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
         check_model(backend, body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-        string = backend.build_messages_prompt(message_dicts(body.messages))
+        tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
+        string = backend.build_messages_prompt(generic_messages(body.messages, tools))
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         ids = [tokenizer.encode(string)]
-        requests = engine_requests(backend, body, ids, getattr(body, field), logprobs, field)
-        return await answer(http, body, requests, ChatFormat(tokenizer, body.logprobs), "chatcmpl")
+        requests = engine_requests(backend, body, ids, getattr(body, field), logprobs, field, tools)
+        form = ChatFormat(tokenizer, body.logprobs, tools=tools is not None)
+        return await answer(http, body, requests, form, "chatcmpl")
 
     return router

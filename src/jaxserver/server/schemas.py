@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jaxserver.engine.request import MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS
+from jaxserver.errors import BadRequestError
 
 SEED_RANGE = {"ge": -(2**63), "le": 2**63 - 1}  # what a sampling key takes
 
@@ -202,16 +203,75 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as a JSON object, serialized.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None  # arguments always follow `parameters` here
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
     name: str | None = None  # a hint; ignored
     refusal: str | None = None  # sent back by clients that echo an earlier answer; ignored
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, description="An assistant message's calls.")
+    tool_call_id: str | None = Field(None, description="A tool message's call, which it answers.")
 
-    _no_tool_calls = _neutral("tool_calls", "tool_calls")
+    @model_validator(mode="after")
+    def _content_where_needed(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(
+                "content is required (it may be null only in an assistant message with tool_calls)"
+            )
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        return self
+
+    def text(self, index: int) -> str:
+        """The content as text (text parts joined; message `index` is named by errors)."""
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
+        for j, part in enumerate(self.content):
+            if part.type != "text" or part.text is None:
+                raise BadRequestError(
+                    f"messages[{index}].content[{j}] has type {part.type!r}; only text parts are supported",
+                    param=f"messages.{index}.content.{j}",
+                )
+        return "\n".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(OpenAISampling):
@@ -229,10 +289,8 @@ class ChatCompletionRequest(OpenAISampling):
     parallel_tool_calls: bool | None = None
     modalities: list[Literal["text"]] | None = None
     response_format: ResponseFormat | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["none", "auto"] | None = None
-
-    _no_tools = _neutral("tools", "tools (function calling)")
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
 
 
 class CompletionRequest(OpenAISampling):
@@ -279,7 +337,8 @@ class CompletionLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -298,9 +357,22 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -6,8 +6,9 @@ from fastapi import APIRouter
 
 from jaxserver.errors import BadRequestError
 from jaxserver.server.backend import Backend
-from jaxserver.server.openai_api import check_model, message_dicts
+from jaxserver.server.openai_api import check_model
 from jaxserver.server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from jaxserver.server.tools import generic_messages
 
 
 def tokenizer_router(backend: Backend) -> APIRouter:
@@ -24,7 +25,7 @@ def tokenizer_router(backend: Backend) -> APIRouter:
         text = (
             body.prompt
             if body.messages is None
-            else backend.build_messages_prompt(message_dicts(body.messages))
+            else backend.build_messages_prompt(generic_messages(body.messages, None))
         )
         ids = tokenizer.encode(text)
         return TokenizeResponse(
