@@ -22,8 +22,9 @@ import numpy as np
 
 T = TypeVar("T")
 TokensByRow = dict[int, list[int]]
-# Tokens are handed on at most this often: more often costs the engine thread and the event loop time for
-# events no reader can tell apart.
+# Tokens are handed on at most this often per sequence in the call: each hand-on becomes an event per
+# stream, whose handling (server and client) runs beside the steps and slows them, so the interval grows
+# with the streams to keep the events per second bounded (docs/performance.md).
 RELAY_INTERVAL_S = 0.04
 _DONE = None
 HAND_ON_WAIT_S = 10.0  # a step waits at most this long for the tokens it reported to be handed on
@@ -34,11 +35,12 @@ class StepRelay:
         self._reports: queue.SimpleQueue = queue.SimpleQueue()
         self._caller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxserver-decode")
         self._handed_on = time.monotonic()
+        self._interval = RELAY_INTERVAL_S
 
     def report_step(self, tokens: np.ndarray, active: np.ndarray) -> None:
         """The host callback of one decode step: the token of every row, and which rows made one. When
         tokens are due to be handed on, it returns once they have been."""
-        handed = threading.Event() if time.monotonic() - self._handed_on >= RELAY_INTERVAL_S else None
+        handed = threading.Event() if time.monotonic() - self._handed_on >= self._interval else None
         self._reports.put((np.asarray(tokens), np.asarray(active), handed))
         if handed is not None:
             handed.wait(HAND_ON_WAIT_S)
@@ -49,11 +51,12 @@ class StepRelay:
 
     def run(self, call: Callable[[], T], rows: int, on_tokens: Callable[[TokensByRow], None] | None) -> T:
         """`call()`'s result; while it runs, `on_tokens` gets the tokens of its first `rows` rows generated
-        since its last report (at most every RELAY_INTERVAL_S). Tokens not yet handed on when the call
+        since its last report (at most every RELAY_INTERVAL_S times `rows`). Tokens not yet handed on when the call
         ends are left for the caller to take from the result."""
         while not self._reports.empty():  # left by a call that failed
             self._reports.get()
         pending: TokensByRow = {}
+        self._interval = RELAY_INTERVAL_S * rows
         self._handed_on = time.monotonic()
         future = self._caller.submit(call)
         while True:
