@@ -22,3 +22,12 @@ def tiny_server(tiny_llama_dir):
     from jaxserver import JAXServer
 
     return JAXServer.load(tiny_llama_dir, config=tiny.test_config(max_length=128, max_compile_tokens=8))
+
+
+@pytest.fixture(scope="module")
+def served_tiny(tiny_llama_dir):
+    """The tiny model served over HTTP (uvicorn in this process) for one test module: (server, URL)."""
+    from tests.live import serving
+
+    with serving(tiny_llama_dir, tiny.test_config(max_length=2048, max_batch_size=8)) as served:
+        yield served

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import openai
 import requests
 import uvicorn
 
@@ -31,6 +32,11 @@ def serving(model_dir: Path, config: JAXServerConfig) -> Iterator[tuple[JAXServe
         http.should_exit = True
         thread.join(timeout=10)
         server.shutdown(drain_timeout_s=0)
+
+
+def sdk_client(url: str, key: str = "unused") -> openai.OpenAI:
+    """The `openai` client of a served URL, without retries."""
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
 
 
 def engine_stats(url: str) -> dict:

@@ -16,7 +16,7 @@ from jaxserver import JAXServer
 from jaxserver.engine.request import GenerationChunk, OutputStream
 from jaxserver.model import paged
 from tests import tiny
-from tests.live import serving
+from tests.live import sdk_client, serving
 
 KEY = "test-key-0123"
 HELLO = [{"role": "user", "content": "Hello world! How are you today?"}]
@@ -33,7 +33,7 @@ def live(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def client(live):
-    return openai.OpenAI(base_url=f"{live[1]}/v1", api_key=KEY, max_retries=0, timeout=60)
+    return sdk_client(live[1], KEY)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from typing import Literal
 import httpx
 import jsonschema_rs
 import numpy as np
-import openai
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,21 +18,14 @@ from pydantic import BaseModel
 from jaxserver.engine.constraints import Constraint
 from jaxserver.errors import BadRequestError
 from jaxserver.model.sampling import apply_token_mask
-from tests import tiny
-from tests.live import serving
+from tests.live import sdk_client
 
 HELLO = [{"role": "user", "content": "Tell me about yourself."}]
 
 
 @pytest.fixture(scope="module")
-def live(tiny_llama_dir):
-    with serving(tiny_llama_dir, tiny.test_config(max_length=256, max_batch_size=8)) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(live):
-    return openai.OpenAI(base_url=f"{live[1]}/v1", api_key="unused", max_retries=0, timeout=60)
+def client(served_tiny):
+    return sdk_client(served_tiny[1])
 
 
 def answers(server, constraint: Constraint, seeds, max_new_tokens: int = 80) -> list[tuple[str, str]]:
@@ -148,11 +140,15 @@ class Verdict(BaseModel):
     score: int
 
 
-def test_sdk_parse_returns_the_model(client, live):
+def test_sdk_parse_returns_the_model(client, served_tiny):
     """`parse()` sends the pydantic model's strict schema and parses the answer back."""
     for seed in range(3):
         completion = client.chat.completions.parse(
-            model=live[0].model_name, messages=HELLO, response_format=Verdict, max_tokens=120, seed=seed
+            model=served_tiny[0].model_name,
+            messages=HELLO,
+            response_format=Verdict,
+            max_tokens=120,
+            seed=seed,
         )
         choice = completion.choices[0]
         assert choice.finish_reason == "stop"
@@ -160,8 +156,8 @@ def test_sdk_parse_returns_the_model(client, live):
         assert choice.message.parsed == Verdict.model_validate_json(choice.message.content)
 
 
-def test_json_object_streamed_and_vllm_fields_on_both_routes(client, live):
-    model = live[0].model_name
+def test_json_object_streamed_and_vllm_fields_on_both_routes(client, served_tiny):
+    model = served_tiny[0].model_name
     chunks = client.chat.completions.create(
         model=model,
         messages=HELLO,
@@ -212,12 +208,12 @@ def test_json_object_streamed_and_vllm_fields_on_both_routes(client, live):
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "response_format"),
     ],
 )
-def test_bad_constraints_are_400_naming_the_field(live, body, param):
-    _, url = live
-    before = live[0].engine.stats()["tokens_generated"]
+def test_bad_constraints_are_400_naming_the_field(served_tiny, body, param):
+    _, url = served_tiny
+    before = served_tiny[0].engine.stats()["tokens_generated"]
     response = httpx.post(
         f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3} | body, timeout=30
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
-    assert live[0].engine.stats()["tokens_generated"] == before
+    assert served_tiny[0].engine.stats()["tokens_generated"] == before

@@ -2,18 +2,17 @@
 parses and its arguments validate against the function's parameters (checked by jsonschema-rs), streamed
 calls arrive as the SDK's deltas, a two-turn loop runs, and bad tool requests are 400 naming the field."""
 
+import functools
 import json
 
 import httpx
 import jsonschema_rs
-import openai
 import pytest
 
 from jaxserver.errors import BadRequestError
 from jaxserver.server.schemas import ChatMessage, Tool
 from jaxserver.server.tools import generic_messages, parse_answer, tool_plan
-from tests import tiny
-from tests.live import serving
+from tests.live import sdk_client
 
 WEATHER = {
     "type": "function",
@@ -49,14 +48,12 @@ PARAMETERS = {tool["function"]["name"]: tool["function"]["parameters"] for tool 
 
 
 @pytest.fixture(scope="module")
-def live(tiny_llama_dir):
-    with serving(tiny_llama_dir, tiny.test_config(max_length=2048, max_batch_size=8)) as served:
-        yield served
-
-
-@pytest.fixture(scope="module")
-def client(live):
-    return openai.OpenAI(base_url=f"{live[1]}/v1", api_key="unused", max_retries=0, timeout=60)
+def ask(served_tiny):
+    """Chat completions of the ASK conversation offering TOOLS, with the other fields given."""
+    client = sdk_client(served_tiny[1])
+    return functools.partial(
+        client.chat.completions.create, model=served_tiny[0].model_name, messages=ASK, tools=TOOLS
+    )
 
 
 def check_call(name: str, arguments: str, allowed: set[str]) -> dict:
@@ -66,12 +63,9 @@ def check_call(name: str, arguments: str, allowed: set[str]) -> dict:
     return parsed
 
 
-def test_a_forced_call_parses_and_validates(client, live):
+def test_a_forced_call_parses_and_validates(ask):
     for seed in range(3):
-        choice = client.chat.completions.create(
-            model=live[0].model_name,
-            messages=ASK,
-            tools=TOOLS,
+        choice = ask(
             tool_choice={"type": "function", "function": {"name": "get_weather"}},
             parallel_tool_calls=False,
             max_tokens=200,
@@ -84,17 +78,9 @@ def test_a_forced_call_parses_and_validates(client, live):
         check_call(call.function.name, call.function.arguments, {"get_weather"})
 
 
-def test_required_calls_stream_as_sdk_deltas(client, live):
+def test_required_calls_stream_as_sdk_deltas(ask):
     for seed in range(3):
-        stream = client.chat.completions.create(
-            model=live[0].model_name,
-            messages=ASK,
-            tools=TOOLS,
-            tool_choice="required",
-            max_tokens=300,
-            seed=seed,
-            stream=True,
-        )
+        stream = ask(tool_choice="required", max_tokens=300, seed=seed, stream=True)
         calls: dict[int, dict] = {}
         reasons = []
         for chunk in stream:
@@ -114,23 +100,13 @@ def test_required_calls_stream_as_sdk_deltas(client, live):
             check_call(call["name"], call["arguments"], {"get_weather", "add"})
 
 
-def test_auto_answers_with_a_call_or_a_reply_then_a_loop_finishes(client, live):
+def test_auto_answers_with_a_call_or_a_reply_then_a_loop_finishes(ask):
     """Two turns: a call, the tool's result, then a plain answer (tool_choice "none")."""
-    model = live[0].model_name
-    first = client.chat.completions.create(
-        model=model,
-        messages=ASK,
-        tools=TOOLS,
-        tool_choice="auto",
-        max_tokens=200,
-        seed=1,
-    ).choices[0]
+    first = ask(tool_choice="auto", max_tokens=200, seed=1).choices[0]
     assert first.finish_reason in ("tool_calls", "stop", "length")
     if first.finish_reason == "stop":
         assert isinstance(first.message.content, str) and not first.message.tool_calls
-    forced = client.chat.completions.create(
-        model=model, messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=200, seed=2
-    ).choices[0]
+    forced = ask(tool_choice="required", max_tokens=200, seed=2).choices[0]
     assert forced.finish_reason == "tool_calls"
     call = forced.message.tool_calls[0]
     turn = [
@@ -138,9 +114,7 @@ def test_auto_answers_with_a_call_or_a_reply_then_a_loop_finishes(client, live):
         {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
         {"role": "tool", "tool_call_id": call.id, "content": "Sunny, 21 degrees"},
     ]
-    final = client.chat.completions.create(
-        model=model, messages=turn, tools=TOOLS, tool_choice="none", max_tokens=8, seed=3
-    ).choices[0]
+    final = ask(messages=turn, tool_choice="none", max_tokens=8, seed=3).choices[0]
     assert final.message.tool_calls is None and isinstance(final.message.content, str)
 
 
@@ -188,9 +162,9 @@ def test_history_renders_calls_and_results_in_the_generic_format():
         ({"messages": [{"role": "user", "content": None}]}, "messages.0"),
     ],
 )
-def test_bad_tool_requests_are_400_naming_the_field(live, body, param):
+def test_bad_tool_requests_are_400_naming_the_field(served_tiny, body, param):
     response = httpx.post(
-        f"{live[1]}/v1/chat/completions", json={"messages": ASK, "max_tokens": 3} | body, timeout=30
+        f"{served_tiny[1]}/v1/chat/completions", json={"messages": ASK, "max_tokens": 3} | body, timeout=30
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param

@@ -40,30 +40,38 @@ def _schema(value: dict[str, Any] | str, param: str) -> Constraint:
 def _structured_outputs(so: StructuredOutputs | None) -> list[Constraint]:
     if so is None:
         return []
-    found = []
-    if so.json_ is not None:
-        found.append(_schema(so.json_, "structured_outputs.json"))
-    if so.regex is not None:
-        found.append(Constraint("regex", so.regex, "structured_outputs.regex"))
-    if so.choice is not None:
-        found.append(Constraint.choice(so.choice, "structured_outputs.choice"))
-    if so.grammar is not None:
-        found.append(Constraint("grammar", so.grammar, "structured_outputs.grammar"))
+    found = _set_fields(
+        (so.json_, "json", "structured_outputs.json"),
+        (so.regex, "regex", "structured_outputs.regex"),
+        (so.choice, "choice", "structured_outputs.choice"),
+        (so.grammar, "grammar", "structured_outputs.grammar"),
+    )
     if so.json_object:
         found.append(Constraint.json_schema(ANY_JSON_OBJECT, "structured_outputs.json_object"))
     return found
 
 
 def _guided(body: OpenAISampling) -> list[Constraint]:
+    return _set_fields(
+        (body.guided_json, "json", "guided_json"),
+        (body.guided_regex, "regex", "guided_regex"),
+        (body.guided_choice, "choice", "guided_choice"),
+        (body.guided_grammar, "grammar", "guided_grammar"),
+    )
+
+
+def _set_fields(*fields: tuple[Any, str, str]) -> list[Constraint]:
+    """The constraints of the fields that are set, each given as (value, kind, param)."""
     found = []
-    if body.guided_json is not None:
-        found.append(_schema(body.guided_json, "guided_json"))
-    if body.guided_regex is not None:
-        found.append(Constraint("regex", body.guided_regex, "guided_regex"))
-    if body.guided_choice is not None:
-        found.append(Constraint.choice(body.guided_choice, "guided_choice"))
-    if body.guided_grammar is not None:
-        found.append(Constraint("grammar", body.guided_grammar, "guided_grammar"))
+    for value, kind, param in fields:
+        if value is None:
+            continue
+        if kind == "json":
+            found.append(_schema(value, param))
+        elif kind == "choice":
+            found.append(Constraint.choice(value, param))
+        else:
+            found.append(Constraint(kind, value, param))
     return found
 
 
