@@ -9,7 +9,10 @@ change nothing; logprobs say the token was certain.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax.numpy as jnp
+import numpy as np
 from tokenizers import Tokenizer as RawTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -70,6 +73,7 @@ class FakeRunner:
     cache_bytes = 0
     cache_dtype = jnp.dtype(jnp.float32)
     programs_to_compile = 0
+    cfg = MODEL
 
     def __init__(
         self, pages: int, max_num_seqs: int, max_length: int, max_num_batched_tokens: int, decode_steps: int
@@ -91,7 +95,9 @@ class FakeRunner:
     def can_decode(self, plan: StepPlan) -> bool:
         return True
 
-    def step(self, plan: StepPlan) -> dict[int, tuple[int, TokenLogprobs | None]]:
+    def step(
+        self, plan: StepPlan, allowed: np.ndarray | None = None
+    ) -> dict[int, tuple[int, TokenLogprobs | None]]:
         self.plans.append(("step", plan.tokens))
         out = {}
         for i, piece in enumerate(plan.pieces):
@@ -100,7 +106,7 @@ class FakeRunner:
                 out[i] = (token, None if top is None else TokenLogprobs(token, 0.0, [(token, 0.0)][:top]))
         return out
 
-    def decode(self, plan: StepPlan, steps: int) -> dict[int, list[int]]:
+    def decode(self, plan: StepPlan, steps: int, on_tokens: Callable | None = None) -> dict[int, list[int]]:
         runs = [self._run_alone(piece.seq, min(steps, self.max_decode_steps)) for piece in plan.pieces]
         steps = min(map(len, runs))
         self.plans.append(("decode", steps * len(plan.pieces)))

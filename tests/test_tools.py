@@ -4,6 +4,7 @@ calls arrive as the SDK's deltas, a two-turn loop runs, and bad tool requests ar
 
 import functools
 import json
+import shutil
 
 import httpx
 import jsonschema_rs
@@ -11,8 +12,9 @@ import pytest
 
 from jaxserver.errors import BadRequestError
 from jaxserver.server.schemas import ChatMessage, Tool
-from jaxserver.server.tools import generic_messages, parse_answer, tool_plan
-from tests.live import sdk_client
+from jaxserver.server.tools import generic_messages, parse_answer, parse_tagged, template_messages, tool_plan
+from tests import tiny
+from tests.live import sdk_client, serving
 
 WEATHER = {
     "type": "function",
@@ -168,3 +170,63 @@ def test_bad_tool_requests_are_400_naming_the_field(served_tiny, body, param):
     )
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+# A template in the manner of Hermes' and Qwen's: tools in the system turn, calls as <tool_call> JSON.
+TAGGED_TEMPLATE = (
+    "{%- if tools %}<|im_start|>system\nTools:\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}"
+    "Call them as <tool_call>\n{json}\n</tool_call><|im_end|>\n{% endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' and message.tool_calls %}<|im_start|>assistant\n"
+    "{% for call in message.tool_calls %}<tool_call>\n{{ call.function | tojson }}\n</tool_call>{% endfor %}"
+    "<|im_end|>\n"
+    "{%- elif message.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ message.content }}\n"
+    "</tool_response><|im_end|>\n"
+    "{%- else %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endif %}"
+    "{%- endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def tagged(tiny_llama_dir, tmp_path_factory):
+    """The tiny model with a template that writes tool calls, served."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("tagged")
+    shutil.copytree(tiny_llama_dir, folder, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TAGGED_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    with serving(folder, tiny.test_config(max_length=2048, max_batch_size=8)) as served:
+        yield served
+
+
+def test_a_template_that_writes_calls_renders_them_and_its_calls_parse(tagged):
+    server, url = tagged
+    ask = functools.partial(
+        sdk_client(url).chat.completions.create, model=server.model_name, messages=ASK, tools=TOOLS
+    )
+    for seed in range(2):
+        choice = ask(tool_choice="required", max_tokens=200, seed=seed).choices[0]
+        assert choice.finish_reason == "tool_calls", choice
+        for call in choice.message.tool_calls:
+            check_call(call.function.name, call.function.arguments, {"get_weather", "add"})
+    call = choice.message.tool_calls[0]
+    turn = [
+        *ASK,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny"},
+    ]
+    prompt = server.build_tool_prompt(template_messages([ChatMessage(**m) for m in turn]), [WEATHER])
+    assert "<tool_response>\nSunny" in prompt and '"get_weather"' in prompt and "<tool_call>" in prompt
+    final = ask(messages=turn, tool_choice="auto", max_tokens=6, seed=1).choices[0]
+    assert final.finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tagged_calls_parse_with_the_text_around_them():
+    text = 'Let me check.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    content, calls = parse_tagged(text)
+    assert content == "Let me check." and calls[0].function.name == "add"
+    assert json.loads(calls[0].function.arguments) == {"a": 1, "b": 2}
+    assert parse_tagged("no calls here") == ("no calls here", None)
+    assert parse_tagged("<tool_call>\n{broken\n</tool_call>")[1] is None

@@ -293,6 +293,14 @@ class JAXServer:
         self.require_ready()
         return self.prompts.messages(messages)
 
+    def build_tool_prompt(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> str | None:
+        """The prompt for a conversation offering tools, when the model's template writes tool calls
+        (`PromptBuilder.tool_messages`); None: the server uses its generic tool format."""
+        self.require_ready()
+        return self.prompts.tool_messages(messages, tools)
+
     # --- the seed's forward functions --------------------------------------------------------------------
 
     def _complete(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.errors import BadRequestError, NotReadyError
@@ -74,6 +75,18 @@ class PromptBuilder:
             raise NotReadyError("the model is still loading")
         try:
             return self.tokenizer.apply_chat_template(messages)
+        except Exception as exc:  # jinja raises its own types, including the template's raise_exception
+            raise BadRequestError(f"the model's chat template rejected the conversation: {exc}") from exc
+
+    def tool_messages(self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]]) -> str | None:
+        """A conversation offering tools, rendered by the model's chat template when the template writes
+        calls as `<tool_call>` tags; None otherwise (the tools then take the generic format)."""
+        if self.uses_seed_formats or not self.config.contains_auto_format:
+            return None
+        if self.tokenizer is None or not self.tokenizer.writes_tool_call_tags:
+            return None
+        try:
+            return self.tokenizer.apply_chat_template(list(messages), tools=tools)
         except Exception as exc:  # jinja raises its own types, including the template's raise_exception
             raise BadRequestError(f"the model's chat template rejected the conversation: {exc}") from exc
 

@@ -7,6 +7,7 @@ torch). It comes from a Hugging Face folder, or is rebuilt from GGUF metadata by
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from tokenizers import Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RawTokenizer
@@ -116,9 +117,18 @@ class Tokenizer:
             list(ids), skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    @property
+    def writes_tool_call_tags(self) -> bool:
+        """Whether the chat template renders tools and the model's calls as `<tool_call>` JSON (Hermes'
+        format, which Qwen's templates use too)."""
+        template = getattr(self.hf, "chat_template", None) or ""
+        return isinstance(template, str) and "tools" in template and "<tool_call>" in template
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, tools: list | None = None
+    ) -> str:
         return self.hf.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, tools=tools
         )
 
     def save(self, directory: str) -> None:

@@ -50,6 +50,13 @@ class Backend(Protocol):
 
     def build_messages_prompt(self, messages: Sequence[dict[str, str]]) -> str: ...
 
+    def build_tool_prompt(
+        self, messages: Sequence[dict[str, Any]], tools: list[dict[str, Any]]
+    ) -> str | None:
+        """A conversation offering tools rendered by the model's own template, or None where that template
+        does not write tool calls."""
+        ...
+
     def custom_forward(self, route: str) -> Callable[[Any], dict[str, Any]] | None:
         """A replacement of the seed's `forward_instruct` or `forward_chat` (`route` "instruct" or "chat")
         that non-streaming requests of that route must go through, or None."""

@@ -48,7 +48,7 @@ from jaxserver.server.schemas import (
 )
 from jaxserver.server.streaming import EngineClient
 from jaxserver.server.structured import body_constraint
-from jaxserver.server.tools import ToolPlan, generic_messages, parse_answer, tool_plan
+from jaxserver.server.tools import ToolPlan, generic_messages, template_messages, tool_plan
 
 INT64 = 2**64
 
@@ -84,10 +84,10 @@ class _Format:
 
 
 class ChatFormat(_Format):
-    """Choices as `chat.completion` (and `chat.completion.chunk`) objects. With `tools`, answers are in the
-    generic tool format (`server.tools`): parsed into content or tool calls, and streamed once whole."""
+    """Choices as `chat.completion` (and `chat.completion.chunk`) objects. With `tools`, a finished answer
+    is parsed into content or tool calls (`server.tools`), and a streamed one is sent once whole."""
 
-    def __init__(self, tokenizer: Tokenizer, logprobs: bool, tools: bool = False):
+    def __init__(self, tokenizer: Tokenizer, logprobs: bool, tools: ToolPlan | None = None):
         super().__init__(tokenizer, logprobs)
         self.tools = tools
 
@@ -107,7 +107,7 @@ class ChatFormat(_Format):
         self, base: dict[str, Any], index: int, chunk: GenerationChunk, before: Choice
     ) -> list[ChatCompletionChunk]:
         role = None if before.started else "assistant"
-        if not self.tools:
+        if self.tools is None:
             return [
                 self._chunk(base, index, Delta(role=role, content=chunk.text), chunk.finish_reason, chunk)
             ]
@@ -144,9 +144,9 @@ class ChatFormat(_Format):
 
     def _parsed(self, text: str, reason: str) -> tuple[str | None, list[ToolCall] | None, str]:
         """(content, tool calls, finish reason) of an answer; only a finished one can hold calls."""
-        if not self.tools or reason != "stop":
+        if self.tools is None or reason != "stop":
             return text, None, reason
-        content, calls = parse_answer(text)
+        content, calls = self.tools.parse(text)
         return content, calls, "tool_calls" if calls else reason
 
     def usage_piece(self, base: dict[str, Any], usage: Usage) -> ChatCompletionChunk:
@@ -399,12 +399,17 @@ def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
         if body.top_logprobs is not None and not body.logprobs:
             raise BadRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
         tools = tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
-        string = backend.build_messages_prompt(generic_messages(body.messages, tools))
+        string = None
+        if tools is not None:
+            string = backend.build_tool_prompt(template_messages(body.messages), tools.tool_dicts())
+            tools.tagged = string is not None
+        if string is None:
+            string = backend.build_messages_prompt(generic_messages(body.messages, tools))
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         ids = [tokenizer.encode(string)]
         requests = engine_requests(backend, body, ids, getattr(body, field), logprobs, field, tools)
-        form = ChatFormat(tokenizer, body.logprobs, tools=tools is not None)
+        form = ChatFormat(tokenizer, body.logprobs, tools)
         return await answer(http, body, requests, form, "chatcmpl")
 
     return router

@@ -1,4 +1,7 @@
-"""Tool calling in a generic format, for models whose chat template knows no tools (SmolLM2's):
+"""Tool calling. A model whose chat template writes calls as `<tool_call>` JSON tags (Hermes', Qwen's) gets
+the tools and the conversation rendered by that template, answers constrained to such calls for
+`tool_choice` "required" or a named function, and its calls parsed from the tags. Any other model (SmolLM2)
+gets a generic format:
 
 - the tools are described in a system message, with the shape the answer must take: a JSON object with
   either `tool_calls` (a list of {"name", "arguments"}) or `response` (a plain reply);
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -39,11 +43,23 @@ class ToolPlan:
     tools: list[Tool]
     choice: str  # "auto", "required", or the one function's name
     parallel: bool
+    tagged: bool = False  # the model's template writes the calls, as <tool_call> tags
 
-    def constraint(self) -> Constraint:
-        """The JSON schema of the answers this plan allows."""
+    def tool_dicts(self) -> list[dict[str, Any]]:
+        """The tools as chat templates take them."""
+        return [tool.model_dump(exclude_none=True) for tool in self.tools]
+
+    def constraint(self) -> Constraint | None:
+        """What this plan's answers must match: the generic format's JSON schema; for tagged calls a
+        grammar of calls where a call is required, else nothing."""
         offered = [t for t in self.tools if self.choice in ("auto", "required", t.function.name)]
         call = {"anyOf": [_call_schema(tool) for tool in offered]}
+        if self.tagged:
+            return (
+                None
+                if self.choice == "auto"
+                else _tagged_grammar(call | {"x-guidance": LAYOUT}, self.parallel)
+            )
         calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
         if not self.parallel:
             calls["maxItems"] = 1
@@ -52,6 +68,10 @@ class ToolPlan:
             return Constraint.json_schema(calling | {"x-guidance": LAYOUT}, "tools")
         reply = _object({"response": {"type": "string"}})
         return Constraint.json_schema({"anyOf": [calling, reply], "x-guidance": LAYOUT}, "tools")
+
+    def parse(self, text: str) -> tuple[str | None, list[ToolCall] | None]:
+        """(content, tool calls) of a finished answer."""
+        return parse_tagged(text) if self.tagged else parse_answer(text)
 
     def system_message(self) -> str:
         described = "\n".join(json.dumps(t.function.model_dump(exclude_none=True)) for t in self.tools)
@@ -96,6 +116,41 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
     return _object({"name": {"const": tool.function.name}, "arguments": parameters})
 
 
+def _tagged_grammar(call: dict[str, Any], parallel: bool) -> Constraint:
+    calls = 'call ("\\n" call)*' if parallel else "call"
+    lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(call)}\n'
+    return Constraint("grammar", lark, "tools")
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as chat templates take it: calls with their arguments as objects, tool messages
+    with the id of the earlier call they answer."""
+    called: set[str] = set()
+    out: list[dict[str, Any]] = []
+    for i, message in enumerate(messages):
+        entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role}
+        entry["content"] = message.text(i)
+        if message.role == "tool":
+            _check_answers(message, i, called)
+            entry["tool_call_id"] = message.tool_call_id
+        if message.role == "assistant" and message.tool_calls:
+            called.update(call.id for call in message.tool_calls)
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": _written_call(c, i)} for c in message.tool_calls
+            ]
+        out.append(entry)
+    return out
+
+
+def _check_answers(message: ChatMessage, index: int, called: set[str] | dict[str, str]) -> None:
+    if message.tool_call_id not in called:
+        raise BadRequestError(
+            f"messages[{index}] answers tool call {message.tool_call_id!r}, which no earlier assistant "
+            "message made",
+            param=f"messages.{index}.tool_call_id",
+        )
+
+
 def generic_messages(messages: list[ChatMessage], plan: ToolPlan | None) -> list[dict[str, Any]]:
     """The conversation as system / user / assistant messages with text content: the tools' system
     message first (merged into the request's own), earlier calls and tool results written as the model
@@ -105,12 +160,7 @@ def generic_messages(messages: list[ChatMessage], plan: ToolPlan | None) -> list
     for i, message in enumerate(messages):
         text = message.text(i)
         if message.role == "tool":
-            if message.tool_call_id not in calls:
-                raise BadRequestError(
-                    f"messages[{i}] answers tool call {message.tool_call_id!r}, which no earlier assistant "
-                    "message made",
-                    param=f"messages.{i}.tool_call_id",
-                )
+            _check_answers(message, i, calls)
             name = calls[message.tool_call_id]
             out.append(
                 {
@@ -151,13 +201,30 @@ def parse_answer(text: str) -> tuple[str | None, list[ToolCall] | None]:
     except json.JSONDecodeError:
         return text, None
     if isinstance(answer, dict) and isinstance(answer.get("tool_calls"), list):
-        return None, [
-            ToolCall(
-                id=f"call_{uuid.uuid4().hex[:24]}",
-                function=FunctionCall(name=call["name"], arguments=json.dumps(call["arguments"])),
-            )
-            for call in answer["tool_calls"]
-        ]
+        return None, [_tool_call(call["name"], call["arguments"]) for call in answer["tool_calls"]]
     if isinstance(answer, dict) and isinstance(answer.get("response"), str):
         return answer["response"], None
     return text, None
+
+
+TAGGED_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def parse_tagged(text: str) -> tuple[str | None, list[ToolCall] | None]:
+    """(content, tool calls) of an answer that may hold `<tool_call>` tags: the text around them is the
+    content; a tag whose JSON does not parse stays in the content."""
+    calls, kept = [], []
+    for match in TAGGED_CALL.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+            calls.append(_tool_call(call["name"], call.get("arguments", call.get("parameters", {}))))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            kept.append(match.group(0))
+    content = (TAGGED_CALL.sub("", text).strip() + "".join(kept)) or None
+    return (content, calls) if calls else (text, None)
+
+
+def _tool_call(name: str, arguments: Any) -> ToolCall:
+    return ToolCall(
+        id=f"call_{uuid.uuid4().hex[:24]}", function=FunctionCall(name=name, arguments=json.dumps(arguments))
+    )
