@@ -122,6 +122,30 @@ def test_constrained_rows_leave_plain_rows_unchanged(tiny_server):
     assert texts[2] == alone
 
 
+def test_objects_hold_only_their_properties_unless_the_schema_says():
+    """Without additionalProperties an object takes only its listed keys (at any depth); a schema that
+    allows more keeps that, and values of const and enum stay as given."""
+    open_inner = {"type": "object", "properties": {"b": {"type": "integer"}}, "additionalProperties": True}
+    schema = {
+        "type": "object",
+        "properties": {
+            "a": {"type": "object", "properties": {"x": {"const": {"properties": {}}}}},
+            "o": open_inner,
+        },
+    }
+    closed = json.loads(Constraint.json_schema(schema, "schema").text)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["a"]["additionalProperties"] is False
+    assert closed["properties"]["o"]["additionalProperties"] is True
+    assert closed["properties"]["a"]["properties"]["x"] == {"const": {"properties": {}}}
+
+
+def test_an_open_schema_answer_holds_only_its_keys(tiny_server):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5}}}
+    for text, reason in answers(tiny_server, Constraint.json_schema(schema, "schema"), range(4)):
+        assert reason == "length" or set(json.loads(text)) <= {"name"}, text
+
+
 def test_a_bad_constraint_is_refused_before_it_runs(tiny_server):
     for constraint in (
         Constraint.json_schema({"type": "integer", "minimum": 5, "maximum": 1}, "response_format"),

@@ -40,15 +40,38 @@ class Constraint:
 
     @classmethod
     def json_schema(cls, schema: object, param: str) -> Constraint:
+        """A schema's answers, whose objects hold only the properties they list unless the schema sets
+        `additionalProperties` (as OpenAI's strict mode and vLLM's default read schemas): a model given
+        the freedom adds keys until its budget is gone."""
         if not isinstance(schema, dict | bool):
             raise BadRequestError("a JSON schema must be an object (or true)", param=param)
-        return cls("json_schema", json.dumps(schema), param)  # key order kept: it orders the answer
+        return cls("json_schema", json.dumps(_closed_objects(schema)), param)  # key order orders the answer
 
     @classmethod
     def choice(cls, choices: object, param: str) -> Constraint:
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices):
             raise BadRequestError("choices must be a non-empty list of strings", param=param)
         return cls("choice", json.dumps(choices), param)
+
+
+VALUE_KEYWORDS = ("const", "enum", "default", "examples")  # their objects are values, not schemas
+
+
+def _closed_objects(schema: object) -> object:
+    """`schema` with `additionalProperties: false` in every object schema that lists properties and does
+    not say."""
+    if isinstance(schema, list):
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {
+        key: value if key in VALUE_KEYWORDS else _closed_objects(value) for key, value in schema.items()
+    }
+    if isinstance(schema.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & set(
+        schema
+    ):
+        closed["additionalProperties"] = False
+    return closed
 
 
 def bitmask_words(vocab_size: int) -> int:

@@ -34,6 +34,9 @@ TOOL_RESULT = "The tool call {id} ({name}) returned:\n{content}"
 # Calls are written on one line with fixed separators (llguidance's options, in the schema): whitespace
 # the model may choose is where a small model loses its way.
 LAYOUT = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
+# Parallel calls in one generic answer at most: a small model, free to, repeats its call until its budget
+# is gone.
+MAX_CALLS = 5
 
 
 @dataclass
@@ -60,9 +63,7 @@ class ToolPlan:
                 if self.choice == "auto"
                 else _tagged_grammar(call | {"x-guidance": LAYOUT}, self.parallel)
             )
-        calls: dict[str, Any] = {"type": "array", "items": call, "minItems": 1}
-        if not self.parallel:
-            calls["maxItems"] = 1
+        calls = {"type": "array", "items": call, "minItems": 1, "maxItems": MAX_CALLS if self.parallel else 1}
         calling = _object({"tool_calls": calls})
         if self.choice != "auto":
             return Constraint.json_schema(calling | {"x-guidance": LAYOUT}, "tools")
