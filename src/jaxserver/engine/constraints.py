@@ -45,7 +45,7 @@ class Constraint:
         the freedom adds keys until its budget is gone."""
         if not isinstance(schema, dict | bool):
             raise BadRequestError("a JSON schema must be an object (or true)", param=param)
-        return cls("json_schema", json.dumps(_closed_objects(schema)), param)  # key order orders the answer
+        return cls("json_schema", json.dumps(closed_objects(schema)), param)  # key order orders the answer
 
     @classmethod
     def choice(cls, choices: object, param: str) -> Constraint:
@@ -57,16 +57,14 @@ class Constraint:
 VALUE_KEYWORDS = ("const", "enum", "default", "examples")  # their objects are values, not schemas
 
 
-def _closed_objects(schema: object) -> object:
+def closed_objects(schema: object) -> object:
     """`schema` with `additionalProperties: false` in every object schema that lists properties and does
     not say."""
     if isinstance(schema, list):
-        return [_closed_objects(item) for item in schema]
+        return [closed_objects(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
-    closed = {
-        key: value if key in VALUE_KEYWORDS else _closed_objects(value) for key, value in schema.items()
-    }
+    closed = {key: value if key in VALUE_KEYWORDS else closed_objects(value) for key, value in schema.items()}
     if isinstance(schema.get("properties"), dict) and not {"additionalProperties", "patternProperties"} & set(
         schema
     ):

@@ -135,6 +135,7 @@ class Runner:
         # Rows whose bias is not zero: the sampler adds a row's bias whatever its request, so a request
         # without one that takes such a row clears it.
         self._biased_rows: set[int] = set()
+        self._no_masks: dict[int, np.ndarray] = {}
 
     def model_params(self) -> Params:
         """The parameters in the stacked layout they were given in, rebuilt from the serving weights."""
@@ -359,7 +360,11 @@ class Runner:
         return self._samplers[rows]
 
     def _all_allowed(self, rows: int) -> np.ndarray:
-        return np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+        """A bitmask that allows every token in `rows` rows, kept per row count (read-only: a step copies
+        it before writing a grammar's rows)."""
+        if rows not in self._no_masks:
+            self._no_masks[rows] = np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+        return self._no_masks[rows]
 
     def _sample_rows(self, plan: StepPlan, hidden: jax.Array, allowed: np.ndarray | None) -> StepOutputs:
         """Sample the next token after each of the plan's pieces from its row of the step's final hidden
@@ -373,6 +378,7 @@ class Runner:
         sampling = self._rows_sampling(plan, rows)  # first: a new row's penalties start here
         mask = self._all_allowed(rows)
         if allowed is not None:
+            mask = mask.copy()
             mask[: len(plan.pieces)] = allowed[:, : mask.shape[1]]
         outputs, self.penalties = self._sampler(rows)(
             self.params,

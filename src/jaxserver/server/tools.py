@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from jaxserver.engine.constraints import Constraint
+from jaxserver.engine.constraints import Constraint, closed_objects
 from jaxserver.errors import BadRequestError
 from jaxserver.server.schemas import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
 
@@ -119,7 +119,8 @@ def _call_schema(tool: Tool) -> dict[str, Any]:
 
 def _tagged_grammar(call: dict[str, Any], parallel: bool) -> Constraint:
     calls = 'call ("\\n" call)*' if parallel else "call"
-    lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {json.dumps(call)}\n'
+    body = json.dumps(closed_objects(call))  # read strictly, as Constraint.json_schema reads schemas
+    lark = f'start: {calls}\ncall: "<tool_call>\\n" body "\\n</tool_call>"\nbody: %json {body}\n'
     return Constraint("grammar", lark, "tools")
 
 
