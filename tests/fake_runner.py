@@ -95,6 +95,9 @@ class FakeRunner:
     def can_decode(self, plan: StepPlan) -> bool:
         return True
 
+    def idle(self) -> None:
+        pass
+
     def step(
         self, plan: StepPlan, allowed: np.ndarray | None = None
     ) -> dict[int, tuple[int, TokenLogprobs | None]]:

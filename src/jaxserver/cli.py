@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import threading
 import time
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -66,9 +69,22 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from jaxserver.jaxserver import JAXServer
+    from jaxserver.parallel import group
 
-    server = JAXServer(config_from_args(args))
-    config = server.config
+    config = config_from_args(args)
+    settings = group.GroupSettings.of(config)
+    stop_group: Callable[[], None] = lambda: None
+    if settings is not None:
+        group.join(settings)
+        if not settings.leads:
+            from jaxserver.parallel.worker import serve_worker
+
+            return serve_worker(config, args.model, settings)
+    server = JAXServer(config)
+    if settings is not None:
+        from jaxserver.parallel.leader import lead
+
+        stop_group = lead(server, settings, args.model)
 
     class DrainingServer(uvicorn.Server):
         """On SIGTERM/SIGINT: refuse new requests at once (503), let running ones finish for up to
@@ -101,6 +117,9 @@ def serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
     http.run()
+    if settings is not None:  # the other processes stop once the engine has (the drain is done)
+        server.shutdown(config.drain_timeout_s)
+        stop_group()
     return 1 if server.load_error else 0
 
 
@@ -156,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     # at INFO, which reads as an error).
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(logging.INFO)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1` prints where every thread is
     args = build_parser().parse_args(argv)
     try:
         if args.command == "bench":

@@ -141,6 +141,32 @@ class JAXServerConfig(BaseModel):
     ui: bool = Field(
         True, description="Serve the Gradio pages (/gradio_instruct, /gradio_chat) and a landing page at /."
     )
+    # --- several processes (docs/multihost.md) ---
+    coordinator_address: str | None = Field(
+        default_factory=lambda: os.environ.get("JAXSERVER_COORDINATOR_ADDRESS") or None,
+        description="HOST:PORT of process 0 of a group of processes serving one model (default: "
+        "$JAXSERVER_COORDINATOR_ADDRESS); process 0 listens there, the others connect.",
+    )
+    num_processes: int = Field(
+        default_factory=lambda: int(os.environ.get("JAXSERVER_NUM_PROCESSES", "1")),
+        ge=1,
+        description="Processes in the group, the same on each (default: $JAXSERVER_NUM_PROCESSES or 1).",
+    )
+    process_id: int = Field(
+        default_factory=lambda: int(os.environ.get("JAXSERVER_PROCESS_ID", "0")),
+        ge=0,
+        description="This process's index in the group; 0 serves the API, the others only /health "
+        "(default: $JAXSERVER_PROCESS_ID or 0).",
+    )
+    distributed_timeout_s: float = Field(
+        120.0, gt=0, description="How long the processes wait for each other to form the group."
+    )
+    heartbeat_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A process of the group not heard from for this long has failed: every process ends "
+        "its requests with an error and exits non-zero.",
+    )
 
     @field_validator("dtype")
     @classmethod
@@ -184,6 +210,15 @@ class JAXServerConfig(BaseModel):
             raise ValueError(
                 f"mesh_axes_shape entries must be positive, with at most one -1, got {self.mesh_axes_shape}"
             )
+        if self.num_processes > 1:
+            host, _, port = (self.coordinator_address or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"coordinator_address must be HOST:PORT of process 0 when num_processes is "
+                    f"{self.num_processes}, got {self.coordinator_address!r}"
+                )
+        if self.process_id >= self.num_processes:
+            raise ValueError(f"process_id {self.process_id} must be below num_processes {self.num_processes}")
         return self
 
     @property

@@ -31,6 +31,7 @@ from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
 from jaxserver.model.loader import load_model
 from jaxserver.model.tokenizer import Tokenizer
+from jaxserver.parallel.group import StepChannel
 from jaxserver.parallel.mesh import make_mesh, shard_params
 from jaxserver.prompts import PromptBuilder, seed_history
 
@@ -67,6 +68,8 @@ class JAXServer:
         self.load_error: str | None = None
         self._counter_lock = threading.Lock()
         self._app = None
+        # Process 0 of a group of processes (`parallel.leader`): where every device call is announced.
+        self.channel: StepChannel | None = None
 
     # --- loading ----------------------------------------------------------------------------------------
 
@@ -166,7 +169,7 @@ class JAXServer:
         """Build the runner (compiled prefill and decode over the KV cache) and start the engine that
         batches all requests. An override must set `self.engine` (started) and `self._funcs_generated`."""
         assert self.params is not None and self.mesh is not None, "call shard_params first"
-        engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh)
+        engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh, self.channel)
         if self.engine is not None:  # the old one served while the new one compiled
             self.engine.shutdown(drain_timeout_s=0)
         self.engine, self._params = engine, None

@@ -160,6 +160,15 @@ class Engine:
         self._inbox.put(("wake", None))
         self._thread.join(timeout=30)
 
+    def fail(self, reason: str) -> None:
+        """End every request with an error and accept no more, from any thread: for a failure the engine
+        thread cannot handle itself, since it may wait forever in a call (another process of the group is
+        gone). The process is expected to exit soon after."""
+        self.error = self.error or reason
+        for seq in list(self._by_id.values()):
+            seq.stream.put(GenerationChunk("", [], len(seq.generated), "error", error=self.error))
+        self._fail_inbox()
+
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
         recent = sum(n for t, n in list(self._recent_tokens) if now - t <= RATE_WINDOW_S)
@@ -197,6 +206,8 @@ class Engine:
                 plan = self.scheduler.schedule(self.runner.token_budget)
                 if plan.pieces:
                     self._run_plan(plan)
+                elif self.scheduler.idle:
+                    self.runner.idle()
             self._take_inbox(block=False)
             for seq in self.scheduler.sequences():
                 self._finish(seq, "abort")

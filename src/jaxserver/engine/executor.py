@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 
 # (name of the call, its arguments), as `announce` gets them and a replaying executor takes them.
 Call = tuple[str, tuple[Any, ...]]
+REPLAYED_CALLS = ("step", "decode", "set_penalties", "keep_alive")
+# An idle executor announces a call that runs nothing this often, so that no other process waits for the
+# next call longer than this in one collective.
+KEEP_ALIVE_S = 30.0
 
 
 class StepBatch(NamedTuple):
@@ -95,6 +99,7 @@ class Executor:
         self.cfg = cfg
         self.compile_lazily = compile_lazily
         self.announce: Callable[[Call], None] | None = None
+        self._announced_at = time.monotonic()
         self.params, self.layers = llama.serving_weights(params, cfg, max_length)
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_length // paged.PAGE_TOKENS)
@@ -143,8 +148,9 @@ class Executor:
         # Every row's repetition penalties and logit bias, placed as the step's outputs will be, so that
         # the first step compiles no variant of its own.
         vocab = cfg.vocab_size
-        zeros = Penalties(*(jnp.zeros((max_num_seqs, vocab), t) for t in (jnp.int32, bool, jnp.float32)))
-        self.penalties = zeros if replicated is None else jax.device_put(zeros, replicated)
+        self.penalties = Penalties(
+            *(jnp.zeros((max_num_seqs, vocab), t, device=replicated) for t in (jnp.int32, bool, jnp.float32))
+        )
 
     # --- sizes ------------------------------------------------------------------------------------------
 
@@ -242,9 +248,19 @@ class Executor:
             )
         )
 
+    def keep_alive(self) -> None:
+        """Runs nothing; announced when the executor has been idle for KEEP_ALIVE_S."""
+        self._announce("keep_alive")
+
+    def idle(self) -> None:
+        """Called while there is no work: keeps the other processes' wait for a call short."""
+        if self.announce is not None and time.monotonic() - self._announced_at > KEEP_ALIVE_S:
+            self.keep_alive()
+
     def _announce(self, name: str, *args: Any) -> None:
         if self.announce is not None:
             self.announce((name, args))
+            self._announced_at = time.monotonic()
 
     # --- compilation ------------------------------------------------------------------------------------
 

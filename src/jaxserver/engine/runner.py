@@ -114,6 +114,9 @@ class Runner:
     def warm_up(self) -> None:
         self.executor.warm_up()
 
+    def idle(self) -> None:
+        self.executor.idle()
+
     def compile_programs(self) -> None:
         self.executor.compile_programs()
 

@@ -14,11 +14,13 @@ import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine.engine import Engine
+from jaxserver.engine.executor import Executor
 from jaxserver.engine.runner import Runner
 from jaxserver.model import cpu_kernels, paged
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.tokenizer import Tokenizer
+from jaxserver.parallel.group import ExecutorSetup, StepChannel
 from jaxserver.parallel.mesh import paged_cache_sharding
 
 log = logging.getLogger(__name__)
@@ -71,27 +73,46 @@ def kv_cache_pages(config: JAXServerConfig, model: ModelConfig, dtype: jnp.dtype
 
 
 def start_engine(
-    config: JAXServerConfig, model: ModelConfig, params: Params, tokenizer: Tokenizer, mesh: jax.sharding.Mesh
+    config: JAXServerConfig,
+    model: ModelConfig,
+    params: Params,
+    tokenizer: Tokenizer,
+    mesh: jax.sharding.Mesh,
+    channel: StepChannel | None = None,
 ) -> Engine:
     """Build the runner over `params` (already placed on `mesh`), compile every shape it runs when the
-    config warms up, and start the engine that batches every request."""
+    config warms up, and start the engine that batches every request. With a `channel` (process 0 of a
+    group), the other processes get the runner's settings first and every device call after."""
     if config.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.expanduser(config.compilation_cache_dir))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     sharding = paged_cache_sharding(model, mesh)
     cache_dtype = kv_cache_dtype(config, model, sharding)
+    setup = ExecutorSetup(
+        model=model,
+        weight_dtype=weight_dtype(config),
+        mesh_shape=tuple(mesh.devices.shape),
+        attention_kernel=paged.kernel_fits(model, cache_dtype, sharding),
+        executor={
+            "pages": kv_cache_pages(config, model, cache_dtype),
+            "max_num_seqs": config.max_num_seqs,
+            "max_length": config.max_length,
+            "cache_dtype": cache_dtype.name,
+            "max_num_batched_tokens": config.max_num_batched_tokens,
+            "max_decode_steps": config.max_compile_tokens,
+            "eos_ids": tokenizer.eos_token_ids,
+            "compile_lazily": not config.warm_up,
+        },
+    )
+    if channel is not None:
+        channel.send(("setup", (setup,)))
     runner = Runner(
         model,
         params,
-        pages=kv_cache_pages(config, model, cache_dtype),
-        max_num_seqs=config.max_num_seqs,
-        max_length=config.max_length,
-        cache_dtype=cache_dtype,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_decode_steps=config.max_compile_tokens,
-        eos_ids=tokenizer.eos_token_ids,
+        **setup.executor,
         cache_sharding=sharding,
-        compile_lazily=not config.warm_up,
+        attention=setup.attention(),
+        announce=None if channel is None else channel.send,
     )
     log.info(
         "KV cache: %.1f MiB, %d pages of %d tokens (%s), for up to %d requests",
@@ -114,12 +135,12 @@ def start_engine(
     engine.start()
     if config.warm_up:
         threading.Thread(
-            target=_compile_programs, args=(runner,), name="jaxserver-compile", daemon=True
+            target=compile_quietly, args=(runner,), name="jaxserver-compile", daemon=True
         ).start()
     return engine
 
 
-def _compile_programs(runner: Runner) -> None:
+def compile_quietly(runner: Runner | Executor) -> None:
     """Compile the programs warm-up left out while the server already serves (in small steps until
     then); a failure here costs only speed, so it is logged, not raised."""
     try:

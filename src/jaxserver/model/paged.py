@@ -59,9 +59,8 @@ def init_paged_cache(
 ) -> PagedKVCache:
     """An empty pool of `pages` pages per layer with entries of `dtype`."""
 
-    def zeros(shape: tuple[int, ...]) -> jax.Array:
-        array = jnp.zeros(shape, cache_storage_dtype(dtype))
-        return array if sharding is None else jax.device_put(array, sharding)
+    def zeros(shape: tuple[int, ...]) -> jax.Array:  # made in place: no copy, no check across processes
+        return jnp.zeros(shape, cache_storage_dtype(dtype), device=sharding)
 
     keys = (cfg.num_layers, pages, cfg.num_kv_heads, cfg.head_dim, PAGE_TOKENS)
     values = (cfg.num_layers, pages, cfg.num_kv_heads, PAGE_TOKENS, cfg.head_dim)

@@ -89,7 +89,16 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
-    return jax.device_put(params, param_shardings(params, mesh))
+    """Params placed on the mesh. Each process puts only its own devices' shards, from its own copy: with
+    several processes, `jax.device_put` would first compare every process's whole copy."""
+    if jax.process_count() == 1:
+        return jax.device_put(params, param_shardings(params, mesh))
+
+    def place(value: Any, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, params, param_shardings(params, mesh))
 
 
 def paged_cache_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
