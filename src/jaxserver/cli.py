@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import faulthandler
 import logging
 import signal
@@ -94,6 +95,14 @@ def serve(args: argparse.Namespace) -> int:
             threading.Thread(target=server.shutdown, args=(config.drain_timeout_s,), daemon=True).start()
             super().handle_exit(sig, frame)
 
+        async def shutdown(self, sockets=None) -> None:
+            await super().shutdown(sockets)
+            # Before uvicorn re-raises the signal: the other processes of a group stop once the engine
+            # has (after the drain), so that they exit cleanly rather than by losing process 0.
+            if settings is not None:
+                await asyncio.to_thread(server.shutdown, config.drain_timeout_s)
+                await asyncio.to_thread(stop_group)
+
     # The app is built before the model loads, not beside it: Python 3.11's ast.parse (Gradio's import
     # calls it) fails when another thread parses at the same time.
     backstop_s = int(config.drain_timeout_s) + 10  # uvicorn's own deadline, a backstop behind the drain
@@ -117,9 +126,6 @@ def serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
     http.run()
-    if settings is not None:  # the other processes stop once the engine has (the drain is done)
-        server.shutdown(config.drain_timeout_s)
-        stop_group()
     return 1 if server.load_error else 0
 
 

@@ -8,6 +8,8 @@ import os
 import threading
 from collections.abc import Callable
 
+import jax
+
 from jaxserver.jaxserver import JAXServer
 from jaxserver.parallel.group import GroupSettings, Heartbeats, StepChannel, check_same_settings
 
@@ -49,5 +51,6 @@ def lead(server: JAXServer, settings: GroupSettings, model: str | None) -> Calla
         if not failed.is_set() and server.engine is not None and server.engine.error is None:
             log.info("stopping the other %d processes", settings.num_processes - 1)
             server.channel.send(("stop", ()))
+            jax.distributed.shutdown()  # waits for them at JAX's shutdown barrier, so none sees us gone
 
     return stop_group

@@ -11,6 +11,8 @@ import signal
 import threading
 from typing import Any
 
+import jax
+
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup as engine_setup
 from jaxserver.engine.executor import REPLAYED_CALLS, Executor
@@ -93,7 +95,11 @@ def serve_worker(config: JAXServerConfig, model_path: str | None, settings: Grou
         threading.Event().wait()  # the exit timer ends the process
     heartbeats.stop()
     log.info("worker %d: process 0 stopped the group", settings.process_id)
-    return 0
+    jax.distributed.shutdown()  # process 0 waits for every process at JAX's shutdown barrier
+    # At once: the daemon threads (health server, compilation) may be inside JAX, which a normal
+    # interpreter exit would tear down under them.
+    logging.shutdown()
+    os._exit(0)
 
 
 def _build_executor(
