@@ -67,7 +67,7 @@ class SampleBatch(NamedTuple):
     seq_rows: np.ndarray
     samples: np.ndarray
     positions: np.ndarray
-    allowed: np.ndarray
+    allowed: np.ndarray | None  # None: every token (sent as nothing to other processes)
     penalize: bool
     constrain: bool
     want_logprobs: bool
@@ -145,6 +145,7 @@ class Executor:
         self._samplers: dict[int, jax.stages.Compiled] = {}
         self._decoders: dict[int, jax.stages.Compiled] = {}
         self._cache_spec = _spec(self.cache)
+        self._no_masks: dict[int, np.ndarray] = {}
         # Every row's repetition penalties and logit bias, placed as the step's outputs will be, so that
         # the first step compiles no variant of its own.
         vocab = cfg.vocab_size
@@ -209,7 +210,7 @@ class Executor:
             sample.seq_rows,
             sample.samples,
             sample.positions,
-            sample.allowed,
+            self.all_allowed(len(sample.seq_rows)) if sample.allowed is None else sample.allowed,
             np.bool_(sample.penalize),
             np.bool_(sample.constrain),
             np.bool_(sample.want_logprobs),
@@ -289,8 +290,14 @@ class Executor:
         """Sampler inputs of `rows` padding rows, which sample nothing."""
         host = [np.zeros(rows, dtype) for dtype in (np.int32, bool, np.int32)]
         sampling = sampling_rows(rows, temperature=1.0, top_p=1.0, top_k=0, greedy=True, seed=0)
-        allowed = np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
-        return SampleBatch(sampling, *host, allowed, False, False, False)
+        return SampleBatch(sampling, *host, None, False, False, False)
+
+    def all_allowed(self, rows: int) -> np.ndarray:
+        """A bitmask that allows every token in `rows` rows, kept per row count (read-only: copy it before
+        writing a grammar's rows)."""
+        if rows not in self._no_masks:
+            self._no_masks[rows] = np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
+        return self._no_masks[rows]
 
     def compile_programs(self) -> None:
         """Compile every program `warm_up` left out, each used as soon as it is ready: the largest step
@@ -366,7 +373,7 @@ class Executor:
                 sample.seq_rows,
                 sample.samples,
                 sample.positions,
-                sample.allowed,
+                self.all_allowed(rows),
                 np.bool_(False),
                 np.bool_(False),
                 np.bool_(False),

@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.engine.constraints import bitmask_words
 from jaxserver.engine.executor import Call, Executor, SampleBatch, StepBatch
 from jaxserver.engine.programs import StepOutputs, decode_rows, idle_rows, sampling_rows
 from jaxserver.engine.request import SamplingOptions, TokenLogprobs
@@ -85,7 +84,6 @@ class Runner:
         # Rows whose bias is not zero: the sampler adds a row's bias whatever its request, so a request
         # without one that takes such a row clears it.
         self._biased_rows: set[int] = set()
-        self._no_masks: dict[int, np.ndarray] = {}
 
     def model_params(self) -> Params:
         """The parameters in the stacked layout they were given in, rebuilt from the serving weights."""
@@ -190,13 +188,6 @@ class Runner:
         tokens, emitted = self.executor.decode(state, page_table, steps, len(plan.pieces), on_tokens)
         return {i: tokens[i][emitted[i]].tolist() for i in range(len(plan.pieces))}
 
-    def _all_allowed(self, rows: int) -> np.ndarray:
-        """A bitmask that allows every token in `rows` rows, kept per row count (read-only: a step copies
-        it before writing a grammar's rows)."""
-        if rows not in self._no_masks:
-            self._no_masks[rows] = np.full((rows, bitmask_words(self.cfg.vocab_size)), -1, np.int32)
-        return self._no_masks[rows]
-
     def _sample_batch(self, plan: StepPlan, allowed: np.ndarray | None) -> SampleBatch:
         """The sampler's inputs for the plan's pieces, in the smallest compiled sampler that holds their
         rows, among the tokens `allowed` (a bitmask per piece) keeps."""
@@ -206,9 +197,9 @@ class Runner:
             seq_rows[row], samples[row], positions[row] = piece.seq.row, piece.samples, piece.end
         requests = [piece.seq.request for piece in plan.pieces]
         sampling = self._rows_sampling(plan, rows)  # first: a new row's penalties start here
-        mask = self._all_allowed(rows)
+        mask = None
         if allowed is not None:
-            mask = mask.copy()
+            mask = self.executor.all_allowed(rows).copy()
             mask[: len(plan.pieces)] = allowed[:, : mask.shape[1]]
         return SampleBatch(
             sampling,
