@@ -124,77 +124,65 @@ def test_streams_and_cancellation_across_processes(group, one_process_answers):
     assert greedy_answers(leader.url) == one_process_answers  # the group serves on, unchanged
 
 
-def test_a_killed_worker_ends_the_stream_and_the_group(tiny_llama_dir, tmp_path):
-    leader, worker = start_group(tiny_flags(tiny_llama_dir, "1,-1,1", tmp_path), tmp_path)
-    try:
-        body = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
-        events, killed_at = [], None
-        with httpx.stream("POST", f"{leader.url}/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if killed_at is None:
-                        worker.process.kill()
-                        killed_at = time.monotonic()
-        ended_after = time.monotonic() - killed_at
-        health = httpx.get(f"{leader.url}/health", timeout=10)  # before process 0's exit grace ends
-        assert events[-1] == "data: [DONE]"
-        # Process 0's next collective fails at once; a worker that hangs instead is caught by heartbeats.
-        message = json.loads(events[-2][len("data: ") :])["error"]["message"]
-        assert "Gloo" in message or "process group failed" in message
-        assert ended_after < HEARTBEAT_S + 5
-        assert health.status_code == 503 and health.json()["error"]["message"]
-        assert leader.process.wait(timeout=HEARTBEAT_S + 10) == 1
-    finally:
-        for member in (leader, worker):
-            if member.process.poll() is None:
-                member.process.kill()
+@pytest.fixture
+def fresh_group(tiny_llama_dir, tmp_path):
+    """A group of its own for a test that ends it; whatever is left of it is killed after."""
+    members = start_group(tiny_flags(tiny_llama_dir, "1,-1,1", tmp_path), tmp_path)
+    yield members
+    for member in members:
+        if member.process.poll() is None:
+            member.process.kill()
 
 
-def test_a_hung_worker_is_noticed_by_its_heartbeat(tiny_llama_dir, tmp_path):
-    leader, worker = start_group(tiny_flags(tiny_llama_dir, "1,-1,1", tmp_path), tmp_path)
-    try:
-        body = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
-        events, stopped_at = [], None
-        with httpx.stream("POST", f"{leader.url}/v1/completions", json=body, timeout=60) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line)
-                    if stopped_at is None:
-                        worker.process.send_signal(signal.SIGSTOP)  # alive, but answers nothing
-                        stopped_at = time.monotonic()
-        assert time.monotonic() - stopped_at < HEARTBEAT_S + 5
-        assert events[-1] == "data: [DONE]"
-        message = json.loads(events[-2][len("data: ") :])["error"]["message"]
-        assert f"process 1 sent no heartbeat for {HEARTBEAT_S} s" in message
-        assert leader.process.wait(timeout=10) == 1
-    finally:
-        for member in (leader, worker):
-            if member.process.poll() is None:
-                member.process.kill()
+# A killed worker fails process 0's next collective at once; a stopped one (alive, answering nothing) is
+# caught by its missing heartbeat.
+WORKER_FAULTS = {
+    "killed": (signal.SIGKILL, ("Gloo", "process group failed")),
+    "stopped": (signal.SIGSTOP, (f"process 1 sent no heartbeat for {HEARTBEAT_S} s",)),
+}
 
 
-def test_workers_exit_when_process_0_dies(tiny_llama_dir, tmp_path):
-    leader, worker = start_group(tiny_flags(tiny_llama_dir, "1,-1,1", tmp_path), tmp_path)
-    try:
-        leader.process.kill()
-        assert worker.process.wait(timeout=HEARTBEAT_S + 10) != 0
-    finally:
-        for member in (leader, worker):
-            if member.process.poll() is None:
-                member.process.kill()
+@pytest.mark.parametrize("fault", list(WORKER_FAULTS))
+def test_a_failed_worker_ends_the_stream_and_the_group(fresh_group, fault):
+    leader, worker = fresh_group
+    sent, expected = WORKER_FAULTS[fault]
+    body = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "ignore_eos": True, "stream": True}
+    events, failed_at = [], None
+    with httpx.stream("POST", f"{leader.url}/v1/completions", json=body, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+                if failed_at is None:
+                    worker.process.send_signal(sent)
+                    failed_at = time.monotonic()
+    ended_after = time.monotonic() - failed_at
+    health = httpx.get(f"{leader.url}/health", timeout=10)  # before process 0's exit grace ends
+    assert events[-1] == "data: [DONE]"
+    message = json.loads(events[-2][len("data: ") :])["error"]["message"]
+    assert any(text in message for text in expected), message
+    assert ended_after < HEARTBEAT_S + 5
+    assert health.status_code == 503 and health.json()["error"]["message"]
+    assert leader.process.wait(timeout=HEARTBEAT_S + 10) == 1
 
 
-def test_sigterm_to_process_0_stops_the_group_cleanly(tiny_llama_dir, tmp_path):
-    leader, worker = start_group(tiny_flags(tiny_llama_dir, "1,-1,1", tmp_path), tmp_path)
-    try:
-        assert greedy_answers(leader.url, max_tokens=4)
-        assert leader.stop(timeout_s=60) in (0, -signal.SIGTERM)  # as a server of its own
-        assert worker.process.wait(timeout=30) == 0
-    finally:
-        for member in (leader, worker):
-            if member.process.poll() is None:
-                member.process.kill()
+def test_workers_exit_when_process_0_dies(fresh_group):
+    leader, worker = fresh_group
+    leader.process.kill()
+    assert worker.process.wait(timeout=HEARTBEAT_S + 10) != 0
+
+
+def test_sigterm_to_a_worker_fails_the_group(fresh_group):
+    leader, worker = fresh_group
+    worker.process.terminate()
+    assert worker.process.wait(timeout=10) == 1
+    assert leader.process.wait(timeout=HEARTBEAT_S + 10) == 1
+
+
+def test_sigterm_to_process_0_stops_the_group_cleanly(fresh_group):
+    leader, worker = fresh_group
+    assert greedy_answers(leader.url, max_tokens=4)
+    assert leader.stop(timeout_s=60) in (0, -signal.SIGTERM)  # as a server of its own
+    assert worker.process.wait(timeout=30) == 0
 
 
 def run_alone(flags: list[str], timeout_s: float) -> subprocess.CompletedProcess:

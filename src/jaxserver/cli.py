@@ -78,12 +78,12 @@ def serve(args: argparse.Namespace) -> int:
     if settings is not None:
         group.join(settings)
         if not settings.leads:
-            from jaxserver.parallel.worker import serve_worker
+            from jaxserver.worker import serve_worker
 
             return serve_worker(config, args.model, settings)
     server = JAXServer(config)
     if settings is not None:
-        from jaxserver.parallel.leader import lead
+        from jaxserver.leader import lead
 
         stop_group = lead(server, settings, args.model)
 

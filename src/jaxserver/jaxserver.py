@@ -68,7 +68,7 @@ class JAXServer:
         self.load_error: str | None = None
         self._counter_lock = threading.Lock()
         self._app = None
-        # Process 0 of a group of processes (`parallel.leader`): where every device call is announced.
+        # Process 0 of a group of processes (`jaxserver.leader`): where every device call is announced.
         self.channel: StepChannel | None = None
 
     # --- loading ----------------------------------------------------------------------------------------

@@ -153,7 +153,6 @@ class StepChannel:
         self._first = jax.jit(lambda rows: rows[0], out_shardings=NamedSharding(mesh, PartitionSpec()))
         self._leads = jax.process_index() == 0
         self._lock = threading.Lock()
-        self.sent = 0
 
     def send(self, message: Any) -> None:
         assert self._leads, "only process 0 sends"
@@ -168,7 +167,6 @@ class StepChannel:
                 rest = np.zeros(_rest_bytes(len(data) - room), np.uint8)
                 rest[: len(data) - room] = np.frombuffer(data[room:], np.uint8)
                 self._broadcast(rest)
-            self.sent += 1
 
     def receive(self) -> Any:
         assert not self._leads, "process 0 sends"
@@ -225,7 +223,7 @@ class Heartbeats:
         on_failure: Callable[[str], None],
         local_error: Callable[[], str | None] = lambda: None,
     ):
-        from jax._src import distributed
+        from jax._src import distributed  # the client `jax.distributed.initialize` made (no public handle)
 
         self._client = distributed.global_state.client
         self._me = jax.process_index()

@@ -9,7 +9,7 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 
@@ -59,8 +59,9 @@ class WorkerHealth:
         return app
 
 
-def serve_worker(config: JAXServerConfig, model_path: str | None, settings: GroupSettings) -> int:
-    """Run this process's part of the group; the exit code."""
+def serve_worker(config: JAXServerConfig, model_path: str | None, settings: GroupSettings) -> NoReturn:
+    """Run this process's part of the group, then end the process: 0 once process 0 stops the group, 1
+    after any failure."""
     import uvicorn
 
     health = WorkerHealth()
