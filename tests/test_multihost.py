@@ -56,7 +56,7 @@ def stream_text(url: str, body: dict, events_wanted: int | None = None) -> tuple
     """The streamed text and events of a completion; with `events_wanted`, the stream is closed after
     that many events (the client goes away)."""
     text, events = "", []
-    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=60) as response:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body | {"stream": True}, timeout=180) as response:
         for line in response.iter_lines():
             if not line.startswith("data: "):
                 continue
@@ -174,7 +174,7 @@ def test_workers_exit_when_process_0_dies(fresh_group):
 def test_sigterm_to_a_worker_fails_the_group(fresh_group):
     leader, worker = fresh_group
     worker.process.terminate()
-    assert worker.process.wait(timeout=10) == 1
+    assert worker.process.wait(timeout=10) == -signal.SIGTERM
     assert leader.process.wait(timeout=HEARTBEAT_S + 10) == 1
 
 

@@ -76,11 +76,9 @@ def serve_worker(config: JAXServerConfig, model_path: str | None, settings: Grou
         log.error("%s; this worker exits", health.state)
         threading.Timer(EXIT_GRACE_S, os._exit, args=(1,)).start()
 
-    def on_sigterm(signum: int, frame: Any) -> None:
-        log.error("SIGTERM: a worker leaving fails the group; stop process 0 to stop the group")
-        os._exit(1)
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    # SIGTERM ends a worker at once (a Python handler would wait for the main thread, which may sit in a
+    # collective): process 0 then fails the group.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     heartbeats = Heartbeats(settings.heartbeat_timeout_s, fail)
     heartbeats.start()
     try:
