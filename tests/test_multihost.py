@@ -234,3 +234,36 @@ def test_settings_that_differ_between_processes_are_named(tiny_llama_dir, tmp_pa
     assert worker.returncode == 1 and leader.returncode == 1
     for log in (worker_log, leader.stderr):
         assert "--max-num-seqs 4 here, 8 on process 0" in log
+
+
+@pytest.mark.e2e
+def test_smollm2_answers_as_one_process(tmp_path):
+    """The default model split over two processes (weights' embedding axis across them) answers as one
+    process of 8 devices does."""
+    flags = [
+        "--max-length",
+        "256",
+        "--max-num-seqs",
+        "4",
+        "--mesh-axes-shape",
+        "1,-1,1",
+        "--no-ui",
+        "--warm-up",
+        "false",
+        "--compilation-cache-dir",
+        str(tmp_path / "xla"),
+    ]
+    body = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    one = start_server(flags, tmp_path / "one.log", env=env, timeout_s=900)
+    try:
+        alone = httpx.post(f"{one.url}/v1/completions", json=body, timeout=600).json()["choices"][0]["text"]
+    finally:
+        one.stop()
+    members = start_group(flags, tmp_path, timeout_s=900)
+    try:
+        grouped = httpx.post(f"{members[0].url}/v1/completions", json=body, timeout=600).json()
+        assert grouped["choices"][0]["text"] == alone and alone.strip()
+    finally:
+        for member in members:
+            member.process.kill()

@@ -121,9 +121,10 @@ class JAXServer:
         # The kernels build (tens of seconds, once per machine) while the file loads: "auto" weights wait
         # for them to pick bf16 or float32, but either is read as float32 first.
         threading.Thread(target=cpu_kernels.available, name="jaxserver-kernels", daemon=True).start()
-        host_dtype = "float32" if self.config.jax_dtype_name == "auto" else self.weight_dtype
         try:
-            cfg, params, own_tokenizer = load_model(path, host_dtype, self.config.model_cache_dir)
+            cfg, params, own_tokenizer = load_model(
+                path, setup.host_dtype(self.config), self.config.model_cache_dir
+            )
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
             name = Path(path).name if path else "SmolLM2-135M-Instruct"

@@ -16,6 +16,7 @@ import jax
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup as engine_setup
 from jaxserver.engine.executor import REPLAYED_CALLS, Executor
+from jaxserver.model import cpu_kernels
 from jaxserver.model.llama import cast_params
 from jaxserver.model.loader import load_model
 from jaxserver.parallel.group import (
@@ -105,12 +106,11 @@ def _build_executor(
     config: JAXServerConfig, model_path: str | None, health: WorkerHealth, channel: StepChannel
 ) -> Executor:
     """The model loaded and placed as process 0 placed it, and the executor process 0 describes."""
-    host_dtype = "float32" if config.jax_dtype_name == "auto" else engine_setup.weight_dtype(config)
-    model, params, _ = load_model(model_path, host_dtype, config.model_cache_dir)
+    model, params, _ = load_model(model_path, engine_setup.host_dtype(config), config.model_cache_dir)
     health.state = "waiting for process 0's model"
     name, (setup,) = channel.receive()
     if name != "setup" or not isinstance(setup, ExecutorSetup):
-        raise GroupError(f"expected process 0's settings first, got {name!r}")
+        raise GroupError(f"expected process 0's model setup, got {name!r}")
     if setup.model != model:
         raise GroupError(
             f"this process loaded another model than process 0 ({model_path or 'the default'}): start every "
@@ -122,7 +122,7 @@ def _build_executor(
             f"--mesh-axes-shape gives {tuple(mesh.devices.shape)} here and {setup.mesh_shape} on process 0: "
             "start every process with the same one"
         )
-    if setup.attention_kernel and not engine_setup.cpu_kernels.available():
+    if setup.attention_kernel and not cpu_kernels.available():
         raise GroupError("process 0 reads the KV cache with the CPU kernel, which cannot be built here")
     health.state = "placing the model"
     placed = shard_params(cast_params(params, setup.weight_dtype), mesh)

@@ -42,6 +42,12 @@ def weight_dtype(config: JAXServerConfig) -> str:
     return "bfloat16" if devices == 1 and cpu_kernels.bf16_gemm_available() else "float32"
 
 
+def host_dtype(config: JAXServerConfig) -> str:
+    """The dtype a model file is read in: float32 for "auto" weights, which may still become bf16 once the
+    kernels are known to build (`weight_dtype`), else the weights' own."""
+    return "float32" if config.jax_dtype_name == "auto" else weight_dtype(config)
+
+
 def kv_cache_dtype(config: JAXServerConfig, model: ModelConfig, sharding: jax.sharding.Sharding) -> jnp.dtype:
     """The KV cache's entry dtype: the config's, with "auto" resolved. A 16-bit cache only where the paged
     attention kernel reads it: XLA's attention over one is several times slower (docs/performance.md)."""

@@ -387,4 +387,10 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32, scal
 
 
 def cast_params(params: Params, dtype: Any) -> Params:
-    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
+    """`params` in `dtype`; host arrays stay on the host, so that placing them on the mesh copies each
+    shard once (not the whole model onto one device first)."""
+
+    def cast(array: Any) -> Any:
+        return array.astype(dtype) if isinstance(array, np.ndarray) else jnp.asarray(array, dtype=dtype)
+
+    return jax.tree.map(cast, params)
