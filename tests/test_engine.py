@@ -17,6 +17,7 @@ from jaxserver.engine.runner import Runner
 from jaxserver.errors import BadRequestError, EngineError, OverloadedError
 from jaxserver.model import cpu_kernels, llama, paged
 from jaxserver.model.loader import load_model
+from jaxserver.parallel.mesh import make_mesh, paged_cache_sharding, shard_params
 
 GREEDY = SamplingOptions(greedy=True)
 
@@ -56,10 +57,15 @@ def start_engine(
     cache_dtype=jnp.float32,
     start=True,
     prefix_caching=True,
+    mesh_shape=None,
 ) -> Engine:
     """An engine on `model` (config, params, tokenizer), its thread started unless `start` is False (a test
-    then drives its steps)."""
+    then drives its steps); with `mesh_shape`, over a mesh of the test's 8 devices."""
     cfg, params, tokenizer = model
+    cache_sharding = None
+    if mesh_shape is not None:
+        mesh = make_mesh(("dp", "fsdp", "mp"), mesh_shape)
+        params, cache_sharding = shard_params(params, mesh), paged_cache_sharding(cfg, mesh)
     runner = Runner(
         cfg,
         params,
@@ -71,6 +77,7 @@ def start_engine(
         max_decode_steps=steps,
         eos_ids=tokenizer.eos_token_ids,
         compile_lazily=True,
+        cache_sharding=cache_sharding,
     )
     engine = Engine(runner, tokenizer, max_waiting=max_waiting, prefix_caching=prefix_caching)
     if start:
@@ -407,10 +414,12 @@ def test_a_decode_call_ends_at_the_step_where_a_sequence_finishes(make_engine):
     assert sizes[:2] == [1, 3] and sum(sizes) == 21 and 4 < max(sizes) <= 16
 
 
-def test_decode_calls_stream_each_step_and_end_at_stop_strings(make_engine, model, monkeypatch):
+@pytest.mark.parametrize("mesh_shape", [None, (1, 1, 8)], ids=["one-device", "8-device-mesh"])
+def test_decode_calls_stream_each_step_and_end_at_stop_strings(make_engine, model, monkeypatch, mesh_shape):
     """Handing tokens on at every step: a call of up to 16 steps sends one chunk per token as it runs, and
-    a stop string met inside a call ends the answer exactly where it does without streaming."""
-    engine = make_engine(steps=16, max_length=128)
+    a stop string met inside a call ends the answer exactly where it does without streaming. On a mesh a
+    program returns before it has run (asynchronous dispatch): the relay must still wait for its end."""
+    engine = make_engine(steps=16, max_length=128, mesh_shape=mesh_shape)
     prompt = prompts(1, model[0].vocab_size)[0]
     tokens, full_text, _ = run(engine, GenerationRequest(prompt, 40, GREEDY, ignore_eos=True))
     monkeypatch.setattr(step_relay, "RELAY_INTERVAL_S", 0.0)

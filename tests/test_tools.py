@@ -11,7 +11,7 @@ import jsonschema_rs
 import pytest
 
 from jaxserver.errors import BadRequestError
-from jaxserver.server.schemas import ChatMessage, Tool
+from jaxserver.server.openai_schemas import ChatMessage, Tool
 from jaxserver.server.tools import generic_messages, parse_answer, parse_tagged, template_messages, tool_plan
 from tests import tiny
 from tests.live import sdk_client, serving

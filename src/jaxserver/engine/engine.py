@@ -31,7 +31,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ from jaxserver.engine.request import (
 from jaxserver.engine.runner import Runner
 from jaxserver.engine.scheduler import Scheduler, Sequence, StepPlan
 from jaxserver.engine.step_relay import TokensByRow
+from jaxserver.engine.totals import StepTotals
 from jaxserver.errors import BadRequestError, EngineError, NotReadyError, OverloadedError
 from jaxserver.model import paged
 from jaxserver.model.tokenizer import Tokenizer
@@ -60,25 +61,6 @@ RATE_WINDOW_S = 60.0
 # A multi-step decode call holds back every stream's tokens until it returns, and a waiting prompt's start:
 # it takes as many steps as last lasted about this long at its batch size.
 DECODE_CALL_S = 0.5
-
-
-@dataclass
-class StepTotals:
-    """Where the engine thread's time went since it started, summed over its calls to the runner; read by
-    /status, /metrics and the benchmarks, whose profile is the difference between two readings. Steps that
-    carry prompt tokens count as prefill (with the decode tokens beside them), the rest as decode."""
-
-    prefill_seconds: float = 0.0
-    prefill_calls: int = 0
-    prompt_tokens: int = 0  # prompt tokens written into the cache (recomputed ones included)
-    prompt_tokens_computed: int = 0  # tokens those steps computed, with the padding of their buckets
-    prompt_tokens_reused: int = 0  # prompt tokens found in the prefix cache
-    tokens_recomputed: int = 0  # tokens written again after their sequence was preempted
-    decode_seconds: float = 0.0
-    decode_calls: int = 0
-    decode_steps: int = 0  # forward passes of decode-only batches
-    decode_tokens: int = 0  # tokens those steps generated
-    decode_rows_computed: int = 0  # rows those steps computed, padding rows included
 
 
 class Engine:
@@ -267,7 +249,12 @@ class Engine:
             self.scheduler.computed(plan)
             outputs = {i: ([token], None if lp is None else [lp]) for i, (token, lp) in sampled.items()}
             steps_run, rows, generated = 1, self.runner.shape(plan)[1], len(outputs)
-        self._count_step(plan, decode_only, time.perf_counter() - started, steps_run, rows, generated)
+        self.totals.prompt_tokens_reused = self.scheduler.prefix_hit_pages * paged.PAGE_TOKENS
+        seconds = time.perf_counter() - started
+        if decode_only:
+            self.totals.add_decode(seconds, steps_run, rows, generated)
+        else:
+            self.totals.add_prefill(plan, seconds, self.runner.shape(plan)[0])
         for index, (tokens, logprobs) in outputs.items():
             self._emit(plan.pieces[index].seq, tokens, logprobs)
         for index, chunk in ended.items():
@@ -324,35 +311,6 @@ class Engine:
         step_s = self._step_seconds.get(rows)
         steps = 4 if step_s is None else int(DECODE_CALL_S / step_s)
         return max(1, min(steps, self.runner.max_decode_steps))
-
-    def _count_step(
-        self,
-        plan: StepPlan,
-        decode_only: bool,
-        seconds: float,
-        steps: int,
-        rows: int,
-        generated: int,
-    ) -> None:
-        """Add a run's time and `generated` tokens to the totals; `rows` were computed in each of its
-        `steps`."""
-        totals = self.totals
-        totals.prompt_tokens_reused = self.scheduler.prefix_hit_pages * paged.PAGE_TOKENS
-        if decode_only:
-            totals.decode_seconds += seconds
-            totals.decode_calls += 1
-            totals.decode_steps += steps
-            totals.decode_tokens += generated
-            totals.decode_rows_computed += rows * steps
-            return
-        totals.prefill_seconds += seconds
-        totals.prefill_calls += 1
-        totals.prompt_tokens_computed += self.runner.shape(plan)[0]
-        for piece in plan.pieces:
-            prompt_len = len(piece.seq.request.prompt_ids)
-            totals.prompt_tokens += max(0, min(piece.end, prompt_len) - piece.start)
-            if piece.seq.preemptions:
-                totals.tokens_recomputed += piece.end - piece.start - (1 if piece.samples else 0)
 
     def _emit(self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None) -> None:
         """Send the chunk of new tokens; finish the request if it ended."""

@@ -232,7 +232,11 @@ class Executor:
         program, cache = self._decoders_program(len(page_table)), self.cache
 
         def call() -> tuple[jax.Array, jax.Array, paged.PagedKVCache]:
-            return program(self.params, self.layers, cache, state, page_table, self.eos_ids, np.int32(steps))
+            # Until it has run: the relay takes a returned call as done, and dispatch may return earlier
+            # (seen on a mesh of 8 CPU devices, where the relay then left every hand-on waiting 10 s).
+            return jax.block_until_ready(
+                program(self.params, self.layers, cache, state, page_table, self.eos_ids, np.int32(steps))
+            )
 
         # The call runs on the relay's thread, which is why the cache is bound before it.
         result = self._relay.run(call, reported_rows, on_tokens) if self._reports_here else call()

@@ -22,8 +22,7 @@ from jaxserver.errors import BadRequestError, NotFoundError
 from jaxserver.model.tokenizer import Tokenizer
 from jaxserver.server.answers import respond
 from jaxserver.server.backend import Backend
-from jaxserver.server.responses import STREAMED
-from jaxserver.server.schemas import (
+from jaxserver.server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -46,6 +45,7 @@ from jaxserver.server.schemas import (
     TopLogprob,
     Usage,
 )
+from jaxserver.server.responses import STREAMED
 from jaxserver.server.streaming import EngineClient
 from jaxserver.server.structured import body_constraint
 from jaxserver.server.tools import ToolPlan, generic_messages, template_messages, tool_plan

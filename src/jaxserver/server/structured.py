@@ -8,7 +8,7 @@ from typing import Any
 
 from jaxserver.engine.constraints import Constraint
 from jaxserver.errors import BadRequestError
-from jaxserver.server.schemas import OpenAISampling, ResponseFormat, StructuredOutputs
+from jaxserver.server.openai_schemas import OpenAISampling, ResponseFormat, StructuredOutputs
 
 ANY_JSON_OBJECT = {"type": "object"}
 

@@ -7,7 +7,12 @@ from fastapi import APIRouter
 from jaxserver.errors import BadRequestError
 from jaxserver.server.backend import Backend
 from jaxserver.server.openai_api import check_model
-from jaxserver.server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from jaxserver.server.openai_schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from jaxserver.server.tools import generic_messages
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from jaxserver.engine.constraints import Constraint, closed_objects
 from jaxserver.errors import BadRequestError
-from jaxserver.server.schemas import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
+from jaxserver.server.openai_schemas import ChatMessage, FunctionCall, NamedToolChoice, Tool, ToolCall
 
 INSTRUCTIONS = (
     "You can call these tools:\n{tools}\n\n"
