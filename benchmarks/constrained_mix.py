@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 
-from jaxserver.launch import start_server
+from jaxserver.launch import start_server, wait_until_compiled
 
 # Long enough that no answer completes within --output-len: every row, plain or constrained, generates
 # the same number of tokens, so the two runs differ only in the constraint.
@@ -89,8 +89,7 @@ def main() -> None:
     log = Path(tempfile.mkdtemp()) / "serve.log"
     server = start_server(shlex.split(args.flags), log, timeout_s=900)
     try:
-        while httpx.get(f"{server.url}/status").json()["engine"]["programs_compiling"]:
-            time.sleep(2)  # the programs compiled beside serving take a core until they are done
+        wait_until_compiled(server.url)
         half = args.streams // 2
         asyncio.run(drive(server.url, half, half, 16))  # compiles what the mix needs
         alone, _ = asyncio.run(drive(server.url, args.streams, 0, args.output_len))

@@ -21,7 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from jaxserver.launch import free_port
@@ -108,18 +107,9 @@ def measure_channel(max_length: int) -> None:
         member.wait(timeout=600)
 
 
-def wait_compiled(url: str, timeout_s: float = 1800) -> None:
-    """Until the background compilation is done: it halves decoding speed while it runs."""
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/status", timeout=10).json()["engine"]["programs_compiling"]:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the programs did not finish compiling")
-        time.sleep(2)
-
-
 def measure_serving(sweep: list[int], flags: list[str], requests_per_level: int, output_len: int) -> None:
     from jaxserver.bench import measure, print_table
-    from jaxserver.launch import start_group, start_server
+    from jaxserver.launch import start_group, start_server, wait_until_compiled
 
     rows: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -137,7 +127,7 @@ def measure_serving(sweep: list[int], flags: list[str], requests_per_level: int,
         for name, start in setups.items():
             members = start()
             try:
-                wait_compiled(members[0].url)
+                wait_until_compiled(members[0].url)
                 rows[name] = [
                     measure(members[0].url, requests_per_level * c, c, 64, output_len, None, seed=0)
                     | {"setup": name}

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 
 from jaxserver.bench import make_prompt, measure, plot, print_table
-from jaxserver.launch import start_server
+from jaxserver.launch import start_server, wait_until_compiled
 
 RESULTS = Path("benchmarks/results")
 
@@ -65,16 +65,6 @@ def transformers_tokens_per_s(prompts: list[str], output_len: int, batch: int, d
     return batch * output_len / elapsed
 
 
-def wait_for_compile_ahead(url: str, timeout_s: float = 900) -> None:
-    """Wait until the server has compiled its rarer decode shapes in the background: meanwhile that
-    compilation takes a core, and the figures would measure it too."""
-    deadline = time.monotonic() + timeout_s
-    while httpx.get(f"{url}/status", timeout=5).json()["engine"].get("programs_compiling", 0):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the server was still compiling decode shapes after {timeout_s} s")
-        time.sleep(1)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -104,7 +94,7 @@ def main() -> None:
     server = start_server(flags, RESULTS / "serve.log", timeout_s=600)
     rows = []
     try:
-        wait_for_compile_ahead(server.url)
+        wait_until_compiled(server.url)
         served = httpx.get(f"{server.url}/status", timeout=10).json()["dtype"]  # "auto" resolved
         weights = {"float32": "fp32", "bfloat16": "bf16"}[served]
         for concurrency in levels:

@@ -108,3 +108,13 @@ def start_group(
         tails = "".join(f"\n--- process {i}:\n{w.log_tail()}" for i, w in enumerate(workers, start=1))
         raise RuntimeError(f"{exc}{tails}") from exc
     return [leader, *workers]
+
+
+def wait_until_compiled(url: str, timeout_s: float = 1800) -> None:
+    """Wait until the server at `url` has compiled the programs it compiles beside serving: meanwhile that
+    compilation takes a core, and figures taken then would measure it too."""
+    deadline = time.monotonic() + timeout_s
+    while httpx.get(f"{url}/status", timeout=10).json()["engine"].get("programs_compiling", 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} was still compiling after {timeout_s} s")
+        time.sleep(1)

@@ -45,16 +45,15 @@ class WorkerHealth:
         from fastapi import FastAPI
         from fastapi.responses import JSONResponse
 
+        from jaxserver.server.responses import error_body
+
         app = FastAPI(title="jaxserver worker", docs_url=None, redoc_url=None, openapi_url=None)
 
         @app.get("/health")
         def health() -> JSONResponse:
             if self.ready:
                 return JSONResponse({"status": "ok", "role": "worker"})
-            body = {
-                "error": {"message": self.state, "type": "service_unavailable", "param": None, "code": None},
-                "status": "down",
-            }
+            body = error_body(self.state, "service_unavailable") | {"status": "down"}
             return JSONResponse(body, 503)
 
         return app
