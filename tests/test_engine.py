@@ -2,6 +2,7 @@
 sampling and penalties against direct references, cancellation, timeouts, overload and failure."""
 
 import re
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserver.engine import step_relay
-from jaxserver.engine.engine import Engine
+from jaxserver.engine.engine import ENGINE_FAILED, Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
 from jaxserver.errors import BadRequestError, EngineError, OverloadedError
@@ -230,6 +231,8 @@ def test_a_request_the_pool_could_never_hold_is_refused_at_submission(make_engin
 
 def test_engine_failure_reaches_every_waiting_client(make_engine, model):
     engine = make_engine(max_num_seqs=2, start=False)
+    reasons = []
+    engine.on_failure = reasons.append
 
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
@@ -237,10 +240,58 @@ def test_engine_failure_reaches_every_waiting_client(make_engine, model):
     engine.runner.step = engine.runner.decode = broken
     streams = [engine.submit(GenerationRequest([5, 6], 9, GREEDY)) for _ in range(3)]  # 2 run, 1 waits
     engine.start()
-    assert [summary(list(stream))[2] for stream in streams] == ["error"] * 3
-    assert not engine.alive and "device lost" in engine.stats()["engine_error"]
-    with pytest.raises(EngineError, match="device lost"):
+    ends = [list(stream)[-1] for stream in streams]
+    assert [(c.finish_reason, c.error) for c in ends] == [("error", ENGINE_FAILED)] * 3  # no internals
+    assert not engine.alive and engine.stats()["engine_failed"] and "device lost" in engine.error
+    assert reasons == ["RuntimeError: device lost"]  # once, with the cause
+    with pytest.raises(EngineError, match="the engine failed"):
         engine.submit(GenerationRequest([5, 6], 9, GREEDY))
+
+
+def test_a_submission_racing_the_failure_is_refused_or_finished(make_engine, monkeypatch):
+    """A request submitted while the engine fails must not sit in an inbox nobody reads: held inside
+    `submit` until the failure has drained the inbox, it is refused."""
+    engine = make_engine()
+    inside, go_on = threading.Event(), threading.Event()
+    make_decoder = engine.tokenizer.incremental_decoder
+
+    def held_decoder():
+        inside.set()
+        go_on.wait(10)
+        return make_decoder()
+
+    monkeypatch.setattr(engine.tokenizer, "incremental_decoder", held_decoder)
+    with ThreadPoolExecutor(1) as pool:
+        submitted = pool.submit(engine.submit, GenerationRequest([5, 6], 9, GREEDY))
+        assert inside.wait(10)
+        engine.fail("lost a member of the group")
+        go_on.set()
+        with pytest.raises(EngineError):
+            submitted.result(timeout=10)
+    assert engine.stats()["waiting_requests"] == 0
+
+
+def test_a_hung_step_shows_as_a_stall_and_clears_when_it_returns(make_engine):
+    engine = make_engine(start=False)
+    engine.stall_timeout_s = 0.3
+    entered, release = threading.Event(), threading.Event()
+    step = engine.runner.step
+
+    def hanging_step(*args, **kwargs):
+        entered.set()
+        release.wait(10)
+        return step(*args, **kwargs)
+
+    engine.runner.step = hanging_step
+    stream = engine.submit(GenerationRequest([5, 6], 3, GREEDY))
+    engine.start()
+    assert entered.wait(10)
+    assert engine.stalled_for() is None  # not yet over the bound
+    time.sleep(0.5)
+    assert engine.stalled_for() > 0.3
+    release.set()
+    assert summary(list(stream))[2] == "length"
+    assert engine.stalled_for() is None
 
 
 def next_token_logits(model, ids: list[int]) -> np.ndarray:

@@ -70,7 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from jaxserver.jaxserver import JAXServer
+    from jaxserver.leader import EXIT_GRACE_S
     from jaxserver.parallel import group
+    from jaxserver.server.limits import uvicorn_config
 
     config = config_from_args(args)
     settings = group.GroupSettings.of(config)
@@ -106,9 +108,17 @@ def serve(args: argparse.Namespace) -> int:
     # The app is built before the model loads, not beside it: Python 3.11's ast.parse (Gradio's import
     # calls it) fails when another thread parses at the same time.
     backstop_s = int(config.drain_timeout_s) + 10  # uvicorn's own deadline, a backstop behind the drain
-    http = DrainingServer(
-        uvicorn.Config(server.app, host=config.host, port=config.port, timeout_graceful_shutdown=backstop_s)
-    )
+    http = DrainingServer(uvicorn_config(server.app, config, timeout_graceful_shutdown=backstop_s))
+    engine_failed = threading.Event()
+
+    def exit_after_failure(reason: str) -> None:
+        """A failed engine is not restarted in place: the process exits 1 for its supervisor to start a
+        fresh one, once the clients have had their error events and /health its 503."""
+        log.error("the engine failed (%s); exiting in %g s", reason, EXIT_GRACE_S)
+        engine_failed.set()
+        threading.Timer(EXIT_GRACE_S, setattr, args=(http, "should_exit", True)).start()
+
+    server.on_engine_failure = exit_after_failure
 
     def load() -> None:
         started = time.perf_counter()
@@ -126,7 +136,7 @@ def serve(args: argparse.Namespace) -> int:
 
     threading.Thread(target=load, name="model-loader", daemon=True).start()
     http.run()
-    return 1 if server.load_error else 0
+    return 1 if server.load_error or engine_failed.is_set() else 0
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -112,7 +112,30 @@ class JAXServerConfig(BaseModel):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM: how long running requests may finish before they are aborted."
     )
+    engine_stall_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An engine with work that has not finished a step for this long is hung: /health "
+        "answers 503.",
+    )
     max_body_bytes: int = Field(8 * 2**20, ge=1024, description="Larger request bodies get 413.")
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="A request body not received whole within this time gets 408."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="A connection whose request line and headers have not all arrived this long after "
+        "their first byte (or after it opened) is closed.",
+    )
+    max_connections: int = Field(
+        1024, ge=2, description="Open connections at most; a request beyond them gets 503 from uvicorn."
+    )
+    max_n: int = Field(
+        16, ge=1, le=128, description="Largest `n` (choices per prompt) an OpenAI request may ask for."
+    )
+    max_stop_strings: int = Field(16, ge=1, description="Stop strings one request may give at most.")
+    max_stop_chars: int = Field(256, ge=1, description="Characters one stop string may have at most.")
     api_key: SecretStr | None = Field(
         default_factory=lambda: os.environ.get("JAXSERVER_API_KEY") or None,
         validate_default=True,

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup
-from jaxserver.engine.engine import Engine
+from jaxserver.engine.engine import ENGINE_FAILED, Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, new_request
 from jaxserver.errors import EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint, cpu_kernels
@@ -65,7 +65,9 @@ class JAXServer:
         self._funcs_generated = False
         self.started_at = time.time()
         self.number_of_served_request_until_last_up_time = 0
-        self.load_error: str | None = None
+        self.load_error: str | None = None  # why the model did not load (for the log, not for clients)
+        # Called once with the reason when the engine fails (`jaxserver serve` exits non-zero then).
+        self.on_engine_failure: Callable[[str], None] | None = None
         self._counter_lock = threading.Lock()
         self._app = None
         # Process 0 of a group of processes (`jaxserver.leader`): where every device call is announced.
@@ -173,8 +175,13 @@ class JAXServer:
         engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh, self.channel)
         if self.engine is not None:  # the old one served while the new one compiled
             self.engine.shutdown(drain_timeout_s=0)
+        engine.on_failure = self._engine_failed
         self.engine, self._params = engine, None
         self._funcs_generated = True
+
+    def _engine_failed(self, reason: str) -> None:
+        if self.on_engine_failure is not None:
+            self.on_engine_failure(reason)
 
     @property
     def ready(self) -> bool:
@@ -194,11 +201,17 @@ class JAXServer:
     # --- generation -------------------------------------------------------------------------------------
 
     def _running(self) -> tuple[Engine, Tokenizer]:
-        """The engine and tokenizer; `NotReadyError` while loading, `EngineError` once the engine failed."""
+        """The engine and tokenizer; `NotReadyError` while loading or while the engine hangs, `EngineError`
+        once it failed. Their messages are for clients: the reasons are in the log."""
         if not self.ready or self.tokenizer is None or self.engine is None:
             if self.engine is not None and self.engine.error:
-                raise EngineError(f"the engine has stopped after an error: {self.engine.error}")
-            raise NotReadyError(self.load_error or "the model is still loading")
+                raise EngineError(ENGINE_FAILED)
+            if self.load_error:
+                raise NotReadyError("the model could not be loaded; the server log says why")
+            raise NotReadyError("the model is still loading")
+        stalled_s = self.engine.stalled_for()
+        if stalled_s is not None:
+            raise NotReadyError(f"the engine has not finished a step for {stalled_s:.0f} s")
         return self.engine, self.tokenizer
 
     def require_ready(self) -> Tokenizer:
@@ -356,7 +369,7 @@ class JAXServer:
         cfg = self.model_config
         return {
             "status": "ready" if self.ready else ("failed" if self.load_error else "loading"),
-            "error": self.load_error,
+            "error": "the model could not be loaded; the server log says why" if self.load_error else None,
             "model": self.model_name,
             "architecture": cfg.architecture if cfg else None,
             "parameters": cfg.parameter_count if cfg else None,
@@ -387,7 +400,9 @@ class JAXServer:
         """Serve the HTTP API with uvicorn on config.host:config.port (blocks)."""
         import uvicorn
 
-        uvicorn.run(self.app, host=self.config.host, port=self.config.port, log_level="info")
+        from jaxserver.server.limits import uvicorn_config
+
+        uvicorn.Server(uvicorn_config(self.app, self.config, log_level="info")).run()
 
 
 def _sampling_fields(data: Any) -> dict[str, Any]:

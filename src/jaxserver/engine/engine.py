@@ -17,6 +17,9 @@ Life of a request:
 3. `_finish(seq, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
    context ("length"), `abort` (client gone, shutdown, timeout) and engine failure ("error") all end there.
    It frees the sequence's row and pages, then sends the final chunk.
+4. An exception in the loop fails the engine for good: every request ends with "error", new ones are
+   refused, and `on_failure` is called (`jaxserver serve` exits, so that its supervisor restarts it).
+   Clients get `ENGINE_FAILED`; the exception itself goes to the log only.
 
 Only the engine thread touches the scheduler and the runner; other threads talk to it through the inbox
 and read outputs from their streams. A cancellation or a timeout takes effect at the next loop iteration,
@@ -31,6 +34,7 @@ import queue
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -58,6 +62,7 @@ from jaxserver.model.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
+ENGINE_FAILED = "the engine failed; the server log has the details"
 # A multi-step decode call holds back every stream's tokens until it returns, and a waiting prompt's start:
 # it takes as many steps as last lasted about this long at its batch size.
 DECODE_CALL_S = 0.5
@@ -65,7 +70,13 @@ DECODE_CALL_S = 0.5
 
 class Engine:
     def __init__(
-        self, runner: Runner, tokenizer: Tokenizer, *, max_waiting: int, prefix_caching: bool = True
+        self,
+        runner: Runner,
+        tokenizer: Tokenizer,
+        *,
+        max_waiting: int,
+        prefix_caching: bool = True,
+        stall_timeout_s: float = 60.0,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -73,7 +84,12 @@ class Engine:
         pool = PagePool(runner.pages, paged.PAGE_TOKENS, prefix_caching)
         self.scheduler = Scheduler(pool, runner.max_num_seqs, runner.max_num_batched_tokens)
         self.grammars = GrammarCompiler(tokenizer, runner.cfg.vocab_size)
-        self.error: str | None = None
+        self.error: str | None = None  # why the engine failed (for the log and the operator, not clients)
+        self.on_failure: Callable[[str], None] | None = None  # called once, from the failing thread
+        self.stall_timeout_s = stall_timeout_s
+        self._loop_at = time.monotonic()  # when the loop last began an iteration
+        self._failing = threading.Lock()  # orders failure and shutdown against submissions: none is lost
+        self._closed = False  # the loop has ended: no more submissions
         self.finished: Counter[str] = Counter()  # finish reason -> requests
         self.tokens_generated = 0
         self.totals = StepTotals()
@@ -96,6 +112,12 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    def stalled_for(self) -> float | None:
+        """Seconds since the loop last moved, when that is over `stall_timeout_s` (a step hangs); else
+        None. An idle loop moves every half second."""
+        quiet = time.monotonic() - self._loop_at
+        return quiet if self._thread.is_alive() and quiet > self.stall_timeout_s else None
+
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
     ) -> OutputStream:
@@ -105,8 +127,6 @@ class Engine:
             self.scheduler.check_fits(request)
         except ValueError as exc:
             raise BadRequestError(f"{exc}; ask for fewer max_new_tokens", param="max_new_tokens") from exc
-        if self.error is not None:
-            raise EngineError(f"the engine has stopped after an error: {self.error}")
         if not self._accepting:
             raise NotReadyError("the server is shutting down")
         limit = self.runner.max_num_seqs + self.max_waiting
@@ -117,11 +137,21 @@ class Engine:
                     f"{self.max_waiting} are already waiting; retry shortly"
                 )
             self._outstanding += 1
-        stream = OutputStream(request, loop)
-        seq = Sequence(request, stream, self.tokenizer.incremental_decoder())
-        if request.constraint is not None:
-            seq.matcher = self.grammars.matcher(request.constraint)
-        self._inbox.put(("submit", seq))
+        try:
+            stream = OutputStream(request, loop)
+            seq = Sequence(request, stream, self.tokenizer.incremental_decoder())
+            if request.constraint is not None:
+                seq.matcher = self.grammars.matcher(request.constraint)
+            with self._failing:  # the inbox is drained after this put, or this sees why it will not be
+                if self.error is not None:
+                    raise EngineError(ENGINE_FAILED)
+                if self._closed:
+                    raise NotReadyError("the server is shutting down")
+                self._inbox.put(("submit", seq))
+        except BaseException:
+            with self._outstanding_lock:
+                self._outstanding -= 1
+            raise
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -146,10 +176,12 @@ class Engine:
         """End every request with an error and accept no more, from any thread: for a failure the engine
         thread cannot handle itself, since it may wait forever in a call (another process of the group is
         gone). The process is expected to exit soon after."""
-        self.error = self.error or reason
+        if not self._set_error(reason):
+            return
         for seq in list(self._by_id.values()):
-            seq.stream.put(GenerationChunk("", [], len(seq.generated), "error", error=self.error))
+            seq.stream.put(GenerationChunk("", [], len(seq.generated), "error", error=ENGINE_FAILED))
         self._fail_inbox()
+        self._notify_failure()
 
     def stats(self) -> dict[str, Any]:
         now = time.monotonic()
@@ -175,7 +207,8 @@ class Engine:
             "preemptions": self.scheduler.preemptions,
             "programs_compiling": self.runner.programs_to_compile,
             "step_totals": asdict(self.totals),
-            "engine_error": self.error,
+            "engine_failed": self.error is not None,
+            "seconds_since_step": round(time.monotonic() - self._loop_at, 1),
         }
 
     # --- the loop (engine thread only) ------------------------------------------------------------------
@@ -183,6 +216,7 @@ class Engine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self._loop_at = time.monotonic()
                 self._take_inbox(block=self.scheduler.idle)
                 self._end_overdue(time.monotonic())
                 plan = self.scheduler.schedule(self.runner.token_budget)
@@ -190,15 +224,34 @@ class Engine:
                     self._run_plan(plan)
                 elif self.scheduler.idle:
                     self.runner.idle()
+            with self._failing:  # from here on a submission is refused, not left in the inbox
+                self._closed = True
             self._take_inbox(block=False)
             for seq in self.scheduler.sequences():
                 self._finish(seq, "abort")
         except Exception as exc:  # every failure must reach the waiting clients
-            log.exception("engine failed")
-            self.error = f"{type(exc).__name__}: {exc}"
+            log.exception("the engine failed; ending every request")
+            if not self._set_error(f"{type(exc).__name__}: {exc}"):
+                return
             for seq in list(self._by_id.values()):
-                self._finish(seq, "error", error=self.error)
+                self._finish(seq, "error", error=ENGINE_FAILED)
             self._fail_inbox()
+            self._notify_failure()
+
+    def _set_error(self, reason: str) -> bool:
+        """Record the first failure; False when the engine had already failed."""
+        with self._failing:
+            if self.error is not None:
+                return False
+            self.error = reason
+            return True
+
+    def _notify_failure(self) -> None:
+        if self.on_failure is not None:
+            try:
+                self.on_failure(self.error or "")
+            except Exception:
+                log.exception("the engine's failure callback failed")
 
     def _take_inbox(self, block: bool) -> None:
         try:
@@ -234,7 +287,7 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "submit":
-                self._finish(payload, "error", error=self.error)
+                self._finish(payload, "error", error=ENGINE_FAILED)
 
     def _run_plan(self, plan: StepPlan) -> None:
         """Run a plan, count it, and emit what it generated."""

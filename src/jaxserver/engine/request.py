@@ -140,6 +140,7 @@ def new_request(
     if not ids:
         raise BadRequestError("the prompt is empty", param="prompt")
     check_prompt_fits(len(ids), config.max_length)
+    check_stop_strings(stop, config.max_stop_strings, config.max_stop_chars)
     room = config.max_length - len(ids)
     if max_new_tokens is not None and max_new_tokens < 1:
         raise BadRequestError("max_new_tokens must be >= 1", param="max_new_tokens")
@@ -167,6 +168,15 @@ def new_request(
         timeout_s=timeout_s,
         constraint=constraint,
     )
+
+
+def check_stop_strings(stop: tuple[str, ...], most: int, longest: int) -> None:
+    """Stop strings are searched after every token and their length of text is held back from a stream:
+    both are bounded (max_stop_strings, max_stop_chars)."""
+    if len(stop) > most:
+        raise BadRequestError(f"{len(stop)} stop strings given; at most {most} are allowed", param="stop")
+    if any(len(s) > longest for s in stop):
+        raise BadRequestError(f"a stop string may have at most {longest} characters", param="stop")
 
 
 @dataclass(frozen=True)

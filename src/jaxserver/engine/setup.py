@@ -137,6 +137,7 @@ def start_engine(
         tokenizer,
         max_waiting=config.max_waiting_requests,
         prefix_caching=config.enable_prefix_caching,
+        stall_timeout_s=config.engine_stall_timeout_s,
     )
     engine.start()
     if config.warm_up:

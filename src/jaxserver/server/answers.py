@@ -15,6 +15,7 @@ from fastapi.responses import Response
 from jaxserver.engine.request import GenerationChunk, OutputStream
 from jaxserver.errors import EngineError
 from jaxserver.server.backend import Backend
+from jaxserver.server.request_ids import server_error_message
 from jaxserver.server.responses import error_body, sse
 from jaxserver.server.streaming import ClientDisconnected, EngineClient
 
@@ -46,7 +47,7 @@ async def respond(
     """The answer to submitted `streams`: events as they come when `stream`, else the whole answer. An engine
     failure is an error event in a stream and a 500 otherwise; a client gone before the end is 499."""
     if stream:
-        return client.event_stream(_events(backend, client, streams, answer), streams)
+        return client.event_stream(_events(backend, client, http, streams, answer), streams)
     try:
         async with contextlib.aclosing(client.chunks(streams, http)) as chunks:
             async for index, chunk in chunks:
@@ -58,7 +59,7 @@ async def respond(
 
 
 async def _events(
-    backend: Backend, client: EngineClient, streams: Sequence[OutputStream], answer: Answer
+    backend: Backend, client: EngineClient, http: Request, streams: Sequence[OutputStream], answer: Answer
 ) -> AsyncIterator[str]:
     try:
         async with contextlib.aclosing(client.chunks(streams)) as chunks:
@@ -66,7 +67,7 @@ async def _events(
                 for event in answer.add(index, chunk):
                     yield sse(event)
     except EngineError as exc:
-        yield sse(error_body(exc.message, "server_error"))
+        yield sse(error_body(server_error_message(exc.message, http), "server_error"))
     else:
         backend.count_request()
         for event in answer.closing_events():

@@ -25,8 +25,10 @@ from jaxserver.config import JAXServerConfig
 from jaxserver.errors import JAXServerError
 from jaxserver.server.auth import ApiKeyAuth
 from jaxserver.server.backend import Backend
+from jaxserver.server.limits import RequestBodyLimits
 from jaxserver.server.metrics import Metrics, RequestCounter
 from jaxserver.server.openai_api import openai_router
+from jaxserver.server.request_ids import RequestIds, request_id, server_error_message
 from jaxserver.server.responses import ERROR_RESPONSES, error_body, error_response, validation_response
 from jaxserver.server.seed_routes import seed_router
 from jaxserver.server.streaming import EngineClient
@@ -37,24 +39,6 @@ log = logging.getLogger(__name__)
 # The seed routes keep FastAPI's 422 for an invalid field, which their clients know; OpenAI's and vLLM's
 # routes answer 400, as those servers do.
 SEED_PATHS = frozenset({"/instruct", "/chat"})
-
-
-class BodySizeLimit:
-    """413 for a declared body over `max_bytes`. Plain ASGI on purpose: Starlette's BaseHTTPMiddleware
-    wraps `receive` so that handlers no longer see the client disconnect."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > self.max_bytes:
-                message = f"the request body has {int(length)} bytes; the limit is {self.max_bytes}"
-                response = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def create_app(backend: Backend) -> FastAPI:
@@ -89,9 +73,9 @@ def create_app(backend: Backend) -> FastAPI:
 
 
 def add_middleware(app: FastAPI, config: JAXServerConfig, metrics: Metrics) -> None:
-    """Outermost first: CORS (when origins are configured), request counting, the API key (when set), the
-    body size limit. add_middleware wraps what is there: the last added is the outermost."""
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_body_bytes)
+    """Outermost first: request ids, CORS (when origins are configured), request counting, the API key
+    (when set), the body limits. add_middleware wraps what is there: the last added is the outermost."""
+    app.add_middleware(RequestBodyLimits, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     if config.api_key is not None:
         browser_pages: tuple[str, ...] = ()
         if config.ui:
@@ -104,13 +88,16 @@ def add_middleware(app: FastAPI, config: JAXServerConfig, metrics: Metrics) -> N
         app.add_middleware(
             CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"], allow_headers=["*"]
         )
+    app.add_middleware(RequestIds)
 
 
 def add_error_handlers(app: FastAPI) -> None:
     """Every error, ours or the framework's, as the one JSON error body."""
 
     @app.exception_handler(JAXServerError)
-    async def _known_error(_: Request, exc: JAXServerError) -> JSONResponse:
+    async def _known_error(http: Request, exc: JAXServerError) -> JSONResponse:
+        if exc.status_code >= 500 and exc.status_code != 503:  # our failure: the log has its cause
+            exc.message = server_error_message(exc.message, http)
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
@@ -124,9 +111,10 @@ def add_error_handlers(app: FastAPI) -> None:
         return JSONResponse(error_body(message, kind), exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+    async def _unexpected(http: Request, exc: Exception) -> JSONResponse:
+        log.exception("request %s failed", request_id(http))
+        message = server_error_message("internal error; the server log has the details", http)
+        return JSONResponse(error_body(message, "server_error"), 500)
 
 
 def service_router(backend: Backend, metrics: Metrics) -> APIRouter:

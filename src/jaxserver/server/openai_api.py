@@ -288,11 +288,15 @@ def engine_requests(
 ) -> list[GenerationRequest]:
     """n requests per prompt, choice k (counted over all prompts) seeded with seed + k, constrained as the
     body or its `tools` ask. Errors about the engine's max_new_tokens name the body's field instead."""
-    capacity = backend.config.max_num_seqs + backend.config.max_waiting_requests
-    if len(prompts) * body.n > capacity:
+    config = backend.config
+    if body.n > config.max_n:
+        raise BadRequestError(f"n is {body.n}; this server allows at most {config.max_n} (max_n)", param="n")
+    # One body may take half of what the server holds, so that it never shuts every other client out.
+    share = max(1, (config.max_num_seqs + config.max_waiting_requests) // 2)
+    if len(prompts) * body.n > share:
         raise BadRequestError(
-            f"{len(prompts)} prompt(s) x n={body.n} choices exceed the {capacity} requests this server "
-            "can hold at once",
+            f"{len(prompts)} prompt(s) x n={body.n} choices exceed the {share} requests one body may "
+            "start at once (half of max_num_seqs + max_waiting_requests)",
             param="n",
         )
     seed = body.seed if body.seed is not None else secrets.randbits(31)

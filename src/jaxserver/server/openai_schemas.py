@@ -87,9 +87,13 @@ class OpenAISampling(BaseModel):
         None, **SEED_RANGE, description="Choice i samples with seed + i; omitted: random."
     )
     stop: str | list[str] | None = Field(
-        None, description="Up to any number of stop strings; never in the answer."
+        None,
+        description="Stop strings (at most max_stop_strings, each of at most max_stop_chars characters); "
+        "never in the answer.",
     )
-    n: int = Field(1, ge=1, le=MAX_CHOICES, description="Choices per prompt, generated as a batch.")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES, description="Choices per prompt, generated as a batch (at most max_n)."
+    )
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0)

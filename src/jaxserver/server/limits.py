@@ -1,0 +1,122 @@
+"""Bounds on what one client can hold: the size and sending time of a request body, the time to send the
+request line and headers, and the number of open connections (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import uvicorn
+from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from jaxserver.config import JAXServerConfig
+from jaxserver.server.responses import error_body
+
+
+class RequestBodyLimits:
+    """Reads a request's body whole before the app sees it: 413 once it passes `max_bytes`, counted as
+    the bytes arrive (a chunked body declares no length), and 408 when it takes longer than `timeout_s`.
+    Plain ASGI on purpose: Starlette's BaseHTTPMiddleware would hide the client's disconnect from the
+    handlers."""
+
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await self._too_large(int(length), scope, receive, send)
+            return
+        body, deadline = bytearray(), time.monotonic() + self.timeout_s
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                message = f"the request body did not arrive within {self.timeout_s:g} s"
+                await JSONResponse(error_body(message, "invalid_request_error"), 408)(scope, receive, send)
+                return
+            if message["type"] == "http.disconnect":
+                return  # nobody to answer
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                await self._too_large(len(body), scope, receive, send, at_least=True)
+                return
+            if not message.get("more_body", False):
+                break
+        await self.app(scope, _replaying(bytes(body), receive), send)
+
+    async def _too_large(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+        count = f"at least {size}" if at_least else str(size)
+        message = f"the request body has {count} bytes; the limit is {self.max_bytes} (max_body_bytes)"
+        response = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
+        response.headers["Connection"] = "close"  # the rest of the body is not read
+        await response(scope, receive, send)
+
+
+def _replaying(body: bytes, receive):
+    """A `receive` that gives the body read ahead once, then whatever the client sends next (its
+    disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict[str, Any]:
+        return pending.pop() if pending else await receive()
+
+    return replay
+
+
+def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived
+    within `timeout_s` of their first byte (or of the connection's opening): uvicorn has no such timer,
+    so a client sending a byte at a time would hold its connection forever."""
+
+    class HeaderTimeoutProtocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def data_received(self, data: bytes) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self._arm_header_timer()  # the bytes of a new request
+            super().data_received(data)
+            if self.cycle is not None and not self.cycle.response_complete:
+                self._cancel_header_timer()  # its headers are in: the app has the request
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def _arm_header_timer(self) -> None:
+            if self._header_timer is None:
+                self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _headers_too_slow(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.logger.info("closing a connection whose request headers took over %g s", timeout_s)
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def uvicorn_config(app: Any, config: JAXServerConfig, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for serving `app` with the limits of `config` (and `options`)."""
+    return uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        http=header_timeout_protocol(config.header_timeout_s),
+        limit_concurrency=config.max_connections,
+        **options,
+    )
