@@ -141,7 +141,12 @@ class FakeServer(JAXServer):
             config.max_num_batched_tokens,
             config.max_compile_tokens,
         )
-        self.engine = Engine(self.runner, tokenizer, max_waiting=config.max_waiting_requests)
+        self.engine = Engine(
+            self.runner,
+            tokenizer,
+            max_waiting=config.max_waiting_requests,
+            stall_timeout_s=config.engine_stall_timeout_s,
+        )
         self.engine.start()
         self._funcs_generated = True
 

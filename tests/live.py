@@ -15,19 +15,31 @@ import uvicorn
 
 from jaxserver import JAXServer, JAXServerConfig
 from jaxserver.launch import free_port
+from jaxserver.server.limits import uvicorn_config
 
 
 @contextlib.contextmanager
 def serving(model_dir: Path, config: JAXServerConfig) -> Iterator[tuple[JAXServer, str]]:
     """Load the model, serve its app on a free port; yields (server, base URL); stops both on exit."""
     server = JAXServer.load(model_dir, config=config)
-    http = uvicorn.Server(uvicorn.Config(server.app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    with served(server) as url:
+        yield server, url
+
+
+@contextlib.contextmanager
+def served(server: JAXServer) -> Iterator[str]:
+    """Serve a loaded `server`'s app on a free port (with the HTTP limits of its config); yields the base
+    URL; stops both on exit."""
+    settings = uvicorn_config(
+        server.app, server.config, host="127.0.0.1", port=free_port(), log_level="warning"
+    )
+    http = uvicorn.Server(settings)
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
     while not http.started:
         time.sleep(0.05)
     try:
-        yield server, f"http://127.0.0.1:{http.config.port}"
+        yield f"http://127.0.0.1:{http.config.port}"
     finally:
         http.should_exit = True
         thread.join(timeout=10)

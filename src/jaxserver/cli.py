@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import faulthandler
 import logging
 import signal
 import sys
-import threading
-import time
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -67,12 +64,9 @@ def config_from_args(args: argparse.Namespace) -> JAXServerConfig:
 
 
 def serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from jaxserver.http_server import DrainingServer
     from jaxserver.jaxserver import JAXServer
-    from jaxserver.leader import EXIT_GRACE_S
     from jaxserver.parallel import group
-    from jaxserver.server.limits import uvicorn_config
 
     config = config_from_args(args)
     settings = group.GroupSettings.of(config)
@@ -88,55 +82,7 @@ def serve(args: argparse.Namespace) -> int:
         from jaxserver.leader import lead
 
         stop_group = lead(server, settings, args.model)
-
-    class DrainingServer(uvicorn.Server):
-        """On SIGTERM/SIGINT: refuse new requests at once (503), let running ones finish for up to
-        drain_timeout_s, then end the rest with finish_reason "abort" so their clients get a proper end."""
-
-        def handle_exit(self, sig: int, frame) -> None:
-            threading.Thread(target=server.shutdown, args=(config.drain_timeout_s,), daemon=True).start()
-            super().handle_exit(sig, frame)
-
-        async def shutdown(self, sockets=None) -> None:
-            await super().shutdown(sockets)
-            # Before uvicorn re-raises the signal: the other processes of a group stop once the engine
-            # has (after the drain), so that they exit cleanly rather than by losing process 0.
-            if settings is not None:
-                await asyncio.to_thread(server.shutdown, config.drain_timeout_s)
-                await asyncio.to_thread(stop_group)
-
-    # The app is built before the model loads, not beside it: Python 3.11's ast.parse (Gradio's import
-    # calls it) fails when another thread parses at the same time.
-    backstop_s = int(config.drain_timeout_s) + 10  # uvicorn's own deadline, a backstop behind the drain
-    http = DrainingServer(uvicorn_config(server.app, config, timeout_graceful_shutdown=backstop_s))
-    engine_failed = threading.Event()
-
-    def exit_after_failure(reason: str) -> None:
-        """A failed engine is not restarted in place: the process exits 1 for its supervisor to start a
-        fresh one, once the clients have had their error events and /health its 503."""
-        log.error("the engine failed (%s); exiting in %g s", reason, EXIT_GRACE_S)
-        engine_failed.set()
-        threading.Timer(EXIT_GRACE_S, setattr, args=(http, "should_exit", True)).start()
-
-    server.on_engine_failure = exit_after_failure
-
-    def load() -> None:
-        started = time.perf_counter()
-        try:
-            server.load_model(args.model)
-            log.info(
-                "ready in %.1f s: http://%s:%d (docs at /docs)",
-                time.perf_counter() - started,
-                server.config.host,
-                server.config.port,
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure is reported, then serving stops
-            log.error("could not load the model: %s", exc)
-            http.should_exit = True
-
-    threading.Thread(target=load, name="model-loader", daemon=True).start()
-    http.run()
-    return 1 if server.load_error or engine_failed.is_set() else 0
+    return DrainingServer(server, stop_group).serve_loading(args.model)
 
 
 def generate(args: argparse.Namespace) -> int:

@@ -61,7 +61,7 @@ class JAXServer:
         self.tokenizer: Tokenizer | None = None
         self.model_name = "unloaded"
         self.mesh: jax.sharding.Mesh | None = None
-        self.engine: Engine | None = None
+        self._engine: Engine | None = None
         self._funcs_generated = False
         self.started_at = time.time()
         self.number_of_served_request_until_last_up_time = 0
@@ -175,9 +175,19 @@ class JAXServer:
         engine = setup.start_engine(self.config, model, self.params, tokenizer, self.mesh, self.channel)
         if self.engine is not None:  # the old one served while the new one compiled
             self.engine.shutdown(drain_timeout_s=0)
-        engine.on_failure = self._engine_failed
         self.engine, self._params = engine, None
         self._funcs_generated = True
+
+    @property
+    def engine(self) -> Engine | None:
+        """The engine serving every request (set by `configure_generate_functions`, or an override)."""
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine | None) -> None:
+        if engine is not None:
+            engine.on_failure = self._engine_failed
+        self._engine = engine
 
     def _engine_failed(self, reason: str) -> None:
         if self.on_engine_failure is not None:
@@ -209,6 +219,8 @@ class JAXServer:
             if self.load_error:
                 raise NotReadyError("the model could not be loaded; the server log says why")
             raise NotReadyError("the model is still loading")
+        if not self.engine.accepting:
+            raise NotReadyError("the server is shutting down")
         stalled_s = self.engine.stalled_for()
         if stalled_s is not None:
             raise NotReadyError(f"the engine has not finished a step for {stalled_s:.0f} s")

@@ -10,12 +10,11 @@ from collections.abc import Callable
 
 import jax
 
+from jaxserver.http_server import EXIT_GRACE_S
 from jaxserver.jaxserver import JAXServer
 from jaxserver.parallel.group import GroupSettings, Heartbeats, StepChannel, check_same_settings
 
 log = logging.getLogger(__name__)
-
-EXIT_GRACE_S = 2.0  # after a failure: time for the error events and /health's 503 to reach clients
 
 
 def lead(server: JAXServer, settings: GroupSettings, model: str | None) -> Callable[[], None]:

@@ -112,6 +112,11 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and self.error is None
 
+    @property
+    def accepting(self) -> bool:
+        """False from the start of a shutdown (its drain) on."""
+        return self._accepting
+
     def stalled_for(self) -> float | None:
         """Seconds since the loop last moved, when that is over `stall_timeout_s` (a step hangs); else
         None. An idle loop moves every half second."""

@@ -114,7 +114,8 @@ def add_error_handlers(app: FastAPI) -> None:
     async def _unexpected(http: Request, exc: Exception) -> JSONResponse:
         log.exception("request %s failed", request_id(http))
         message = server_error_message("internal error; the server log has the details", http)
-        return JSONResponse(error_body(message, "server_error"), 500)
+        # Answered outside every middleware (Starlette's outermost layer): the id header is set here.
+        return JSONResponse(error_body(message, "server_error"), 500, {"X-Request-Id": request_id(http)})
 
 
 def service_router(backend: Backend, metrics: Metrics) -> APIRouter:

@@ -30,7 +30,7 @@ class RequestBodyLimits:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
-            await self._too_large(int(length), scope, receive, send)
+            await self._too_large(int(length), scope, send)
             return
         body, deadline = bytearray(), time.monotonic() + self.timeout_s
         while True:
@@ -38,24 +38,32 @@ class RequestBodyLimits:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
                 message = f"the request body did not arrive within {self.timeout_s:g} s"
-                await JSONResponse(error_body(message, "invalid_request_error"), 408)(scope, receive, send)
+                await _closing(JSONResponse(error_body(message, "invalid_request_error"), 408), scope, send)
                 return
             if message["type"] == "http.disconnect":
                 return  # nobody to answer
             body += message.get("body", b"")
             if len(body) > self.max_bytes:
-                await self._too_large(len(body), scope, receive, send, at_least=True)
+                await self._too_large(len(body), scope, send, at_least=True)
                 return
             if not message.get("more_body", False):
                 break
         await self.app(scope, _replaying(bytes(body), receive), send)
 
-    async def _too_large(self, size: int, scope, receive, send, at_least: bool = False) -> None:
+    async def _too_large(self, size: int, scope, send, at_least: bool = False) -> None:
         count = f"at least {size}" if at_least else str(size)
         message = f"the request body has {count} bytes; the limit is {self.max_bytes} (max_body_bytes)"
-        response = JSONResponse(error_body(message, "invalid_request_error"), status_code=413)
-        response.headers["Connection"] = "close"  # the rest of the body is not read
-        await response(scope, receive, send)
+        await _closing(JSONResponse(error_body(message, "invalid_request_error"), 413), scope, send)
+
+
+async def _closing(response: JSONResponse, scope, send) -> None:
+    """Answer and close the connection: the rest of the body is not read."""
+    response.headers["Connection"] = "close"
+
+    async def nothing_more() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    await response(scope, nothing_more, send)
 
 
 def _replaying(body: bytes, receive):
@@ -111,12 +119,12 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
 
 
 def uvicorn_config(app: Any, config: JAXServerConfig, **options: Any) -> uvicorn.Config:
-    """uvicorn's settings for serving `app` with the limits of `config` (and `options`)."""
-    return uvicorn.Config(
-        app,
-        host=config.host,
-        port=config.port,
-        http=header_timeout_protocol(config.header_timeout_s),
-        limit_concurrency=config.max_connections,
-        **options,
-    )
+    """uvicorn's settings for serving `app` at config.host:config.port with the limits of `config`;
+    `options` add to them or replace them."""
+    settings = {
+        "host": config.host,
+        "port": config.port,
+        "http": header_timeout_protocol(config.header_timeout_s),
+        "limit_concurrency": config.max_connections,
+    }
+    return uvicorn.Config(app, **(settings | options))
