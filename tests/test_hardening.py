@@ -223,3 +223,55 @@ def test_a_hung_engine_turns_health_503_until_it_moves_again():
         release.set()
         waiting.join(10)
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+class RoomyFakeServer(FakeServer):
+    pages = 64 * 130  # room for 64 sequences of 2048 tokens
+
+
+def test_a_cancellation_flood_is_aborted_and_the_next_request_served_at_once():
+    """shared/RELIABILITY.md #9: 200 long requests whose clients give up after 0.5 s are all aborted
+    (none runs on), every slot and page comes back, and a fresh request is answered within seconds."""
+    import asyncio
+
+    server = RoomyFakeServer.start(max_length=2048, max_num_seqs=64, max_waiting_requests=256)
+    decode = server.runner.decode
+
+    def slow_decode(*args, **kwargs):  # about as slow as a real model, so the requests outlive 0.5 s
+        time.sleep(0.02)
+        return decode(*args, **kwargs)
+
+    server.runner.decode = slow_decode
+    body = {"prompt": " ", "max_tokens": 2000, "ignore_eos": True}
+
+    async def flood(url: str) -> list[str]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+
+            async def give_up(i: int) -> str:
+                request = client.post("/v1/completions", json=body | {"stream": i % 2 == 0})
+                try:
+                    response = await asyncio.wait_for(request, 0.5)  # streamed or not: 0.5 s in all
+                    return f"answered {response.status_code}"
+                except TimeoutError:
+                    return "gave up"
+
+            return await asyncio.gather(*(give_up(i) for i in range(200)))
+
+    with served(server) as url:
+        outcomes = asyncio.run(flood(url))
+        assert outcomes.count("gave up") == 200, sorted(set(outcomes))
+        deadline = time.monotonic() + 10
+        while (stats := server.engine.stats())["running_requests"] or stats["waiting_requests"]:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        started = time.monotonic()
+        fresh = httpx.post(f"{url}/v1/completions", json={"prompt": "w", "max_tokens": 3}, timeout=10)
+        assert fresh.status_code == 200 and time.monotonic() - started < 3
+    stats = server.engine.stats()
+    assert stats["requests_finished"]["abort"] == 200 and set(stats["requests_finished"]) <= {
+        "abort",
+        "length",
+    }
+    pool = stats["kv_cache"]
+    assert pool["pages_free"] == pool["pages_total"]  # cached pages count as free: none is held

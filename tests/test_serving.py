@@ -167,7 +167,9 @@ def stream_events(url: str, body: dict, started: threading.Event, events: list) 
 @pytest.mark.parametrize(("new_tokens", "reason"), [(8, "length"), (4000, "abort")])
 def test_sigterm_drains_then_aborts_and_exits_cleanly(served_tiny, new_tokens, reason):
     """Running requests may finish within the drain timeout (1 s); the rest end with finish_reason
-    "abort" and [DONE]; new requests are refused; the process exits without an error."""
+    "abort" and [DONE]. While a drain lasts the server still listens: a new request and /health get 503
+    (so that a load balancer moves on) rather than a refused connection. The process exits without an
+    error, within the drain timeout and a few seconds."""
     process, url = served_tiny
     started, events = threading.Event(), []
     body = LONG | {"max_new_tokens": new_tokens}
@@ -175,12 +177,19 @@ def test_sigterm_drains_then_aborts_and_exits_cleanly(served_tiny, new_tokens, r
     client.start()
     assert started.wait(30)
     process.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
     time.sleep(0.2)
-    with pytest.raises(requests.RequestException):
-        requests.post(f"{url}/instruct", json={"prompt": "hi"}, timeout=5).raise_for_status()
+    if reason == "abort":  # the drain lasts its full second
+        refused = requests.post(f"{url}/instruct", json={"prompt": "hi"}, timeout=5)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        assert requests.get(f"{url}/health", timeout=5).status_code == 503
+    else:  # finished at once: the server may have stopped listening already
+        with pytest.raises(requests.RequestException):
+            requests.post(f"{url}/instruct", json={"prompt": "hi"}, timeout=5).raise_for_status()
     client.join(timeout=30)
     # uvicorn re-raises the signal once it has shut down, so the status is the conventional -SIGTERM.
     assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+    assert time.monotonic() - signalled < 1 + 5
     assert events[-1] == "[DONE]" and json.loads(events[-2])["finish_reason"] == reason
 
 
@@ -217,3 +226,54 @@ def test_serve_exits_with_an_error_when_the_model_cannot_load(tmp_path):
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
     assert finished.returncode == 1
     assert f"could not load the model: model path {missing} does not exist" in finished.stderr
+
+
+# `jaxserver serve` whose runner raises at its first step: an engine failure nothing stubs out.
+FAILING_SERVE = """
+import sys
+from jaxserver import cli
+from jaxserver.engine.runner import Runner
+
+def failing_step(self, *args, **kwargs):
+    raise RuntimeError("injected failure at /private/detail")
+
+Runner.step = failing_step
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_serve_exits_1_after_the_engine_fails(tiny_llama_dir, tmp_path):
+    """A failed engine is not left serving 500s: the request in flight gets the error, /health turns 503
+    without the cause, and the process exits 1 within a few seconds for its supervisor to restart."""
+    import subprocess
+    import sys
+
+    port = free_port()
+    flags = ["--model", str(tiny_llama_dir), "--max-length", "256", "--warm-up", "false", "--no-ui"]
+    command = [sys.executable, "-c", FAILING_SERVE, "serve", "--port", str(port), *flags]
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"XLA_FLAGS": ""}
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert time.monotonic() < deadline and process.poll() is None, log.read_text()
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(0.2)
+        answer = requests.post(f"{url}/instruct", json={"prompt": "hi", "max_new_tokens": 4}, timeout=30)
+        failed_at = time.monotonic()
+        assert answer.status_code == 500 and "private" not in answer.text
+        health = requests.get(f"{url}/health", timeout=5)
+        assert health.status_code == 503 and "private" not in health.text
+        assert process.wait(timeout=15) == 1
+        assert time.monotonic() - failed_at < 10
+    finally:
+        process.kill()
+    assert "injected failure at /private/detail" in log.read_text()  # the cause is in the log
