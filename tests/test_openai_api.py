@@ -304,7 +304,9 @@ def test_stream_disconnect_aborts_the_request(live):
     assert server.engine.stats()["requests_finished"]["abort"] == aborted + 1
 
 
-def test_engine_error_is_500_or_an_error_event_then_done(live, monkeypatch):
+def test_an_error_chunk_is_500_or_an_error_event_then_done(live, monkeypatch):
+    """How the chat route writes a request that ended in error (a real engine failure over HTTP is in
+    test_hardening)."""
     server, url = live
 
     def failing_submit(request, loop=None):
