@@ -138,12 +138,21 @@ class Tokenizer:
         return IncrementalDetokenizer(self)
 
 
+# Tokens held back at most while the text ends in U+FFFD: a character's bytes span at most 4 tokens, and
+# twice that leaves room for tokens that carry the end of one character and the start of the next.
+MAX_HELD_TOKENS = 8
+
+
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text pieces without splitting multi-byte characters.
 
     Each call decodes only a short window: from `prefix_offset` (a few tokens already emitted, so that
     tokenizers which add spaces between tokens decode in context) to the end. Text is held back while it
-    ends in U+FFFD, the mark of an incomplete UTF-8 sequence.
+    ends in U+FFFD, the mark of an incomplete UTF-8 sequence, but for no more than `MAX_HELD_TOKENS`: a run
+    that never becomes valid UTF-8 is emitted as it decodes, replacement characters and all, so the window
+    stays short. Valid text streams exactly as it decodes whole (but for a run of the character U+FFFD
+    itself in more byte-fallback tokens than the bound: such a decode looks like an error's); so does any
+    byte string when each token is one byte.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -158,10 +167,26 @@ class IncrementalDetokenizer:
         self.ids.extend(int(i) for i in new_ids)
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
         full = self.tokenizer.decode(self.ids[self.prefix_offset :])
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            return self._emit(full[len(prefix) :], len(self.ids))
+        if len(self.ids) - self.read_offset <= MAX_HELD_TOKENS:
             return ""
-        piece = full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        end, head = self._cut()
+        return self._emit(head[len(prefix) :], end)
+
+    def _cut(self) -> tuple[int, str]:
+        """Where a stuck run's piece ends, and the window's text up to there. An incomplete character is at
+        most 3 bytes, so it starts within the last three tokens: of the boundaries before each of them, the
+        latest after which the text is whole characters, else the earliest (cutting through an error
+        sequence there loses nothing: the next piece, decoded in context, starts after it)."""
+        for end in range(len(self.ids) - 1, len(self.ids) - 4, -1):
+            head = self.tokenizer.decode(self.ids[self.prefix_offset : end])
+            if not head.endswith("\ufffd"):
+                break
+        return end, head
+
+    def _emit(self, piece: str, end: int) -> str:
+        self.prefix_offset, self.read_offset = self.read_offset, end
         self.text += piece
         return piece
 
