@@ -275,3 +275,46 @@ def test_a_cancellation_flood_is_aborted_and_the_next_request_served_at_once():
     }
     pool = stats["kv_cache"]
     assert pool["pages_free"] == pool["pages_total"]  # cached pages count as free: none is held
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_it_is_tokenized(monkeypatch):
+    """7 MiB of prompt (under the body limit) for a context of 128 tokens: 400 at once, from its length in
+    characters, without the tokenizer reading it."""
+    server = FakeServer.start()
+    encoded = []
+    encode = server.tokenizer.encode
+    monkeypatch.setattr(server.tokenizer, "encode", lambda text: encoded.append(len(text)) or encode(text))
+    with served(server) as url:
+        for path, body in (
+            ("/v1/completions", {"prompt": "x" * 7 * 2**20}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 7 * 2**20}]}),
+            ("/instruct", {"prompt": "x" * 7 * 2**20}),
+        ):
+            response = httpx.post(f"{url}{path}", json=body, timeout=30)
+            assert response.status_code == 400, (path, response.text)
+            error = response.json()["error"]
+            assert error["code"] == "context_length_exceeded" and "characters" in error["message"]
+        assert max(encoded, default=0) < 2**20
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "w"}, timeout=10).json()["choices"]
+
+
+def test_tokenizing_does_not_stall_the_event_loop(monkeypatch):
+    """A prompt that takes a second to tokenize leaves /health answering at once."""
+    server = FakeServer.start()
+    encode = server.tokenizer.encode
+
+    def slow_encode(text: str) -> list[int]:
+        time.sleep(1.0)
+        return encode(text)
+
+    monkeypatch.setattr(server.tokenizer, "encode", slow_encode)
+    with served(server) as url:
+        slow = threading.Thread(
+            target=httpx.post, args=(f"{url}/v1/completions",), kwargs={"json": {"prompt": "w"}}
+        )
+        slow.start()
+        time.sleep(0.2)  # the request is being tokenized
+        started = time.monotonic()
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        assert time.monotonic() - started < 0.3
+        slow.join(10)

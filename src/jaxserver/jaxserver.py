@@ -25,7 +25,7 @@ from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup
 from jaxserver.engine.engine import ENGINE_FAILED, Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, new_request
-from jaxserver.errors import EngineError, ModelLoadError, NotReadyError
+from jaxserver.errors import ContextLengthError, EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint, cpu_kernels
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params, cast_params
@@ -245,11 +245,23 @@ class JAXServer:
         logit_bias ((token id, bias) pairs), stop (strings), ignore_eos, logprobs (top k), timeout_s
         (seconds from submission), constraint (a `Constraint` the answer must match)."""
         engine, tokenizer = self._running()
-        ids = list(prompt_ids) if prompt_ids is not None else tokenizer.encode(string)
+        ids = list(prompt_ids) if prompt_ids is not None else self.tokenize(string)
         request = new_request(self.config, tokenizer.vocab_size, ids, greedy, max_new_tokens, **options)
         if request.constraint is not None:
             engine.grammars.check(request.constraint)
         return request
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of a prompt; a `ContextLengthError` before tokenizing when its characters alone
+        show that it cannot fit: no token holds more than `max_token_chars` of them."""
+        tokenizer = self._running()[1]
+        most = self.config.max_length * tokenizer.max_token_chars
+        if len(text) > most:
+            raise ContextLengthError(
+                f"the prompt has {len(text)} characters: more than the context of {self.config.max_length} "
+                f"tokens (max_length) can hold, at most {tokenizer.max_token_chars} characters a token"
+            )
+        return tokenizer.encode(text)
 
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None

@@ -6,6 +6,7 @@ torch). It comes from a Hugging Face folder, or is rebuilt from GGUF metadata by
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -107,6 +108,14 @@ class Tokenizer:
     def pad_token_id(self) -> int:
         pad = self.hf.pad_token_id
         return self.eos_token_ids[0] if pad is None else pad
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """An upper bound on the characters of text one token stands for: the longest token's string
+        (byte-level and SentencePiece strings are at least as long as their text), doubled for
+        normalizers that fold two characters into one. A text longer than this times a context cannot
+        fit in it, whatever it holds."""
+        return 2 * max(map(len, self.hf.get_vocab()), default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, special tokens in it parsed, without adding BOS/EOS around it."""

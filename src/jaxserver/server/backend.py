@@ -32,6 +32,11 @@ class Backend(Protocol):
         `BadRequestError` for anything that cannot run, before anything is generated."""
         ...
 
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids of a prompt; a `ContextLengthError` before the tokenizer reads it when its
+        characters alone show that it cannot fit the context."""
+        ...
+
     def submit(
         self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None
     ) -> OutputStream:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
 
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, TokenLogprobs
 from jaxserver.errors import BadRequestError, NotFoundError
@@ -339,14 +340,14 @@ def engine_requests(
         raise
 
 
-def completion_prompts(tokenizer: Tokenizer, prompt: Any) -> list[list[int]]:
+def completion_prompts(backend: Backend, prompt: Any) -> list[list[int]]:
     """The token ids of a completions prompt: a string, a list of strings, token ids or lists of them."""
     if isinstance(prompt, str):
-        prompts = [tokenizer.encode(prompt)]
+        prompts = [backend.tokenize(prompt)]
     elif prompt and all(isinstance(p, int) for p in prompt):
         prompts = [list(prompt)]
     else:
-        prompts = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        prompts = [backend.tokenize(p) if isinstance(p, str) else list(p) for p in prompt]
     if not prompts:
         raise BadRequestError("the prompt is empty", param="prompt")
     return prompts
@@ -384,20 +385,19 @@ def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
         check_model(backend, model)
         return model_card()
 
-    @router.post("/v1/completions", response_model=Completion, responses=STREAMED)
-    async def completions(body: CompletionRequest, http: Request) -> Any:
-        """Continue a prompt (a string, a list of strings, token ids or lists of token ids)."""
+    # Templates, tokenizing and grammars run in a thread (run_in_threadpool): a long prompt or a large
+    # schema must not stall every other client on the event loop.
+
+    def prepare_completion(body: CompletionRequest) -> tuple[list[GenerationRequest], TextFormat]:
         tokenizer = backend.require_ready()
         check_model(backend, body.model)
         if body.best_of not in (None, body.n):
             raise BadRequestError("best_of must equal n (or be omitted)", param="best_of")
-        prompts = completion_prompts(tokenizer, body.prompt)
+        prompts = completion_prompts(backend, body.prompt)
         requests = engine_requests(backend, body, prompts, body.max_tokens, body.logprobs)
-        return await answer(http, body, requests, TextFormat(tokenizer, body.logprobs is not None), "cmpl")
+        return requests, TextFormat(tokenizer, body.logprobs is not None)
 
-    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED)
-    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
-        """Answer a conversation, rendered with the model's chat template (as /chat does)."""
+    def prepare_chat(body: ChatCompletionRequest) -> tuple[list[GenerationRequest], ChatFormat]:
         tokenizer = backend.require_ready()
         check_model(backend, body.model)
         if body.top_logprobs is not None and not body.logprobs:
@@ -411,9 +411,20 @@ def openai_router(backend: Backend, client: EngineClient) -> APIRouter:
             string = backend.build_messages_prompt(generic_messages(body.messages, tools))
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        ids = [tokenizer.encode(string)]
+        ids = [backend.tokenize(string)]
         requests = engine_requests(backend, body, ids, getattr(body, field), logprobs, field, tools)
-        form = ChatFormat(tokenizer, body.logprobs, tools)
+        return requests, ChatFormat(tokenizer, body.logprobs, tools)
+
+    @router.post("/v1/completions", response_model=Completion, responses=STREAMED)
+    async def completions(body: CompletionRequest, http: Request) -> Any:
+        """Continue a prompt (a string, a list of strings, token ids or lists of token ids)."""
+        requests, form = await run_in_threadpool(prepare_completion, body)
+        return await answer(http, body, requests, form, "cmpl")
+
+    @router.post("/v1/chat/completions", response_model=ChatCompletion, responses=STREAMED)
+    async def chat_completions(body: ChatCompletionRequest, http: Request) -> Any:
+        """Answer a conversation, rendered with the model's chat template (as /chat does)."""
+        requests, form = await run_in_threadpool(prepare_chat, body)
         return await answer(http, body, requests, form, "chatcmpl")
 
     return router

@@ -13,6 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from jaxserver.engine.request import GenerationRequest
 from jaxserver.server.answers import SeedAnswer, respond
 from jaxserver.server.backend import Backend
 from jaxserver.server.responses import STREAMED
@@ -30,18 +31,24 @@ def seed_router(backend: Backend, client: EngineClient) -> APIRouter:
         custom = backend.custom_forward(route)
         if custom is not None and not data.stream:
             return await run_in_threadpool(custom, data)
-        string = build_prompt()
-        request = backend.prepare(
-            string,
-            data.greedy,
-            data.max_new_tokens,
-            temperature=data.temperature,
-            top_p=data.top_p,
-            top_k=data.top_k,
-            seed=data.seed,
-            ignore_eos=data.ignore_eos,
-            timeout_s=data.timeout,
-        )
+
+        def prepared() -> tuple[str, GenerationRequest]:
+            string = build_prompt()
+            request = backend.prepare(
+                string,
+                data.greedy,
+                data.max_new_tokens,
+                temperature=data.temperature,
+                top_p=data.top_p,
+                top_k=data.top_k,
+                seed=data.seed,
+                ignore_eos=data.ignore_eos,
+                timeout_s=data.timeout,
+            )
+            return string, request
+
+        # Templates and tokenizing take a thread: a long prompt must not stall every other client.
+        string, request = await run_in_threadpool(prepared)
         streams = client.submit([request])
         return await respond(backend, client, http, streams, SeedAnswer(string), data.stream)
 

@@ -32,7 +32,7 @@ def tokenizer_router(backend: Backend) -> APIRouter:
             if body.messages is None
             else backend.build_messages_prompt(generic_messages(body.messages, None))
         )
-        ids = tokenizer.encode(text)
+        ids = tokenizer.encode(text)  # any length: this route counts, it does not run
         return TokenizeResponse(
             count=len(ids),
             max_model_len=backend.config.max_length,

@@ -20,6 +20,7 @@ from typing import Any
 import gradio as gr
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
+from starlette.concurrency import run_in_threadpool
 
 from jaxserver.engine.request import GenerationRequest
 from jaxserver.errors import JAXServerError
@@ -110,7 +111,7 @@ class AnswersInFlight:
         """The answer to `prompt()` as it grows: "" once the engine has the request, then after every
         chunk; None once Clear threw the answer away. Closing this generator early aborts the request."""
         try:
-            generation = sampling.prepare(self._backend, prompt())
+            generation = await run_in_threadpool(lambda: sampling.prepare(self._backend, prompt()))
             streams = self._client.submit([generation])
         except JAXServerError as exc:
             raise gr.Error(exc.message, print_exception=False) from None
