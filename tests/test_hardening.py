@@ -134,21 +134,25 @@ def test_every_answer_carries_a_request_id(url):
 
 
 def test_a_500_names_its_request_id_and_nothing_internal(monkeypatch, caplog):
+    """An unexpected error: a stable message with the request id (the log has the rest), and the
+    connection stays usable for the client's next request."""
     server = FakeServer.start()
-    try:
 
-        def broken_status():
-            raise RuntimeError("cannot read /etc/secret-path")
+    def broken_status():
+        raise RuntimeError("cannot read /etc/secret-path")
 
-        monkeypatch.setattr(server, "status", broken_status)
-        with caplog.at_level(logging.ERROR), TestClient(server.app, raise_server_exceptions=False) as client:
-            response = client.get("/status")
+    monkeypatch.setattr(server, "status", broken_status)
+    with (
+        caplog.at_level(logging.ERROR),
+        served(server) as url,
+        httpx.Client(base_url=url, timeout=10) as client,
+    ):
+        response = client.get("/status")
         assert response.status_code == 500
         message, rid = response.json()["error"]["message"], response.headers["x-request-id"]
         assert "secret" not in message and "RuntimeError" not in message and f"request id {rid}" in message
-        assert f"request {rid} failed" in caplog.text and "secret-path" in caplog.text  # the log has it
-    finally:
-        server.shutdown(0)
+        assert client.get("/health").status_code == 200  # on the same connection
+    assert f"request {rid} failed" in caplog.text and "secret-path" in caplog.text  # the log has it
 
 
 def test_health_after_a_failed_load_says_so_without_the_path(tmp_path):

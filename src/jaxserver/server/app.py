@@ -11,7 +11,6 @@ handlers.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, FastAPI, Request
@@ -28,13 +27,11 @@ from jaxserver.server.backend import Backend
 from jaxserver.server.limits import RequestBodyLimits
 from jaxserver.server.metrics import Metrics, RequestCounter
 from jaxserver.server.openai_api import openai_router
-from jaxserver.server.request_ids import RequestIds, request_id, server_error_message
+from jaxserver.server.request_ids import RequestIds, UnexpectedErrors, server_error_message
 from jaxserver.server.responses import ERROR_RESPONSES, error_body, error_response, validation_response
 from jaxserver.server.seed_routes import seed_router
 from jaxserver.server.streaming import EngineClient
 from jaxserver.server.tokenizer_api import tokenizer_router
-
-log = logging.getLogger(__name__)
 
 # The seed routes keep FastAPI's 422 for an invalid field, which their clients know; OpenAI's and vLLM's
 # routes answer 400, as those servers do.
@@ -74,7 +71,8 @@ def create_app(backend: Backend) -> FastAPI:
 
 def add_middleware(app: FastAPI, config: JAXServerConfig, metrics: Metrics) -> None:
     """Outermost first: request ids, CORS (when origins are configured), request counting, the API key
-    (when set), the body limits. add_middleware wraps what is there: the last added is the outermost."""
+    (when set), the body limits, the 500 of an unexpected error. add_middleware wraps what is there: the last added is the outermost."""
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(RequestBodyLimits, max_bytes=config.max_body_bytes, timeout_s=config.body_timeout_s)
     if config.api_key is not None:
         browser_pages: tuple[str, ...] = ()
@@ -109,13 +107,6 @@ def add_error_handlers(app: FastAPI) -> None:
         message = f"{http.method} {http.url.path}: {exc.detail}"
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(message, kind), exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(http: Request, exc: Exception) -> JSONResponse:
-        log.exception("request %s failed", request_id(http))
-        message = server_error_message("internal error; the server log has the details", http)
-        # Answered outside every middleware (Starlette's outermost layer): the id header is set here.
-        return JSONResponse(error_body(message, "server_error"), 500, {"X-Request-Id": request_id(http)})
 
 
 def service_router(backend: Backend, metrics: Metrics) -> APIRouter:

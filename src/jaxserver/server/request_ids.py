@@ -1,12 +1,19 @@
 """An id for every HTTP request, answered in the `X-Request-Id` header and written beside any failure in
-the log, so that a client's report of a 500 leads to its traceback without the body carrying it."""
+the log, so that a client's report of a 500 leads to its traceback without the body carrying it; and the
+500 of an unexpected error."""
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
+
+from jaxserver.server.responses import error_body
+
+log = logging.getLogger("jaxserver.server")
 
 HEADER = b"x-request-id"
 # A client's own id is kept when it is a short token (it reaches the log and the answer's headers).
@@ -42,3 +49,33 @@ def request_id(http: Request) -> str:
 def server_error_message(message: str, http: Request) -> str:
     """What a client reads of a failure on our side: a stable message and where the log has the rest."""
     return f"{message} (request id {request_id(http)})"
+
+
+class UnexpectedErrors:
+    """An exception no handler took: logged with the request id, answered 500 with a stable message.
+    Inside the other middleware, not Starlette's outermost layer: that one re-raises after answering, and
+    uvicorn then closes the connection under a client that meant to reuse it. Plain ASGI."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def noting_start(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_start)
+        except Exception:
+            if started:  # too late for a status: uvicorn ends the response
+                raise
+            http = Request(scope)
+            log.exception("request %s failed", request_id(http))
+            message = server_error_message("internal error; the server log has the details", http)
+            await JSONResponse(error_body(message, "server_error"), 500)(scope, receive, send)
