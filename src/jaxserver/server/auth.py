@@ -9,6 +9,7 @@ import hmac
 from collections.abc import Callable
 
 from jaxserver.errors import AuthenticationError
+from jaxserver.server.asgi import HttpMiddleware
 from jaxserver.server.responses import error_response
 
 OPEN_PATHS = frozenset({"/health"})
@@ -25,23 +26,23 @@ def browser_login(api_key: str) -> Callable[[str, str], bool]:
     return lambda _user, password: same_key(password, api_key)
 
 
-class ApiKeyAuth:
+class ApiKeyAuth(HttpMiddleware):
     """401 before routing, so that a request without the key never reaches a handler (nothing is
-    generated). Plain ASGI, like every middleware here. The key is compared in constant time and never
-    logged or echoed."""
+    generated). The key is compared in constant time and never logged or echoed."""
 
     def __init__(self, app, api_key: str, browser_pages: tuple[str, ...] = ()):
         """`browser_pages`: path prefixes of pages that check the key themselves (the Gradio apps); with
         any, the landing page at "/" is open too."""
-        self.app, self.api_key = app, api_key.encode()
+        super().__init__(app)
+        self.api_key = api_key.encode()
         self.open_paths = OPEN_PATHS | {"/"} if browser_pages else OPEN_PATHS
         self.open_prefixes = tuple(prefix.rstrip("/") + "/" for prefix in browser_pages)
 
     def is_open(self, path: str) -> bool:
         return path in self.open_paths or (path + "/").startswith(self.open_prefixes)
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and not self.is_open(scope["path"]):
+    async def handle(self, scope, receive, send) -> None:
+        if not self.is_open(scope["path"]):
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, key = given.partition(b" ")
             if not (same_key(key.strip(), self.api_key) and scheme.lower() == b"bearer"):

@@ -12,22 +12,19 @@ from fastapi.responses import JSONResponse
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from jaxserver.config import JAXServerConfig
+from jaxserver.server.asgi import HttpMiddleware
 from jaxserver.server.responses import error_body
 
 
-class RequestBodyLimits:
+class RequestBodyLimits(HttpMiddleware):
     """Reads a request's body whole before the app sees it: 413 once it passes `max_bytes`, counted as
-    the bytes arrive (a chunked body declares no length), and 408 when it takes longer than `timeout_s`.
-    Plain ASGI on purpose: Starlette's BaseHTTPMiddleware would hide the client's disconnect from the
-    handlers."""
+    the bytes arrive (a chunked body declares no length), and 408 when it takes longer than `timeout_s`."""
 
     def __init__(self, app, max_bytes: int, timeout_s: float):
-        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+        super().__init__(app)
+        self.max_bytes, self.timeout_s = max_bytes, timeout_s
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_bytes:
             await self._too_large(int(length), scope, send)

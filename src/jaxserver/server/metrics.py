@@ -22,6 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from jaxserver.engine.request import GenerationChunk
+from jaxserver.server.asgi import HttpMiddleware
 
 TTFT_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -154,17 +155,14 @@ class EngineCollector:
             yield GaugeMetricFamily(name, text, value=pool.get(key, 0))
 
 
-class RequestCounter:
-    """Counts every HTTP answer by route (its path template) and status code. Plain ASGI, like every
-    middleware here, so that handlers still see client disconnects."""
+class RequestCounter(HttpMiddleware):
+    """Counts every HTTP answer by route (its path template) and status code."""
 
     def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+        super().__init__(app)
+        self.metrics = metrics
 
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         answered = False
 
         async def counting_send(message) -> None:

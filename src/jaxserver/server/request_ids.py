@@ -11,6 +11,7 @@ import uuid
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from jaxserver.server.asgi import HttpMiddleware
 from jaxserver.server.responses import error_body
 
 log = logging.getLogger("jaxserver.server")
@@ -20,16 +21,10 @@ HEADER = b"x-request-id"
 _CLIENT_ID = re.compile(rb"[A-Za-z0-9._:-]{1,64}")
 
 
-class RequestIds:
-    """Plain ASGI (as every middleware here): sets `request.state.request_id` and the answer's header."""
+class RequestIds(HttpMiddleware):
+    """Sets `request.state.request_id` and the answer's header."""
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         given = dict(scope["headers"]).get(HEADER, b"")
         rid = given.decode() if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
@@ -51,18 +46,12 @@ def server_error_message(message: str, http: Request) -> str:
     return f"{message} (request id {request_id(http)})"
 
 
-class UnexpectedErrors:
+class UnexpectedErrors(HttpMiddleware):
     """An exception no handler took: logged with the request id, answered 500 with a stable message.
     Inside the other middleware, not Starlette's outermost layer: that one re-raises after answering, and
-    uvicorn then closes the connection under a client that meant to reuse it. Plain ASGI."""
+    uvicorn then closes the connection under a client that meant to reuse it."""
 
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope, receive, send) -> None:
         started = False
 
         async def noting_start(message) -> None:
