@@ -64,16 +64,16 @@ def serve_worker(config: JAXServerConfig, model_path: str | None, settings: Grou
     after any failure."""
     import uvicorn
 
+    from jaxserver.server.limits import uvicorn_config
+
     health = WorkerHealth()
-    http = uvicorn.Server(
-        uvicorn.Config(health.app(), host=config.host, port=config.port, log_level="warning")
-    )
+    http = uvicorn.Server(uvicorn_config(health.app(), config, log_level="warning"))
     threading.Thread(target=http.run, name="jaxserver-worker-health", daemon=True).start()
 
     def fail(reason: str) -> None:
-        health.ready, health.state = False, f"the process group failed: {reason}"
+        health.ready, health.state = False, "the process group failed; the log says why"
         heartbeats.report(reason)
-        log.error("%s; this worker exits", health.state)
+        log.error("the process group failed: %s; this worker exits", reason)
         threading.Timer(EXIT_GRACE_S, os._exit, args=(1,)).start()
 
     # SIGTERM ends a worker at once (a Python handler would wait for the main thread, which may sit in a
