@@ -13,7 +13,8 @@ Life of a request:
       and pages last, the newest running sequence preempted when pages run out;
    c. run: a plan with prompt tokens is one ragged step; a plan of decode tokens only runs up to
       `max_compile_tokens` steps in one call, which ends at the step where a sequence finishes;
-   d. postprocess: new tokens are detokenized, stop strings checked, and a chunk goes to each stream.
+   d. postprocess (`outputs.py`): new tokens are detokenized, stop strings checked, and a chunk goes to
+      each stream.
 3. `_finish(seq, reason)` is the only way out: EOS or a stop string ("stop"), the token budget or the
    context ("length"), `abort` (client gone, shutdown, timeout) and engine failure ("error") all end there.
    It frees the sequence's row and pages, then sends the final chunk.
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxserver.engine import outputs
 from jaxserver.engine.constraints import GrammarCompiler, bitmask_words
 from jaxserver.engine.page_pool import PagePool
 from jaxserver.engine.programs import decode_rows
@@ -381,56 +383,11 @@ class Engine:
     def _take(
         self, seq: Sequence, new_tokens: list[int], logprobs: list[TokenLogprobs] | None
     ) -> GenerationChunk:
-        """Detokenize new tokens and apply stop conditions: the chunk to send, with a finish reason if the
-        request ended. Tokens are taken one at a time, so a stop string ends the answer at the token that
-        completed it, even inside a multi-step decode call's tokens."""
-        reason, text = None, seq.detokenizer.text
-        for kept, token in enumerate(new_tokens, start=1):
-            seq.generated.append(token)
-            seq.detokenizer.push([token])
-            reason = self._end_reason(seq, token)
-            if reason:
-                seq.detokenizer.flush()
-            text = seq.detokenizer.text
-            stop_at = self._stop_string_at(seq, text)
-            if stop_at is not None:
-                text, reason = text[:stop_at], "stop"
-            if reason:
-                new_tokens, logprobs = new_tokens[:kept], logprobs and logprobs[:kept]
-                break
-        self._count_tokens(len(new_tokens))
-        # Text that could be the start of a stop string waits for the next tokens.
-        held_back = 0 if reason or not seq.request.stop else max(map(len, seq.request.stop)) - 1
-        end = max(seq.emitted_chars, len(text) - held_back)
-        delta, seq.emitted_chars = text[seq.emitted_chars : end], end
-        error = seq.matcher.error if reason == "error" and seq.matcher else None
-        return GenerationChunk(delta, new_tokens, len(seq.generated), reason, error, logprobs)
-
-    def _end_reason(self, seq: Sequence, token: int) -> FinishReason | None:
-        """Whether `token`, just generated, ends the sequence: EOS or the end of its grammar ("stop"), a
-        token its grammar refused ("error"), its budget or the context ("length")."""
-        request = seq.request
-        if not request.ignore_eos and token in self.tokenizer.eos_token_ids:
-            return "stop"
-        if seq.matcher is not None:
-            if not seq.matcher.advance(token):
-                log.error("request %s: %s", request.request_id, seq.matcher.error)
-                return "error"
-            if seq.matcher.complete:
-                return "stop"
-        if len(seq.generated) >= request.max_new_tokens or seq.num_tokens >= self.runner.max_length:
-            return "length"
-        return None
-
-    @staticmethod
-    def _stop_string_at(seq: Sequence, text: str) -> int | None:
-        """Where the first of the request's stop strings starts in `text`, searching only where one could
-        have been completed since the text last sent; None if none is there."""
-        if not seq.request.stop:
-            return None
-        search_from = max(0, seq.emitted_chars - max(map(len, seq.request.stop)) + 1)
-        hits = [i for i in (text.find(stop, search_from) for stop in seq.request.stop) if i >= 0]
-        return min(hits) if hits else None
+        chunk = outputs.take_tokens(
+            seq, new_tokens, logprobs, self.tokenizer.eos_token_ids, self.runner.max_length
+        )
+        self._count_tokens(len(chunk.token_ids))
+        return chunk
 
     def _count_tokens(self, count: int) -> None:
         now = time.monotonic()
