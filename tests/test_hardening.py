@@ -95,7 +95,9 @@ def test_connections_past_the_limit_get_503(url):
     idle = [raw_connection(url) for _ in range(LIMITS["max_connections"])]
     try:
         time.sleep(0.2)  # accepted by the server
-        assert httpx.get(f"{url}/health", timeout=10).status_code == 503
+        refused = httpx.get(f"{url}/health", timeout=10)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+        assert "max_connections" in refused.json()["error"]["message"]
     finally:
         for conn in idle:
             conn.close()

@@ -74,16 +74,19 @@ def _replaying(body: bytes, receive):
     return replay
 
 
-def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol, closing a connection whose request line and headers have not all arrived
-    within `timeout_s` of their first byte (or of the connection's opening): uvicorn has no such timer,
-    so a client sending a byte at a time would hold its connection forever."""
+def guarded_protocol(header_timeout_s: float, max_connections: int) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with two bounds it lacks. A connection whose request line and headers have
+    not all arrived within `header_timeout_s` of their first byte (or of its opening) is closed: a client
+    sending a byte at a time would hold it forever. A connection past `max_connections` open gets 503
+    with the JSON error body and is closed (uvicorn's own `limit_concurrency` answers in plain text)."""
 
-    class HeaderTimeoutProtocol(H11Protocol):
+    class GuardedProtocol(H11Protocol):
         _header_timer: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                self.app = _too_many_connections(max_connections)
             self._arm_header_timer()
 
         def data_received(self, data: bytes) -> None:
@@ -99,7 +102,7 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
 
         def _arm_header_timer(self) -> None:
             if self._header_timer is None:
-                self._header_timer = self.loop.call_later(timeout_s, self._headers_too_slow)
+                self._header_timer = self.loop.call_later(header_timeout_s, self._headers_too_slow)
 
         def _cancel_header_timer(self) -> None:
             if self._header_timer is not None:
@@ -109,10 +112,23 @@ def header_timeout_protocol(timeout_s: float) -> type[H11Protocol]:
         def _headers_too_slow(self) -> None:
             self._header_timer = None
             if not self.transport.is_closing():
-                self.logger.info("closing a connection whose request headers took over %g s", timeout_s)
+                self.logger.info(
+                    "closing a connection whose request headers took over %g s", header_timeout_s
+                )
                 self.transport.close()
 
-    return HeaderTimeoutProtocol
+    return GuardedProtocol
+
+
+def _too_many_connections(limit: int):
+    """The app of a connection over the limit: 503 and close."""
+
+    async def refuse(scope, receive, send) -> None:
+        message = f"the server has {limit} connections open (max_connections); retry shortly"
+        body = error_body(message, "overloaded", code="overloaded")
+        await _closing(JSONResponse(body, 503, {"Retry-After": "1"}), scope, send)
+
+    return refuse
 
 
 def uvicorn_config(app: Any, config: JAXServerConfig, **options: Any) -> uvicorn.Config:
@@ -121,7 +137,6 @@ def uvicorn_config(app: Any, config: JAXServerConfig, **options: Any) -> uvicorn
     settings = {
         "host": config.host,
         "port": config.port,
-        "http": header_timeout_protocol(config.header_timeout_s),
-        "limit_concurrency": config.max_connections,
+        "http": guarded_protocol(config.header_timeout_s, config.max_connections),
     }
     return uvicorn.Config(app, **(settings | options))
