@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.model import cpu_kernels
+from jaxserver.model import cpu_kernels, quant
 from jaxserver.model.config import ModelConfig
 
 Params = dict[str, Any]
@@ -91,6 +91,8 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     bfloat16 weights this is XLA:CPU's bf16 x bf16 -> f32 dot (AVX512-BF16 where the CPU has it), faster
     than float32's. A bf16 result instead ran slower than float32, and a single row took another, much
     slower path than two rows: a lone row is therefore padded to two (docs/performance.md)."""
+    if quant.is_quantized(w):
+        return quant.linear_xla(x, w)
     rows = math.prod(x.shape[:-1])
     if cpu_kernels.is_packed(w):
         return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
@@ -106,6 +108,8 @@ def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
     hoisted out of its loop), and gathering it as 16-bit integers still copied it as integers once per
     chunk. A table stored as its bits (`embedding_as_bits`, uint16) is gathered in place
     (docs/performance.md)."""
+    if quant.is_quantized(embed):
+        return quant.embedding_rows(embed, tokens)
     if embed.dtype == jnp.uint16:
         return jax.lax.bitcast_convert_type(embed[tokens], jnp.bfloat16).astype(jnp.float32)
     return embed[tokens].astype(jnp.float32)
@@ -114,7 +118,7 @@ def embed_rows(embed: jax.Array, tokens: jax.Array) -> jax.Array:
 def embedding_as_bits(head: Params) -> Params:
     """`head` with a bf16 embedding table stored as its 16-bit patterns (uint16), which `embed_rows`
     reads; other dtypes unchanged."""
-    if head["embed"].dtype != jnp.bfloat16:
+    if quant.is_quantized(head["embed"]) or head["embed"].dtype != jnp.bfloat16:
         return head
     return head | {"embed": jax.lax.bitcast_convert_type(head["embed"], jnp.uint16)}
 
@@ -200,9 +204,9 @@ def layer_params(params: Params, cfg: ModelConfig) -> list[Params]:
     stacked = params["layers"]
     layers = []
     for i in range(cfg.num_layers):
-        layer = {name: value[i] for name, value in stacked.items()}
-        layer["wqkv"] = jnp.concatenate([layer.pop("wq"), layer.pop("wk"), layer.pop("wv")], axis=1)
-        layer["w_gate_up"] = jnp.concatenate([layer.pop("w_gate"), layer.pop("w_up")], axis=1)
+        layer = {name: jax.tree.map(lambda a, i=i: a[i], value) for name, value in stacked.items()}
+        layer["wqkv"] = quant.join_outputs([layer.pop("wq"), layer.pop("wk"), layer.pop("wv")])
+        layer["w_gate_up"] = quant.join_outputs([layer.pop("w_gate"), layer.pop("w_up")])
         if cfg.attention_bias:
             layer["bqkv"] = jnp.concatenate([layer.pop("bq"), layer.pop("bk"), layer.pop("bv")], axis=-1)
         layers.append(layer)
@@ -275,8 +279,9 @@ def head_params(params: Params) -> Params:
     [hidden, vocab] copy: multiplying by the transposed embedding made XLA copy the whole table (113 MB
     for SmolLM2) on every decode step."""
     head = {name: value for name, value in params.items() if name != "layers"}
-    if "lm_head" not in head:
-        head["lm_head"] = params["embed"].T  # eager, so a new row-major array
+    if "lm_head" not in head:  # a quantized table is kept as the head's weight: one copy serves both
+        embed = params["embed"]
+        head["lm_head"] = embed if quant.is_quantized(embed) else embed.T  # eager: a new row-major array
     return head
 
 
@@ -293,7 +298,12 @@ def pack_matmul_weights(head: Params, layers: list[Params]) -> tuple[Params, lis
 
     def pack(part: Params, names: tuple[str, ...]) -> Params:
         def packed(name: str, w: jax.Array) -> jax.Array:
-            fits = name in names and w.dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_takes(*w.shape)
+            fits = (
+                name in names
+                and not quant.is_quantized(w)
+                and w.dtype == jnp.bfloat16
+                and cpu_kernels.bf16_gemm_takes(*w.shape)
+            )
             return cpu_kernels.pack_bf16_weight(w) if fits else w
 
         return {name: packed(name, w) for name, w in part.items()}
@@ -321,7 +331,7 @@ def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Para
     """The parameter pytree `serving_weights` made `head` and `layers` from (new arrays, in the layout
     loaders and checkpoints use)."""
     head = {name: _unpacked(w) for name, w in head.items() if name not in ROTARY_TABLES}
-    if head["embed"].dtype == jnp.uint16:
+    if not quant.is_quantized(head["embed"]) and head["embed"].dtype == jnp.uint16:
         head["embed"] = jax.lax.bitcast_convert_type(head["embed"], jnp.bfloat16)
     if cfg.tie_word_embeddings:
         del head["lm_head"]
@@ -337,15 +347,21 @@ def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Para
         parts = {}
         for name, w in layer.items():
             names, at = splits.get(name, ((name,), ()))
-            parts |= dict(zip(names, jnp.split(_unpacked(w), at, axis=-1), strict=True))
+            cut = (
+                quant.split_outputs(w, at) if quant.is_quantized(w) else jnp.split(_unpacked(w), at, axis=-1)
+            )
+            parts |= dict(zip(names, cut, strict=True))
         return parts
 
     per_layer = [split(layer) for layer in layers]
-    return head | {"layers": {name: jnp.stack([layer[name] for layer in per_layer]) for name in per_layer[0]}}
+    stacked = {name: [layer[name] for layer in per_layer] for name in per_layer[0]}
+    return head | {
+        "layers": {name: jax.tree.map(lambda *a: jnp.stack(a), *ws) for name, ws in stacked.items()}
+    }
 
 
-def _unpacked(w: jax.Array) -> jax.Array:
-    return cpu_kernels.unpack_bf16_weight(w) if cpu_kernels.is_packed(w) else w
+def _unpacked(w: Any) -> Any:
+    return cpu_kernels.unpack_bf16_weight(w) if not quant.is_quantized(w) and cpu_kernels.is_packed(w) else w
 
 
 # --- parameters ---------------------------------------------------------------------------------------
@@ -391,6 +407,8 @@ def cast_params(params: Params, dtype: Any) -> Params:
     shard once (not the whole model onto one device first)."""
 
     def cast(array: Any) -> Any:
+        if quant.is_quantized(array):  # codes stay codes
+            return array
         return array.astype(dtype) if isinstance(array, np.ndarray) else jnp.asarray(array, dtype=dtype)
 
-    return jax.tree.map(cast, params)
+    return jax.tree.map(cast, params, is_leaf=quant.is_quantized)

@@ -1,0 +1,152 @@
+"""Quantized weights (model/quant.py): GGUF's blocks read without rounding, quantization at load within
+its step, and the XLA path against the dense product."""
+
+import gguf.quants
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType
+
+from jaxserver.engine.request import GenerationRequest, SamplingOptions
+from jaxserver.model import llama, quant
+from jaxserver.model.loader import load_model
+from tests import tiny
+
+RNG = np.random.default_rng(0)
+GREEDY = SamplingOptions(greedy=True)
+
+
+@pytest.mark.parametrize("kind", quant.GGUF_FORMATS, ids=lambda k: k.name)
+def test_gguf_blocks_dequantize_bit_for_bit_as_gguf_does(kind):
+    rows = RNG.standard_normal((48, 96)).astype(np.float32) * 3  # 48 outputs of 96 inputs
+    blocks = gguf.quants.quantize(rows, kind)
+    weight = quant.from_gguf(blocks, kind, 96)
+    reference = gguf.quants.dequantize(blocks, kind).T  # [in, out]
+    assert weight.shape == (96, 48) and weight.bits == (8 if kind == GGMLQuantizationType.Q8_0 else 4)
+    np.testing.assert_array_equal(quant.dequantize(weight), reference)
+    on_device = quant.QuantizedWeight(
+        jnp.asarray(weight.codes),
+        jnp.asarray(weight.scales),
+        None if weight.mins is None else jnp.asarray(weight.mins),
+        weight.bits,
+        weight.group,
+    )
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(on_device)), reference)
+
+
+@pytest.mark.parametrize(("bits", "group"), [(8, 32), (8, 128), (4, 32), (4, 64)])
+def test_quantizing_errs_by_at_most_half_a_step(bits, group):
+    dense = RNG.standard_normal((2, 128, 40)).astype(np.float32)  # stacked: 2 layers
+    weight = quant.quantize(dense, bits, group)
+    assert weight.shape == dense.shape and weight.codes.dtype == (np.int8 if bits == 8 else np.uint8)
+    step = np.repeat(weight.scales.astype(np.float32), group, axis=-2)
+    error = np.abs(quant.dequantize(weight) - dense)
+    # half a step, and a little for the float16 rounding of the scale and the min the codes were fit to
+    assert np.all(error <= step * 0.51 + 1e-6)
+    assert weight.nbytes < dense.nbytes * (0.33 if bits == 8 else 0.2)
+
+
+def test_quantizing_refuses_a_group_that_does_not_fit():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant.quantize(np.zeros((96, 8), np.float32), 4, 48)
+    with pytest.raises(ValueError, match="must divide"):
+        quant.quantize(np.zeros((96, 8), np.float32), 4, 64)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_xla_path_multiplies_as_the_dense_weight_does(bits):
+    weight = quant.quantize(RNG.standard_normal((64, 24)).astype(np.float32), bits, 32)
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    dense = quant.dequantize(weight)
+    np.testing.assert_allclose(
+        np.asarray(quant.linear_xla(jnp.asarray(x), weight)), x @ dense, rtol=1e-5, atol=1e-5
+    )
+
+
+def test_outputs_are_taken_and_joined_without_rounding():
+    a = quant.quantize(RNG.standard_normal((64, 16)).astype(np.float32), 4, 32)
+    b = quant.quantize(RNG.standard_normal((64, 8)).astype(np.float32), 4, 32)
+    joined = quant.concat_outputs([a, b])
+    both = np.concatenate([quant.dequantize(a), quant.dequantize(b)], axis=-1)
+    np.testing.assert_array_equal(quant.dequantize(joined), both)
+    index = np.array([5, 0, 17, 23])
+    np.testing.assert_array_equal(quant.dequantize(quant.take_outputs(joined, index)), both[:, index])
+
+
+def quantized_params(params: dict, bits: int = 4) -> dict:
+    """A model's parameters with every matmul weight quantized (4 bits, groups of 32), the head to 8."""
+    layers = {
+        name: quant.quantize(np.asarray(w), bits, 32) if name.startswith("w") else w
+        for name, w in params["layers"].items()
+    }
+    head = {name: w for name, w in params.items() if name != "layers"}
+    if "lm_head" in head:
+        head["lm_head"] = quant.quantize(np.asarray(head["lm_head"]), 8, 32)
+    else:  # tied: the table kept once, as the head's weight
+        head["embed"] = quant.quantize(np.asarray(head["embed"]).T.copy(), 8, 32)
+    return jax.tree.map(jnp.asarray, head | {"layers": layers})
+
+
+def dequantized(params: dict) -> dict:
+    dense = jax.tree.map(
+        lambda w: jnp.asarray(quant.dequantize(w)) if quant.is_quantized(w) else w,
+        params,
+        is_leaf=quant.is_quantized,
+    )
+    if quant.is_quantized(params["embed"]):
+        dense["embed"] = dense["embed"].T
+    return dense
+
+
+def logits_of(params: dict, cfg, ids: list[int]) -> np.ndarray:
+    cache = llama.init_cache(cfg, 1, len(ids), jnp.float32)
+    logits, _ = llama.forward(
+        llama.head_params(params),
+        llama.layer_params(params, cfg),
+        cfg,
+        jnp.asarray([ids]),
+        cache,
+        write_pos=jnp.zeros((1,), jnp.int32),
+        logit_index=jnp.asarray([len(ids) - 1]),
+    )
+    return np.asarray(logits[0])
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama3-tied"])
+def test_a_model_with_quantized_weights_computes_as_its_dequantized_copy(kind, tmp_path):
+    """Every product goes through the XLA path (`llama.linear`), the tied table serves embedding and head
+    as one quantized copy; logits match the same weights dense, in float32."""
+    cfg, params, _ = load_model(tiny.make_hf_model(tmp_path, kind))
+    quantized = quantized_params(params)
+    ids = [5, 17, 3, 250, 9, 44]
+    np.testing.assert_allclose(
+        logits_of(quantized, cfg, ids), logits_of(dequantized(quantized), cfg, ids), rtol=1e-4, atol=1e-4
+    )
+    if kind == "llama3-tied":
+        assert llama.head_params(quantized)["lm_head"] is quantized["embed"]  # no second copy
+    rebuilt = llama.stacked_params(llama.head_params(quantized), llama.layer_params(quantized, cfg), cfg)
+    for name in ("wq", "wv", "w_up"):
+        np.testing.assert_array_equal(
+            quant.dequantize(rebuilt["layers"][name]), quant.dequantize(quantized["layers"][name])
+        )
+
+
+def test_the_engine_serves_quantized_weights_as_their_dequantized_copy(tiny_llama_dir):
+    """The paged engine (ragged steps, multi-step decode calls) over quantized weights: the same greedy
+    tokens as over the same weights dense, for a batch of prompts."""
+    from tests.test_engine import prompts, run, start_engine
+
+    cfg, params, tokenizer = load_model(tiny_llama_dir)
+    weights = quantized_params(params)
+    answers = []
+    for served in (weights, dequantized(weights)):
+        engine = start_engine((cfg, served, tokenizer))
+        try:
+            requests = [
+                GenerationRequest(ids, 12, GREEDY, ignore_eos=True) for ids in prompts(4, cfg.vocab_size)
+            ]
+            answers.append([run(engine, request)[0] for request in requests])
+        finally:
+            engine.shutdown(0)
+    assert answers[0] == answers[1]
