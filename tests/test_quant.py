@@ -12,6 +12,7 @@ from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.model import llama, quant
 from jaxserver.model.loader import load_model
 from tests import tiny
+from tests.test_engine import next_token_logits, prompts, run, start_engine
 
 RNG = np.random.default_rng(0)
 GREEDY = SamplingOptions(greedy=True)
@@ -99,20 +100,6 @@ def dequantized(params: dict) -> dict:
     return dense
 
 
-def logits_of(params: dict, cfg, ids: list[int]) -> np.ndarray:
-    cache = llama.init_cache(cfg, 1, len(ids), jnp.float32)
-    logits, _ = llama.forward(
-        llama.head_params(params),
-        llama.layer_params(params, cfg),
-        cfg,
-        jnp.asarray([ids]),
-        cache,
-        write_pos=jnp.zeros((1,), jnp.int32),
-        logit_index=jnp.asarray([len(ids) - 1]),
-    )
-    return np.asarray(logits[0])
-
-
 @pytest.mark.parametrize("kind", ["llama", "llama3-tied"])
 def test_a_model_with_quantized_weights_computes_as_its_dequantized_copy(kind, tmp_path):
     """Every product goes through the XLA path (`llama.linear`), the tied table serves embedding and head
@@ -121,7 +108,10 @@ def test_a_model_with_quantized_weights_computes_as_its_dequantized_copy(kind, t
     quantized = quantized_params(params)
     ids = [5, 17, 3, 250, 9, 44]
     np.testing.assert_allclose(
-        logits_of(quantized, cfg, ids), logits_of(dequantized(quantized), cfg, ids), rtol=1e-4, atol=1e-4
+        next_token_logits((cfg, quantized, None), ids),
+        next_token_logits((cfg, dequantized(quantized), None), ids),
+        rtol=1e-4,
+        atol=1e-4,
     )
     if kind == "llama3-tied":
         assert llama.head_params(quantized)["lm_head"] is quantized["embed"]  # no second copy
@@ -135,8 +125,6 @@ def test_a_model_with_quantized_weights_computes_as_its_dequantized_copy(kind, t
 def test_the_engine_serves_quantized_weights_as_their_dequantized_copy(tiny_llama_dir):
     """The paged engine (ragged steps, multi-step decode calls) over quantized weights: the same greedy
     tokens as over the same weights dense, for a batch of prompts."""
-    from tests.test_engine import prompts, run, start_engine
-
     cfg, params, tokenizer = load_model(tiny_llama_dir)
     weights = quantized_params(params)
     answers = []
