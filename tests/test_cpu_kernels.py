@@ -213,12 +213,13 @@ def test_bf16_gemm_refuses_unpacked_weights():
 )
 def test_kernels_build_for_a_cpu_without_avx512_bf16(tmp_path):
     """The library must build where the bf16 matmul cannot run (an AVX2 machine: -march=x86-64-v3), or
-    the attention kernel would be lost with it; there the matmul says it is unavailable."""
+    the attention kernel would be lost with it; there the bf16 matmul says it is unavailable, the
+    quantized one that it runs."""
     flags = (*(f for f in cpu_kernels.COMPILE_FLAGS if f != "-march=native"), "-march=x86-64-v3")
     library = tmp_path / "avx2.so"
     cpu_kernels.build_library("g++", library, flags)
     loaded = ctypes.cdll.LoadLibrary(str(library))
-    assert loaded.JaxserverHasBf16Gemm() == 0
+    assert loaded.JaxserverHasBf16Gemm() == 0 and loaded.JaxserverHasQuantGemm() == 1
     assert loaded.JaxserverPagedAttention and loaded.JaxserverPagedAttentionBf16
 
 

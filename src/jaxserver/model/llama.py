@@ -92,7 +92,7 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     than float32's. A bf16 result instead ran slower than float32, and a single row took another, much
     slower path than two rows: a lone row is therefore padded to two (docs/performance.md)."""
     if quant.is_quantized(w):
-        return quant.linear_xla(x, w)
+        return quant.linear(x, w)
     rows = math.prod(x.shape[:-1])
     if cpu_kernels.is_packed(w):
         return cpu_kernels.bf16_gemm(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
@@ -290,36 +290,41 @@ HEAD_MATMULS = ("lm_head",)
 LAYER_MATMULS = ("wqkv", "wo", "w_gate_up", "w_down")
 
 
-def pack_matmul_weights(head: Params, layers: list[Params]) -> tuple[Params, list[Params]]:
-    """`head_params` and `layer_params` with every bfloat16 matmul weight the bf16 matmul kernel takes
-    packed for it (`cpu_kernels.pack_bf16_weight`), so that `linear` multiplies by it there; the rest
-    as they were. For a single device where `cpu_kernels.bf16_gemm_available()`: the kernel reads
-    whole weights."""
+def pack_matmul_weights(
+    head: Params, layers: list[Params], *, bf16: bool = True, quantized: bool = True
+) -> tuple[Params, list[Params]]:
+    """`head_params` and `layer_params` with every matmul weight a CPU kernel takes packed for it, so that
+    `linear` multiplies by it there: with `bf16`, bfloat16 ones for the bf16 kernel
+    (`cpu_kernels.pack_bf16_weight`); with `quantized`, quantized ones tiled for the quantized kernel
+    (`quant.tiled`; a tied embedding stays the head's weight). The rest as they were. For a single
+    device, where the kernels run: they read whole weights."""
+
+    def packed(w: Any) -> Any:
+        if quant.is_quantized(w):
+            return quant.tiled(w) if quantized and w.shape[-1] % quant.TILE == 0 else w
+        fits = bf16 and w.dtype == jnp.bfloat16 and cpu_kernels.bf16_gemm_takes(*w.shape)
+        return cpu_kernels.pack_bf16_weight(w) if fits else w
 
     def pack(part: Params, names: tuple[str, ...]) -> Params:
-        def packed(name: str, w: jax.Array) -> jax.Array:
-            fits = (
-                name in names
-                and not quant.is_quantized(w)
-                and w.dtype == jnp.bfloat16
-                and cpu_kernels.bf16_gemm_takes(*w.shape)
-            )
-            return cpu_kernels.pack_bf16_weight(w) if fits else w
+        return {name: packed(w) if name in names else w for name, w in part.items()}
 
-        return {name: packed(name, w) for name, w in part.items()}
-
-    return pack(head, HEAD_MATMULS), [pack(layer, LAYER_MATMULS) for layer in layers]
+    tied = head["embed"] is head.get("lm_head")
+    head = pack(head, HEAD_MATMULS)
+    if tied:
+        head["embed"] = head["lm_head"]
+    return head, [pack(layer, LAYER_MATMULS) for layer in layers]
 
 
 def serving_weights(params: Params, cfg: ModelConfig, positions: int) -> tuple[Params, list[Params]]:
-    """`params` as the compiled steps read them: `head_params` and `layer_params`, bf16 products packed for
-    the CPU matmul kernel where it runs (it reads each weight whole, so only when every weight lies on one
-    device), the embedding table kept as bits for `embed_rows`, and the rotary tables of `positions`
+    """`params` as the compiled steps read them: `head_params` and `layer_params`, matmul weights packed for
+    the CPU matmul kernels where they run (`pack_matmul_weights`; they read each weight whole, so only when
+    every weight lies on one device), the embedding table kept as bits for `embed_rows`, and the rotary tables of `positions`
     positions (`rotary_tables`), placed on every device the weights are on."""
     head, layers = head_params(params), layer_params(params, cfg)
     whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
-    if whole_weights and cpu_kernels.bf16_gemm_available():
-        head, layers = pack_matmul_weights(head, layers)
+    if whole_weights:
+        bf16, quantized = cpu_kernels.bf16_gemm_available(), cpu_kernels.quant_gemm_available()
+        head, layers = pack_matmul_weights(head, layers, bf16=bf16, quantized=quantized)
     sharding = head["final_norm"].sharding
     if isinstance(sharding, jax.sharding.NamedSharding):
         sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
@@ -348,7 +353,9 @@ def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Para
         for name, w in layer.items():
             names, at = splits.get(name, ((name,), ()))
             cut = (
-                quant.split_outputs(w, at) if quant.is_quantized(w) else jnp.split(_unpacked(w), at, axis=-1)
+                quant.split_outputs(_unpacked(w), at)
+                if quant.is_quantized(w)
+                else jnp.split(_unpacked(w), at, axis=-1)
             )
             parts |= dict(zip(names, cut, strict=True))
         return parts
@@ -361,7 +368,9 @@ def stacked_params(head: Params, layers: list[Params], cfg: ModelConfig) -> Para
 
 
 def _unpacked(w: Any) -> Any:
-    return cpu_kernels.unpack_bf16_weight(w) if not quant.is_quantized(w) and cpu_kernels.is_packed(w) else w
+    if quant.is_quantized(w):
+        return quant.untiled(w)
+    return cpu_kernels.unpack_bf16_weight(w) if cpu_kernels.is_packed(w) else w
 
 
 # --- parameters ---------------------------------------------------------------------------------------

@@ -10,6 +10,9 @@ Codes run along the input axis in blocks of 32, the direction GGUF stores them i
 
 scale * code is exact in float32 (11 bits times 4 or 8), so dequantizing here gives the same float32
 weights as `gguf.quants.dequantize`, bit for bit.
+
+For the CPU matmul kernel a weight is `tiled` once at load: its columns in tiles of `TILE`, each tile's
+codes and scales one contiguous stream (codes [out/16, in/32, 16|32, 16], scales [out/16, in/group, 16]).
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+from jaxserver.model import cpu_kernels
+
 BLOCK = 32  # inputs per block of codes
+TILE = cpu_kernels.QUANT_GEMM_TILE  # columns per tile of a tiled weight
 GGUF_FORMATS = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0)
 
 
@@ -35,10 +41,14 @@ class QuantizedWeight:
     mins: Any  # q4's per-group offsets; None for q8
     bits: int = field(metadata={"static": True})
     group: int = field(metadata={"static": True})  # inputs sharing one scale: a multiple of BLOCK
+    tiled: bool = field(default=False, metadata={"static": True})  # in the kernel's layout (`tiled`)
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The dense weight's shape, [..., in, out]."""
+        if self.tiled:
+            tiles, blocks, _ = self.codes.shape
+            return (blocks * BLOCK, tiles * TILE)
         *lead, blocks, _, out = self.codes.shape
         return (*lead, blocks * BLOCK, out)
 
@@ -68,12 +78,57 @@ def from_gguf(raw: np.ndarray, kind: GGMLQuantizationType, inputs: int) -> Quant
     return QuantizedWeight(codes.transpose(1, 2, 0).copy(), scales.copy(), mins, 4, BLOCK)
 
 
+def tiled(weight: QuantizedWeight) -> QuantizedWeight:
+    """A [in, out] weight (out a multiple of TILE) in the kernel's layout (kernels/quant_gemm.cc): codes
+    [out/16, in/32, 256] (q4) or [out/16, in/32, 512] (q8), scales and mins [out/16, in/group, 16]."""
+    if weight.tiled:
+        return weight
+    blocks, _, out = weight.codes.shape
+    tiles = out // TILE
+    if weight.bits == 4:
+        nibbles = _inputs(weight.codes).reshape(
+            blocks, 8, 2, 2, tiles, 2, 8
+        )  # quad, set, pair, tile, half, column
+        order = nibbles.transpose(4, 0, 1, 5, 6, 3, 2)  # tile, block, quad, half, column, pair, set
+        codes = (order[..., 0] | (order[..., 1] << 4)).reshape(tiles, blocks, -1)
+    else:
+        pairs = weight.codes.reshape(blocks, 16, 2, tiles, 2, 8)  # pair, element, tile, half, column
+        codes = pairs.transpose(3, 0, 1, 4, 5, 2).reshape(tiles, blocks, -1)
+    return QuantizedWeight(
+        codes,
+        *(_tiled_scales(s) for s in (weight.scales, weight.mins)),
+        weight.bits,
+        weight.group,
+        tiled=True,
+    )
+
+
+def untiled(weight: QuantizedWeight) -> QuantizedWeight:
+    """The inverse of `tiled`: the weight in the layout above."""
+    if not weight.tiled:
+        return weight
+    index = jnp.arange(weight.shape[-1])
+    return take_outputs(weight, index)
+
+
+def _inputs(codes: Any) -> Any:
+    """q4 codes [..., blocks, 16, out] as one code per input, [..., blocks, 32, out] (a uint8 each)."""
+    xp = np if isinstance(codes, np.ndarray) else jnp
+    return xp.concatenate([codes & 15, codes >> 4], axis=-2)
+
+
+def _tiled_scales(scales: Any) -> Any:
+    if scales is None:
+        return None
+    groups, out = scales.shape
+    return scales.reshape(groups, out // TILE, TILE).transpose(1, 0, 2)
+
+
 def dequantize(weight: QuantizedWeight) -> Any:
     """The float32 weight [..., in, out] (a NumPy array for host codes, else a JAX one)."""
+    weight = untiled(weight)
     xp = np if isinstance(weight.codes, np.ndarray) else jnp
-    codes = weight.codes
-    if weight.bits == 4:
-        codes = xp.concatenate([codes & 15, codes >> 4], axis=-2)  # inputs 0-15, then 16-31 of each block
+    codes = _inputs(weight.codes) if weight.bits == 4 else weight.codes
     *lead, blocks, _, out = codes.shape
     groups = blocks * BLOCK // weight.group
     values = codes.reshape(*lead, groups, weight.group, out).astype(xp.float32)
@@ -111,6 +166,15 @@ def _blocked(codes: np.ndarray, lead: list[int], inputs: int, out: int) -> np.nd
     return codes.reshape(*lead, inputs // BLOCK, BLOCK, out)
 
 
+def linear(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
+    """x [..., in] @ the weight in float32: through the CPU kernel for a tiled weight, else `linear_xla`."""
+    if not weight.tiled:
+        return linear_xla(x, weight)
+    rows = x.reshape(-1, x.shape[-1])
+    product = cpu_kernels.quant_gemm(rows, weight.codes, weight.scales, weight.mins)
+    return product.reshape(*x.shape[:-1], -1)
+
+
 def linear_xla(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
     """x [..., in] @ the weight, in float32: dequantized inside the jitted step, then XLA's dot (for
     backends and meshes the kernel does not serve)."""
@@ -118,8 +182,27 @@ def linear_xla(x: jax.Array, weight: QuantizedWeight) -> jax.Array:
 
 
 def take_outputs(weight: QuantizedWeight, index: Any) -> QuantizedWeight:
-    """The weight of the outputs `index` (their columns): a gather of codes and scales, nothing rounded."""
-    return jax.tree.map(lambda leaf: leaf[..., index], weight)
+    """The weight of the outputs `index` (their columns), in the layout above: a gather of codes and
+    scales, nothing rounded. From a tiled weight only integer indices are taken."""
+    if not weight.tiled:
+        return jax.tree.map(lambda leaf: leaf[..., index], weight)
+    index = jnp.asarray(index)
+    tile, half, column = index // TILE, index % TILE // 8, index % 8
+    tiles, blocks, _ = weight.codes.shape
+    if weight.bits == 4:
+        picked = weight.codes.reshape(tiles, blocks, 8, 2, 8, 2)[
+            tile, :, :, half, column, :
+        ]  # [n, b, quad, pair]
+        nibbles = jnp.stack([picked & 15, picked >> 4], axis=-2)  # [n, b, quad, set, pair]: input 4q + 2s + p
+        inputs = nibbles.reshape(*index.shape, blocks, 2, 16)  # inputs 0-15 and 16-31 of each block
+        codes = jnp.moveaxis(inputs[..., 0, :] | (inputs[..., 1, :] << 4), 0, -1)
+    else:
+        picked = weight.codes.reshape(tiles, blocks, 16, 2, 8, 2)[
+            tile, :, :, half, column, :
+        ]  # [n, b, pair, e]
+        codes = jnp.moveaxis(picked.reshape(*index.shape, blocks, BLOCK), 0, -1)
+    scales = [None if s is None else s[tile, :, index % TILE].T for s in (weight.scales, weight.mins)]
+    return QuantizedWeight(codes, *scales, weight.bits, weight.group)
 
 
 def concat_outputs(weights: list[QuantizedWeight]) -> QuantizedWeight:
