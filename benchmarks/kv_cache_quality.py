@@ -43,6 +43,11 @@ def log_probs(
     head, layers = llama.head_params(cast), llama.layer_params(cast, cfg)
     if weights == "bfloat16" and cpu_kernels.bf16_gemm_available():
         head, layers = llama.pack_matmul_weights(head, layers)
+    return teacher_forced(cfg, head, layers, tokens, cache_dtype)
+
+
+def teacher_forced(cfg, head, layers, tokens: list[int], cache_dtype: str) -> tuple[np.ndarray, float, float]:
+    """`log_probs` over weights already laid out for `llama.forward` (`head_params`, `layer_params`)."""
     cache = llama.init_cache(cfg, 1, len(tokens), jnp.dtype(cache_dtype))
     zero = jnp.zeros((1,), jnp.int32)
 
@@ -84,10 +89,15 @@ def main() -> None:
     print(f"largest cached |key| {largest_key:.1f}, |value| {largest_value:.1f} (float16 holds up to 65504)")
     print(f"{'weights':>9} {'cache':>9} {'top-1 agrees':>13} {'KL (nats)':>10} {'NLL':>7}")
     for (weights, cache_dtype), (rows, _, _) in results.items():
-        agree = np.mean(rows.argmax(-1) == reference.argmax(-1))
-        kl = np.mean(np.sum(np.exp(reference) * (reference - rows), axis=-1))
-        nll = -np.mean(rows[np.arange(len(following)), following])
-        print(f"{weights:>9} {cache_dtype:>9} {agree:>13.3f} {kl:>10.5f} {nll:>7.3f}")
+        print(f"{weights:>9} {cache_dtype:>9} {compare(rows, reference, following)}")
+
+
+def compare(rows: np.ndarray, reference: np.ndarray, following: np.ndarray) -> str:
+    """Top-1 agreement with the reference, mean KL divergence from it, and the NLL of the text's tokens."""
+    agree = np.mean(rows.argmax(-1) == reference.argmax(-1))
+    kl = np.mean(np.sum(np.exp(reference) * (reference - rows), axis=-1))
+    nll = -np.mean(rows[np.arange(len(following)), following])
+    return f"{agree:>13.3f} {kl:>10.5f} {nll:>7.3f}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from jaxserver import JAXServer
+from jaxserver.model import cpu_kernels, quant
 from jaxserver.model.gguf import unpermute_rope_rows
 from jaxserver.model.loader import default_model_path, load_model
 from tests import tiny
@@ -104,9 +105,14 @@ def test_last_position_logits_match_transformers(smollm, hf_model):
 @pytest.fixture(scope="module")
 def smollm_server():
     # float32 weights and cache, as transformers runs them: the tokens are compared exactly ("auto" may
-    # pick bf16 weights and picks a float16 cache).
+    # pick bf16 weights or the 4-bit codes, and picks a float16 cache).
     config = tiny.test_config(
-        max_length=512, max_compile_tokens=16, mesh_axes_shape=(1, 1, 1), dtype="fp32", kv_cache_dtype="fp32"
+        max_length=512,
+        max_compile_tokens=16,
+        mesh_axes_shape=(1, 1, 1),
+        dtype="fp32",
+        kv_cache_dtype="fp32",
+        quantization="none",
     )
     return JAXServer.load(None, config=config)
 
@@ -184,3 +190,50 @@ def test_a_damaged_converted_copy_is_replaced(smollm, tmp_path, monkeypatch):
     monkeypatch.setattr(loader, "load_gguf", None)  # the copy is whole again: the file is not needed
     _, params, _ = load_model(None, cache_dir=tmp_path)
     np.testing.assert_array_equal(params["embed"], smollm[1]["embed"])
+
+
+@pytest.fixture(scope="module")
+def smollm_codes():
+    return load_model(None, keep_codes=True)
+
+
+def test_codes_kept_are_the_weights_gguf_dequantizes(smollm, smollm_codes):
+    """Every matmul weight and the tied table stay Q4_1 / Q8_0 codes (rotary rows reordered as a gather),
+    dequantizing to exactly the float32 weights, in at most 0.4x the memory of a bf16 copy."""
+    _, codes, _ = smollm_codes
+    _, dense, _ = smollm
+    assert {codes["layers"][name].bits for name in quant.LAYER_MATMULS} == {4} and codes["embed"].bits == 8
+    for got, want in zip(
+        jax.tree.leaves(quant.dequantize_params(codes)), jax.tree.leaves(dense), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    bf16_bytes = sum(leaf.size * 2 for leaf in jax.tree.leaves(dense))
+    assert sum(leaf.nbytes for leaf in jax.tree.leaves(codes)) <= 0.4 * bf16_bytes
+
+
+@pytest.mark.skipif(not cpu_kernels.quant_gemm_available(), reason="this CPU has no AVX2, FMA and F16C")
+def test_logits_from_the_codes_match_transformers(smollm_codes, hf_model):
+    """Through the quantized kernel (rows rounded to int16 per block of 32), to 2e-2 of logits near 40."""
+    import torch
+
+    from tests.test_model import full_logits
+
+    cfg, codes, tok = smollm_codes
+    ids = np.asarray([tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))])
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(ids)).logits[0, -1].numpy()
+    got = full_logits(cfg, jax.tree.map(jnp.asarray, codes), ids, matmul_kernel=True)[0, -1]
+    np.testing.assert_allclose(got, expected, atol=2e-2)
+    assert got.argmax() == expected.argmax()
+
+
+def test_a_converted_copy_keeps_the_codes(smollm_codes, tmp_path, monkeypatch):
+    from jaxserver.model import loader
+
+    load_model(None, cache_dir=tmp_path, keep_codes=True)
+    monkeypatch.setattr(loader, "load_gguf", None)  # read back from the copy
+    _, params, _ = load_model(None, cache_dir=tmp_path, keep_codes=True)
+    want = smollm_codes[1]
+    assert jax.tree.structure(params) == jax.tree.structure(want)
+    for got, expected in zip(jax.tree.leaves(params), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(got, expected)

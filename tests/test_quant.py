@@ -8,11 +8,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType
 
+from jaxserver import JAXServer
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.model import llama, quant
+from jaxserver.model.checkpoint import save_checkpoint
 from jaxserver.model.loader import load_model
+from jaxserver.parallel.mesh import make_mesh, shard_params
 from tests import tiny
 from tests.test_engine import next_token_logits, prompts, run, start_engine
+from tests.test_model import full_logits
 
 RNG = np.random.default_rng(0)
 GREEDY = SamplingOptions(greedy=True)
@@ -76,28 +80,12 @@ def test_outputs_are_taken_and_joined_without_rounding():
 
 
 def quantized_params(params: dict, bits: int = 4) -> dict:
-    """A model's parameters with every matmul weight quantized (4 bits, groups of 32), the head to 8."""
-    layers = {
-        name: quant.quantize(np.asarray(w), bits, 32) if name.startswith("w") else w
-        for name, w in params["layers"].items()
-    }
-    head = {name: w for name, w in params.items() if name != "layers"}
-    if "lm_head" in head:
-        head["lm_head"] = quant.quantize(np.asarray(head["lm_head"]), 8, 32)
-    else:  # tied: the table kept once, as the head's weight
-        head["embed"] = quant.quantize(np.asarray(head["embed"]).T.copy(), 8, 32)
-    return jax.tree.map(jnp.asarray, head | {"layers": layers})
+    """A model's parameters with every matmul weight quantized in groups of 32, on the device."""
+    return jax.tree.map(jnp.asarray, quant.quantize_params(params, bits, 32))
 
 
 def dequantized(params: dict) -> dict:
-    dense = jax.tree.map(
-        lambda w: jnp.asarray(quant.dequantize(w)) if quant.is_quantized(w) else w,
-        params,
-        is_leaf=quant.is_quantized,
-    )
-    if quant.is_quantized(params["embed"]):
-        dense["embed"] = dense["embed"].T
-    return dense
+    return jax.tree.map(jnp.asarray, quant.dequantize_params(params))
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama3-tied"])
@@ -138,3 +126,52 @@ def test_the_engine_serves_quantized_weights_as_their_dequantized_copy(tiny_llam
         finally:
             engine.shutdown(0)
     assert answers[0] == answers[1]
+
+
+def test_a_checkpoint_keeps_codes_and_loads_them_dequantized_unless_asked(tiny_llama_dir, tmp_path):
+    cfg, params, tokenizer = load_model(tiny_llama_dir)
+    codes = quant.quantize_params(params, 4, 64)
+    save_checkpoint(tmp_path, cfg, codes, tokenizer)
+    _, kept, _ = load_model(tmp_path, keep_codes=True)
+    assert jax.tree.structure(kept) == jax.tree.structure(codes)
+    assert (kept["layers"]["wq"].bits, kept["layers"]["wq"].group) == (4, 64)
+    for got, want in zip(jax.tree.leaves(kept), jax.tree.leaves(codes), strict=True):
+        np.testing.assert_array_equal(got, want)
+    _, dense, _ = load_model(tmp_path)
+    for got, want in zip(
+        jax.tree.leaves(dense), jax.tree.leaves(quant.dequantize_params(codes)), strict=True
+    ):
+        assert got.dtype == np.float32 and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("scheme", "bits", "group"), [("int8", 8, None), ("int4", 4, 32)])
+def test_the_server_quantizes_float_weights_at_load(tiny_llama_dir, scheme, bits, group):
+    """int8 per output channel (all of a weight's inputs in one group), int4 in groups of 32; served from
+    the codes (through the kernel where it runs: one device) and answering."""
+    config = tiny.test_config(max_new_tokens=4, mesh_axes_shape=(1, 1, 1), quantization=scheme)
+    server = JAXServer.load(tiny_llama_dir, config=config)
+    try:
+        served = server.engine.runner.model_params()
+        for name in quant.LAYER_MATMULS:
+            weight = served["layers"][name]
+            inputs = weight.shape[-2]
+            assert quant.is_quantized(weight) and (weight.bits, weight.group) == (bits, group or inputs), name
+        assert quant.is_quantized(served["lm_head"]) and not quant.is_quantized(served["embed"])  # untied
+        answer = server.forward_instruct_non_api("hello", greedy=True)
+        assert answer["tokens_used"] > 0
+    finally:
+        server.shutdown(0)
+
+
+def test_split_meshes_take_the_xla_path_and_agree_with_the_kernel(tiny_llama_dir):
+    """Quantized weights placed on 8 devices (outputs split over the model axis) multiply by XLA's path;
+    their logits agree with one device's, through the kernel where it runs."""
+    cfg, params, _ = load_model(tiny_llama_dir)
+    codes = quant.quantize_params(params, 4, 32)
+    ids = np.asarray([[5, 17, 3, 250, 9, 44]])
+    one = full_logits(cfg, jax.tree.map(jnp.asarray, codes), ids, matmul_kernel=True)
+    placed = shard_params(codes, make_mesh(("dp", "fsdp", "mp"), (1, 1, 8)))
+    assert len(placed["layers"]["w_up"].codes.sharding.device_set) == 8
+    split = full_logits(cfg, placed, ids)
+    np.testing.assert_allclose(split, one, rtol=1e-3, atol=1e-3)

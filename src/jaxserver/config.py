@@ -79,6 +79,19 @@ class JAXServerConfig(BaseModel):
             "greedy answers of the default model. 'auto': fp16 where the kernel reads the cache, else fp32."
         ),
     )
+    quantization: Literal["auto", "none", "int8", "int4"] = Field(
+        "auto",
+        description=(
+            "Matmul weights as low-bit codes, read by the quantized matmul kernel. 'auto': a GGUF's Q4_0, "
+            "Q4_1 and Q8_0 weights are served from their codes where the kernel runs (a CPU with AVX2, a "
+            "one-device mesh), else dequantized. 'none': always dequantized. 'int8' (per output channel) "
+            "and 'int4' (groups of quantization_group inputs) also quantize float weights at load; on a "
+            "split mesh or without the kernel they are dequantized inside each step (slower)."
+        ),
+    )
+    quantization_group: int = Field(
+        32, ge=32, multiple_of=32, description="Inputs sharing one scale and min under quantization 'int4'."
+    )
     enable_prefix_caching: bool = Field(
         True,
         description="Keep full KV cache pages (16 tokens) after their request ends, keyed by their tokens and "

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup
@@ -28,7 +27,7 @@ from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputS
 from jaxserver.errors import ContextLengthError, EngineError, ModelLoadError, NotReadyError
 from jaxserver.model import checkpoint, cpu_kernels
 from jaxserver.model.config import ModelConfig
-from jaxserver.model.llama import Params, cast_params
+from jaxserver.model.llama import Params
 from jaxserver.model.loader import load_model
 from jaxserver.model.tokenizer import Tokenizer
 from jaxserver.parallel.group import StepChannel
@@ -125,7 +124,10 @@ class JAXServer:
         threading.Thread(target=cpu_kernels.available, name="jaxserver-kernels", daemon=True).start()
         try:
             cfg, params, own_tokenizer = load_model(
-                path, setup.host_dtype(self.config), self.config.model_cache_dir
+                path,
+                setup.host_dtype(self.config),
+                self.config.model_cache_dir,
+                keep_codes=self.config.quantization != "none",
             )
             if expected is not None and expected != cfg:
                 raise ModelLoadError(f"the model at {path} does not match the given config_model")
@@ -142,7 +144,7 @@ class JAXServer:
 
     def _attach(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, name: str) -> None:
         self.model_config, self.tokenizer, self.model_name = cfg, tokenizer, name
-        self.params = self.shard_params(cast_params(params, jnp.dtype(self.weight_dtype)))
+        self.params = self.shard_params(setup.serving_params(self.config, params, self.weight_dtype))
         self.configure_generate_functions(cfg, tokenizer)
 
     @property

@@ -17,7 +17,6 @@ from jaxserver.config import JAXServerConfig
 from jaxserver.engine import setup as engine_setup
 from jaxserver.engine.executor import REPLAYED_CALLS, Executor
 from jaxserver.model import cpu_kernels
-from jaxserver.model.llama import cast_params
 from jaxserver.model.loader import load_model
 from jaxserver.parallel.group import (
     ExecutorSetup,
@@ -105,7 +104,10 @@ def _build_executor(
     config: JAXServerConfig, model_path: str | None, health: WorkerHealth, channel: StepChannel
 ) -> Executor:
     """The model loaded and placed as process 0 placed it, and the executor process 0 describes."""
-    model, params, _ = load_model(model_path, engine_setup.host_dtype(config), config.model_cache_dir)
+    keep_codes = config.quantization != "none"
+    model, params, _ = load_model(
+        model_path, engine_setup.host_dtype(config), config.model_cache_dir, keep_codes
+    )
     health.state = "waiting for process 0's model"
     name, (setup,) = channel.receive()
     if name != "setup" or not isinstance(setup, ExecutorSetup):
@@ -124,7 +126,7 @@ def _build_executor(
     if setup.attention_kernel and not cpu_kernels.available():
         raise GroupError("process 0 reads the KV cache with the CPU kernel, which cannot be built here")
     health.state = "placing the model"
-    placed = shard_params(cast_params(params, setup.weight_dtype), mesh)
+    placed = shard_params(engine_setup.serving_params(config, params, setup.weight_dtype), mesh)
     executor = Executor(
         model,
         placed,

@@ -16,9 +16,9 @@ from jaxserver.config import JAXServerConfig
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.executor import Executor
 from jaxserver.engine.runner import Runner
-from jaxserver.model import cpu_kernels, paged
+from jaxserver.model import cpu_kernels, paged, quant
 from jaxserver.model.config import ModelConfig
-from jaxserver.model.llama import Params
+from jaxserver.model.llama import Params, cast_params
 from jaxserver.model.tokenizer import Tokenizer
 from jaxserver.parallel.group import ExecutorSetup, StepChannel
 from jaxserver.parallel.mesh import paged_cache_sharding
@@ -38,8 +38,35 @@ def weight_dtype(config: JAXServerConfig) -> str:
         return name
     if jax.default_backend() != "cpu":
         return "bfloat16"
-    devices = math.prod(jax.device_count() if size == -1 else size for size in config.mesh_axes_shape)
-    return "bfloat16" if devices == 1 and cpu_kernels.bf16_gemm_available() else "float32"
+    return "bfloat16" if _devices(config) == 1 and cpu_kernels.bf16_gemm_available() else "float32"
+
+
+# The config's quantization names that quantize float weights at load -> bits per code.
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}
+
+
+def serves_codes(config: JAXServerConfig) -> bool:
+    """Whether quantized weights are served as their codes: for int8 and int4 always, for "auto" where the
+    quantized matmul kernel runs (XLA's path dequantizes every weight in every step, slower than float
+    weights)."""
+    if config.quantization != "auto":
+        return config.quantization != "none"
+    return jax.default_backend() == "cpu" and _devices(config) == 1 and cpu_kernels.quant_gemm_available()
+
+
+def serving_params(config: JAXServerConfig, params: Params, dtype: str) -> Params:
+    """Host params as `config` serves them: quantized weights dequantized unless `serves_codes`, float
+    matmul weights quantized under int8 and int4, the rest cast to `dtype` (`weight_dtype`)."""
+    if not serves_codes(config):
+        params = quant.dequantize_params(params)
+    bits = QUANTIZATION_BITS.get(config.quantization)
+    if bits is not None:
+        params = quant.quantize_params(params, bits, None if bits == 8 else config.quantization_group)
+    return cast_params(params, jnp.dtype(dtype))
+
+
+def _devices(config: JAXServerConfig) -> int:
+    return math.prod(jax.device_count() if size == -1 else size for size in config.mesh_axes_shape)
 
 
 def host_dtype(config: JAXServerConfig) -> str:

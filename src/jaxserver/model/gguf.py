@@ -1,4 +1,5 @@
-"""Load a GGUF file (llama.cpp's format): hyperparameters, dequantized weights, tokenizer, chat template."""
+"""Load a GGUF file (llama.cpp's format): hyperparameters, weights (Q4_0, Q4_1 and Q8_0 matmul weights
+kept as their codes where asked, everything else dequantized), tokenizer, chat template."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from jaxserver.errors import ModelLoadError
+from jaxserver.model import quant
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.hf import params_from_hf_names
 from jaxserver.model.llama import Params
@@ -130,17 +132,21 @@ class GGUFFile:
             eos_token_ids=tuple(dict.fromkeys(e for e in eos if e is not None)),
         )
 
-    def params(self, cfg: ModelConfig, dtype: np.dtype) -> Params:
+    def params(self, cfg: ModelConfig, dtype: np.dtype, keep_codes: bool = False) -> Params:
+        """The weights, dequantized to `dtype`; with `keep_codes`, matmul weights and the embedding in a
+        format `quant.from_gguf` reads stay as their codes (`quant.QuantizedWeight`, [in, out])."""
         from gguf.quants import dequantize
 
         started = time.perf_counter()
         by_hf_name = {hf_name(t.name): t for t in self.reader.tensors if hf_name(t.name)}
         permute = self.fields["general.architecture"] == "llama"
 
-        def get(name: str) -> np.ndarray:
+        def get(name: str) -> Any:
             tensor = by_hf_name.get(name)
             if tensor is None:
                 raise ModelLoadError(f"tensor for {name!r} is missing from {self.path}")
+            if keep_codes and tensor.tensor_type in quant.GGUF_FORMATS and _is_matmul(name):
+                return self._codes(tensor, name, cfg, permute)
             try:
                 weight = dequantize(tensor.data, tensor.tensor_type)
             except NotImplementedError as exc:
@@ -155,11 +161,24 @@ class GGUFFile:
             return weight
 
         groups = 12 if cfg.attention_bias else 9
+        kept = "codes kept" if keep_codes else "dequantizing"
         # A bar only on a terminal (disable=None): in a log file it is noise.
-        with tqdm(total=groups, desc="dequantizing", unit="tensor group", leave=False, disable=None) as bar:
+        with tqdm(total=groups, desc=kept, unit="tensor group", leave=False, disable=None) as bar:
             params = params_from_hf_names(cfg, get, dtype, progress=lambda: bar.update(1))
-        log.info("dequantized %d tensors in %.1f s", len(self.reader.tensors), time.perf_counter() - started)
+        log.info(
+            "read %d tensors (%s) in %.1f s", len(self.reader.tensors), kept, time.perf_counter() - started
+        )
         return params
+
+    @staticmethod
+    def _codes(tensor: Any, name: str, cfg: ModelConfig, permute: bool) -> quant.QuantizedWeight:
+        weight = quant.from_gguf(np.asarray(tensor.data), tensor.tensor_type, int(tensor.shape[0]))
+        heads = {".q_proj.": cfg.num_heads, ".k_proj.": cfg.num_kv_heads}
+        for part, count in heads.items():
+            if permute and part in name:  # the same reorder of outputs as unpermute_rope_rows, as a gather
+                order = unpermute_rope_rows(np.arange(weight.shape[-1]), count)
+                weight = quant.take_outputs(weight, order)
+        return weight
 
     def tokenizer(self, cfg: ModelConfig) -> Tokenizer:
         kind = self.fields.get("tokenizer.ggml.model")
@@ -185,7 +204,11 @@ class GGUFFile:
         return Tokenizer(hf_tok, extra_eos_ids=cfg.eos_token_ids)
 
 
-def load_gguf(path: Path, dtype: np.dtype) -> tuple[ModelConfig, Params, Tokenizer]:
+def _is_matmul(hf_tensor: str) -> bool:
+    return hf_tensor.endswith("proj.weight") or hf_tensor in ("lm_head.weight", "model.embed_tokens.weight")
+
+
+def load_gguf(path: Path, dtype: np.dtype, keep_codes: bool = False) -> tuple[ModelConfig, Params, Tokenizer]:
     gguf_file = GGUFFile(path)
     cfg = gguf_file.model_config()
-    return cfg, gguf_file.params(cfg, dtype), gguf_file.tokenizer(cfg)
+    return cfg, gguf_file.params(cfg, dtype, keep_codes), gguf_file.tokenizer(cfg)

