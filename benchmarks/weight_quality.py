@@ -5,7 +5,7 @@ those weights dequantized to float32; against it, teacher-forced over a text as 
 `kv_cache_quality.py` (float32 cache): the bf16 copy the server made of them before issue 23, the codes
 through the quantized matmul kernel (rows rounded to int16 per block of 32) and through the XLA path
 (dequantized in the step), and the float32 weights quantized again at load as `--quantization int8`
-(per output channel) and `int4` (groups of 32 and of 128) would.
+(per output channel) and `int4` (groups of 32 and of 64) would.
 
     python benchmarks/weight_quality.py [--text FILE] [--tokens 512]
 """
@@ -50,7 +50,7 @@ def main() -> None:
     if kernel:
         rows["codes, kernel"] = served(cfg, jax.tree.map(jnp.asarray, codes), tokens, kernel=True)
     rows["codes, XLA"] = served(cfg, jax.tree.map(jnp.asarray, codes), tokens, kernel=False)
-    for name, bits, group in (("int8 per channel", 8, None), ("int4 g32", 4, 32), ("int4 g128", 4, 128)):
+    for name, bits, group in (("int8 per channel", 8, None), ("int4 g32", 4, 32), ("int4 g64", 4, 64)):
         requantized = jax.tree.map(jnp.asarray, quant.quantize_params(dense, bits, group))
         rows[f"{name}, {'kernel' if kernel else 'XLA'}"] = served(cfg, requantized, tokens, kernel)
     print(f"{len(tokens)} tokens of {args.text.name}; reference: the GGUF's weights in float32")

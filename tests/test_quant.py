@@ -175,3 +175,11 @@ def test_split_meshes_take_the_xla_path_and_agree_with_the_kernel(tiny_llama_dir
     assert len(placed["layers"]["w_up"].codes.sharding.device_set) == 8
     split = full_logits(cfg, placed, ids)
     np.testing.assert_allclose(split, one, rtol=1e-3, atol=1e-3)
+
+
+def test_weights_a_group_does_not_divide_stay_float(tmp_path):
+    """The tiny tied model's 64 hidden inputs take no group of 128: its table stays [vocab, hidden]."""
+    cfg, params, _ = load_model(tiny.make_hf_model(tmp_path, "llama3-tied"))
+    kept = quant.quantize_params(params, 4, 128)
+    assert kept["embed"] is params["embed"] and kept["layers"]["wq"] is params["layers"]["wq"]
+    assert quant.is_quantized(kept["layers"]["w_down"])  # 128 inputs

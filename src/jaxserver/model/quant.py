@@ -256,8 +256,9 @@ def quantize_params(params: dict[str, Any], bits: int, group: int | None) -> dic
     head = {name: w for name, w in params.items() if name != "layers"}
     if "lm_head" in head:
         head["lm_head"] = quantized(head["lm_head"])
-    elif not is_quantized(head["embed"]):
-        head["embed"] = quantized(np.asarray(head["embed"]).T)
+    else:  # a tied table, quantized as the head's weight [hidden, vocab] where it fits
+        table = quantized(np.asarray(head["embed"]).T)
+        head["embed"] = table if is_quantized(table) else head["embed"]
     return head | {"layers": layers}
 
 
