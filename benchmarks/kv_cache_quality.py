@@ -72,13 +72,18 @@ def teacher_forced(cfg, head, layers, tokens: list[int], cache_dtype: str) -> tu
     return np.stack(rows), *largest
 
 
-def main() -> None:
+def text_arguments(description: str) -> argparse.Namespace:
+    """The command line of a teacher-forced comparison: --text FILE (README.md) and --tokens (512)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--text", type=Path, default=Path(__file__).parents[1] / "README.md")
     parser.add_argument("--tokens", type=int, default=512)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = text_arguments(__doc__)
     cfg, params, tokenizer = load_model(None)
     params = jax.tree.map(jnp.asarray, params)
     tokens = tokenizer.encode(args.text.read_text())[: args.tokens]

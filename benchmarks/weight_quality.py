@@ -12,13 +12,10 @@ through the quantized matmul kernel (rows rounded to int16 per block of 32) and 
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-from kv_cache_quality import compare, log_probs, teacher_forced
+from kv_cache_quality import compare, log_probs, teacher_forced, text_arguments
 
 from jaxserver.model import cpu_kernels, llama, quant
 from jaxserver.model.loader import load_model
@@ -33,12 +30,7 @@ def served(cfg, params, tokens: list[int], kernel: bool) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--text", type=Path, default=Path(__file__).parents[1] / "README.md")
-    parser.add_argument("--tokens", type=int, default=512)
-    args = parser.parse_args()
+    args = text_arguments(__doc__)
     cfg, codes, tokenizer = load_model(None, keep_codes=True)
     dense = quant.dequantize_params(codes)
     tokens = tokenizer.encode(args.text.read_text())[: args.tokens]

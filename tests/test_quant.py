@@ -158,6 +158,8 @@ def test_the_server_quantizes_float_weights_at_load(tiny_llama_dir, scheme, bits
             inputs = weight.shape[-2]
             assert quant.is_quantized(weight) and (weight.bits, weight.group) == (bits, group or inputs), name
         assert quant.is_quantized(served["lm_head"]) and not quant.is_quantized(served["embed"])  # untied
+        status = server.status()["weights"]
+        assert status["quantized_bits"] == [bits] and status["bytes"] > 0
         answer = server.forward_instruct_non_api("hello", greedy=True)
         assert answer["tokens_used"] > 0
     finally:
@@ -179,7 +181,7 @@ def test_split_meshes_take_the_xla_path_and_agree_with_the_kernel(tiny_llama_dir
 
 def test_weights_a_group_does_not_divide_stay_float(tmp_path):
     """The tiny tied model's 64 hidden inputs take no group of 128: its table stays [vocab, hidden]."""
-    cfg, params, _ = load_model(tiny.make_hf_model(tmp_path, "llama3-tied"))
+    _, params, _ = load_model(tiny.make_hf_model(tmp_path, "llama3-tied"))
     kept = quant.quantize_params(params, 4, 128)
     assert kept["embed"] is params["embed"] and kept["layers"]["wq"] is params["layers"]["wq"]
     assert quant.is_quantized(kept["layers"]["w_down"])  # 128 inputs

@@ -25,7 +25,7 @@ from jaxserver.engine import setup
 from jaxserver.engine.engine import ENGINE_FAILED, Engine
 from jaxserver.engine.request import GenerationChunk, GenerationRequest, OutputStream, new_request
 from jaxserver.errors import ContextLengthError, EngineError, ModelLoadError, NotReadyError
-from jaxserver.model import checkpoint, cpu_kernels
+from jaxserver.model import checkpoint, cpu_kernels, quant
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.loader import load_model
@@ -57,6 +57,7 @@ class JAXServer:
         logging.getLogger("jaxserver").setLevel(logging.INFO if self.config.logging else logging.WARNING)
         self.model_config: ModelConfig | None = None
         self._params: Params | None = None
+        self.weights: dict[str, Any] | None = None  # resident bytes and code bits (`quant.weights_summary`)
         self.tokenizer: Tokenizer | None = None
         self.model_name = "unloaded"
         self.mesh: jax.sharding.Mesh | None = None
@@ -145,6 +146,7 @@ class JAXServer:
     def _attach(self, cfg: ModelConfig, params: Params, tokenizer: Tokenizer, name: str) -> None:
         self.model_config, self.tokenizer, self.model_name = cfg, tokenizer, name
         self.params = self.shard_params(setup.serving_params(self.config, params, self.weight_dtype))
+        self.weights = quant.weights_summary(self.params)
         self.configure_generate_functions(cfg, tokenizer)
 
     @property
@@ -400,6 +402,7 @@ class JAXServer:
             "architecture": cfg.architecture if cfg else None,
             "parameters": cfg.parameter_count if cfg else None,
             "dtype": self.weight_dtype,
+            "weights": self.weights,
             "devices": [str(d) for d in jax.devices()],
             "mesh": dict(self.mesh.shape) if self.mesh else None,
             "prompt_format": ("seed" if self.uses_seed_formats else "template") if self.tokenizer else None,

@@ -12,7 +12,7 @@ scale * code is exact in float32 (11 bits times 4 or 8), so dequantizing here gi
 weights as `gguf.quants.dequantize`, bit for bit.
 
 For the CPU matmul kernel a weight is `tiled` once at load: its columns in tiles of `TILE`, each tile's
-codes and scales one contiguous stream (codes [out/16, in/32, 16|32, 16], scales [out/16, in/group, 16]).
+codes and scales one contiguous stream, laid out as the kernel reads them (`tiled`).
 """
 
 from __future__ import annotations
@@ -86,13 +86,12 @@ def tiled(weight: QuantizedWeight) -> QuantizedWeight:
     blocks, _, out = weight.codes.shape
     tiles = out // TILE
     if weight.bits == 4:
-        nibbles = _inputs(weight.codes).reshape(
-            blocks, 8, 2, 2, tiles, 2, 8
-        )  # quad, set, pair, tile, half, column
+        # input 4q + 2s + p of column 16t + 8h + c: axes block, quad, set, pair, tile, half, column
+        nibbles = _inputs(weight.codes).reshape(blocks, 8, 2, 2, tiles, 2, 8)
         order = nibbles.transpose(4, 0, 1, 5, 6, 3, 2)  # tile, block, quad, half, column, pair, set
         codes = (order[..., 0] | (order[..., 1] << 4)).reshape(tiles, blocks, -1)
     else:
-        pairs = weight.codes.reshape(blocks, 16, 2, tiles, 2, 8)  # pair, element, tile, half, column
+        pairs = weight.codes.reshape(blocks, 16, 2, tiles, 2, 8)  # block, pair, element, tile, half, column
         codes = pairs.transpose(3, 0, 1, 4, 5, 2).reshape(tiles, blocks, -1)
     return QuantizedWeight(
         codes,
@@ -190,9 +189,8 @@ def take_outputs(weight: QuantizedWeight, index: Any) -> QuantizedWeight:
     tile, half, column = index // TILE, index % TILE // 8, index % 8
     tiles, blocks, _ = weight.codes.shape
     if weight.bits == 4:
-        picked = weight.codes.reshape(tiles, blocks, 8, 2, 8, 2)[
-            tile, :, :, half, column, :
-        ]  # [n, b, quad, pair]
+        # each index's bytes: [n, blocks, quad, pair], the low nibble set 0 and the high one set 1
+        picked = weight.codes.reshape(tiles, blocks, 8, 2, 8, 2)[tile, :, :, half, column, :]
         nibbles = jnp.stack([picked & 15, picked >> 4], axis=-2)  # [n, b, quad, set, pair]: input 4q + 2s + p
         inputs = nibbles.reshape(*index.shape, blocks, 2, 16)  # inputs 0-15 and 16-31 of each block
         codes = jnp.moveaxis(inputs[..., 0, :] | (inputs[..., 1, :] << 4), 0, -1)
@@ -270,3 +268,12 @@ def dequantize_params(params: dict[str, Any]) -> dict[str, Any]:
         table = dense["embed"].T
         dense["embed"] = np.ascontiguousarray(table) if isinstance(table, np.ndarray) else table
     return dense
+
+
+def weights_summary(params: dict[str, Any]) -> dict[str, Any]:
+    """What /status reports of the weights: their resident bytes and the bits of the codes among them."""
+    leaves = jax.tree.leaves(params, is_leaf=is_quantized)
+    return {
+        "bytes": sum(int(leaf.nbytes) for leaf in leaves),
+        "quantized_bits": sorted({leaf.bits for leaf in leaves if is_quantized(leaf)}),
+    }
