@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.model import cpu_kernels, llama
+from jaxserver.model import cpu_kernels, llama, serving_layout
 from jaxserver.model.loader import load_model
 
 SETTINGS = [
@@ -42,7 +42,7 @@ def log_probs(
     cast = llama.cast_params(params, jnp.dtype(weights))
     head, layers = llama.head_params(cast), llama.layer_params(cast, cfg)
     if weights == "bfloat16" and cpu_kernels.bf16_gemm_available():
-        head, layers = llama.pack_matmul_weights(head, layers)
+        head, layers = serving_layout.pack_matmul_weights(head, layers)
     return teacher_forced(cfg, head, layers, tokens, cache_dtype)
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import cpu_kernels, llama, paged, serving_layout
 from jaxserver.model.config import ModelConfig
 
 T = paged.PAGE_TOKENS
@@ -78,7 +78,7 @@ def main() -> None:
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     params = llama.init_params(cfg, jax.random.key(0), dtype)
     max_pages = 2048 // T
-    head, layers = llama.serving_weights(params, cfg, max_pages * T)  # as the runner serves them
+    head, layers = serving_layout.serving_weights(params, cfg, max_pages * T)  # as the runner serves them
 
     def forward_logits(head, layers, **inputs):
         hidden, cache = paged.forward_ragged(head, layers, cfg, **inputs)

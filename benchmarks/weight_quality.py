@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from kv_cache_quality import compare, log_probs, teacher_forced, text_arguments
 
-from jaxserver.model import cpu_kernels, llama, quant
+from jaxserver.model import cpu_kernels, llama, quant, serving_layout
 from jaxserver.model.loader import load_model
 
 
@@ -25,7 +25,7 @@ def served(cfg, params, tokens: list[int], kernel: bool) -> np.ndarray:
     """`params` with quantized weights, through the kernel (tiled for it) or the XLA path."""
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if kernel:
-        head, layers = llama.pack_matmul_weights(head, layers, bf16=False, quantized=True)
+        head, layers = serving_layout.pack_matmul_weights(head, layers, bf16=False, quantized=True)
     return teacher_forced(cfg, head, layers, tokens, "float32")[0]
 
 

@@ -11,7 +11,7 @@ import pytest
 from jaxserver.engine.engine import Engine
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
 from jaxserver.engine.runner import Runner
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import cpu_kernels, llama, paged, serving_layout
 from jaxserver.model.loader import load_model
 from tests import tiny
 
@@ -35,7 +35,7 @@ def full_logits(cfg, params, ids: np.ndarray, matmul_kernel: bool = False) -> np
     zeros = jnp.zeros((batch,), jnp.int32)
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if matmul_kernel:
-        head, layers = llama.pack_matmul_weights(head, layers)
+        head, layers = serving_layout.pack_matmul_weights(head, layers)
     logits, _ = llama.forward(head, layers, cfg, jnp.asarray(ids), cache, zeros)
     return np.asarray(logits)
 
@@ -65,12 +65,14 @@ def test_stacked_params_rebuild_what_serving_weights_split(tmp_path, kind, dtype
     embedding as bits) give back the stacked parameters exactly: JAXServer.params reads them so."""
     cfg, params, _ = load_model(tiny.make_hf_model(tmp_path, kind))
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
-    head, layers = llama.pack_matmul_weights(llama.head_params(params), llama.layer_params(params, cfg))
+    head, layers = serving_layout.pack_matmul_weights(
+        llama.head_params(params), llama.layer_params(params, cfg)
+    )
     head = llama.embedding_as_bits(head)
     if dtype == jnp.bfloat16:
         assert head["embed"].dtype == jnp.uint16
         assert any(cpu_kernels.is_packed(w) for w in layers[0].values())
-    rebuilt = llama.stacked_params(head, layers, cfg)
+    rebuilt = serving_layout.stacked_params(head, layers, cfg)
     assert jax.tree.structure(rebuilt) == jax.tree.structure(params)
     for got, want in zip(jax.tree.leaves(rebuilt), jax.tree.leaves(params), strict=True):
         assert got.dtype == want.dtype
@@ -179,8 +181,10 @@ def test_packed_weights_lower_to_the_matmul_kernel(tiny_model):
     cfg, params, _ = tiny_model
     half = llama.cast_params(params, jnp.bfloat16)
     head, layers = llama.head_params(half), llama.layer_params(half, cfg)
-    packed_head, packed_layers = llama.pack_matmul_weights(head, layers)
-    assert all(cpu_kernels.is_packed(layer[name]) for layer in packed_layers for name in llama.LAYER_MATMULS)
+    packed_head, packed_layers = serving_layout.pack_matmul_weights(head, layers)
+    assert all(
+        cpu_kernels.is_packed(layer[name]) for layer in packed_layers for name in serving_layout.LAYER_MATMULS
+    )
     for batch, seq in [(8, 1), (1, 128)]:
         packed = lowered_forward(cfg, packed_head, packed_layers, batch, seq)
         assert packed.count("jaxserver_bf16_gemm") >= 4 * cfg.num_layers + 1
@@ -209,7 +213,7 @@ def test_16_bit_cache_decode_step_tracks_float32(tiny_model, cache_dtype, storag
     exact = full_logits(cfg, params, ids)[:, -1]
     head, layers = llama.head_params(half), llama.layer_params(half, cfg)
     if cpu_kernels.bf16_gemm_available():
-        head, layers = llama.pack_matmul_weights(head, layers)
+        head, layers = serving_layout.pack_matmul_weights(head, layers)
     cache = llama.init_cache(cfg, 2, 32, cache_dtype)
     assert cache.k[0].dtype == storage
     zeros = jnp.zeros((2,), jnp.int32)

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import cpu_kernels, llama, paged, serving_layout
 from jaxserver.model.loader import load_model
 from tests.test_model import full_logits
 
@@ -61,7 +61,7 @@ def ragged_logits(cfg, params, batches, attention=None, pack=False, pages: int =
     cache = paged.init_paged_cache(cfg, pages, jnp.float32)
     head, layers = llama.head_params(params), llama.layer_params(params, cfg)
     if pack:
-        head, layers = llama.pack_matmul_weights(head, layers)
+        head, layers = serving_layout.pack_matmul_weights(head, layers)
     head |= llama.rotary_tables(cfg, max_pages * paged.PAGE_TOKENS)  # as the runner serves it
     seqs = 1 + max(seq for batch in batches for seq, _, _ in batch)
     table = jnp.asarray(np.arange(seqs * max_pages).reshape(seqs, max_pages) % pages, jnp.int32)

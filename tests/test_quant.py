@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 
 from jaxserver import JAXServer
 from jaxserver.engine.request import GenerationRequest, SamplingOptions
-from jaxserver.model import llama, quant
+from jaxserver.model import llama, quant, serving_layout
 from jaxserver.model.checkpoint import save_checkpoint
 from jaxserver.model.loader import load_model
 from jaxserver.parallel.mesh import make_mesh, shard_params
@@ -103,7 +103,9 @@ def test_a_model_with_quantized_weights_computes_as_its_dequantized_copy(kind, t
     )
     if kind == "llama3-tied":
         assert llama.head_params(quantized)["lm_head"] is quantized["embed"]  # no second copy
-    rebuilt = llama.stacked_params(llama.head_params(quantized), llama.layer_params(quantized, cfg), cfg)
+    rebuilt = serving_layout.stacked_params(
+        llama.head_params(quantized), llama.layer_params(quantized, cfg), cfg
+    )
     for name in ("wq", "wv", "w_up"):
         np.testing.assert_array_equal(
             quant.dequantize(rebuilt["layers"][name]), quant.dequantize(quantized["layers"][name])

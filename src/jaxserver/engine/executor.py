@@ -34,7 +34,7 @@ from jaxserver.engine.programs import (
     sampling_rows,
 )
 from jaxserver.engine.step_relay import StepRelay, TokensByRow
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import cpu_kernels, paged, serving_layout
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.sampling import Penalties, SamplingArrays
@@ -100,7 +100,7 @@ class Executor:
         self.compile_lazily = compile_lazily
         self.announce: Callable[[Call], None] | None = None
         self._announced_at = time.monotonic()
-        self.params, self.layers = llama.serving_weights(params, cfg, max_length)
+        self.params, self.layers = serving_layout.serving_weights(params, cfg, max_length)
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_length // paged.PAGE_TOKENS)
         self.max_num_batched_tokens = max(max_num_batched_tokens, MIN_TOKEN_BUCKET)

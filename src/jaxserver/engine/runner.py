@@ -24,7 +24,7 @@ from jaxserver.engine.programs import StepOutputs, decode_rows, idle_rows, sampl
 from jaxserver.engine.request import SamplingOptions, TokenLogprobs
 from jaxserver.engine.scheduler import Sequence, StepPlan
 from jaxserver.engine.step_relay import TokensByRow
-from jaxserver.model import cpu_kernels, llama, paged
+from jaxserver.model import cpu_kernels, paged, serving_layout
 from jaxserver.model.config import ModelConfig
 from jaxserver.model.llama import Params
 from jaxserver.model.sampling import SamplingArrays
@@ -87,7 +87,7 @@ class Runner:
 
     def model_params(self) -> Params:
         """The parameters in the stacked layout they were given in, rebuilt from the serving weights."""
-        return llama.stacked_params(self.executor.params, self.executor.layers, self.cfg)
+        return serving_layout.stacked_params(self.executor.params, self.executor.layers, self.cfg)
 
     @property
     def cache(self) -> paged.PagedKVCache:

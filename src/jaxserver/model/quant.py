@@ -250,21 +250,23 @@ def quantize_params(params: dict[str, Any], bits: int, group: int | None) -> dic
             return w
         return quantize(np.asarray(w, np.float32), bits, size)
 
-    layers = {name: quantized(w) if name in LAYER_MATMULS else w for name, w in params["layers"].items()}
+    layers = {
+        name: quantized(w) if name in LAYER_MATMULS else w for name, w in params.get("layers", {}).items()
+    }
     head = {name: w for name, w in params.items() if name != "layers"}
     if "lm_head" in head:
         head["lm_head"] = quantized(head["lm_head"])
-    else:  # a tied table, quantized as the head's weight [hidden, vocab] where it fits
+    elif "embed" in head:  # a tied table, quantized as the head's weight [hidden, vocab] where it fits
         table = quantized(np.asarray(head["embed"]).T)
         head["embed"] = table if is_quantized(table) else head["embed"]
-    return head | {"layers": layers}
+    return head | ({"layers": layers} if "layers" in params else {})
 
 
 def dequantize_params(params: dict[str, Any]) -> dict[str, Any]:
     """A model's parameters with every quantized weight dequantized to float32 (a quantized table back to
     [vocab, hidden]), the rest as it was."""
     dense = jax.tree.map(lambda w: dequantize(w) if is_quantized(w) else w, params, is_leaf=is_quantized)
-    if is_quantized(params["embed"]):
+    if is_quantized(params.get("embed")):
         table = dense["embed"].T
         dense["embed"] = np.ascontiguousarray(table) if isinstance(table, np.ndarray) else table
     return dense
