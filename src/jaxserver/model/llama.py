@@ -12,6 +12,9 @@ splits them into the per-layer buffers the forward pass runs on):
     layers/bq, bk, bv                               (only with attention bias, Qwen2)
     layers/w_gate, w_up [L, hidden, mlp]  layers/w_down [L, mlp, hidden]
 
+Any matmul weight may instead be a `quant.QuantizedWeight` of that shape; a quantized tied table is kept
+once, as the head's weight [hidden, vocab], and `embed_rows` gathers its columns.
+
 `forward` runs over a contiguous cache per batch row: the unpaged reference that the paged step
 (`paged.py`), which serves, is checked against. The cache's entry dtypes and their storage
 (`cache_storage_dtype`, `to_cache`, `from_cache`) are shared by both.

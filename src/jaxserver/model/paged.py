@@ -126,8 +126,8 @@ def output_logits(params: Params, hidden: jax.Array) -> jax.Array:
 
 
 def _rotation(params: Params, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos and sin at positions [N], [1, N, 1, hd/2] each, read from the tables `serving_layout.serving_weights`
-    keeps beside the weights. Computed in the step instead, XLA fuses them into every layer's rotation and
+    """cos and sin at positions [N], [1, N, 1, hd/2] each, read from the tables that
+    `serving_layout.serving_weights` keeps beside the weights. Computed in the step instead, XLA fuses them into every layer's rotation and
     evaluates them again in each (docs/performance.md, "Rotary tables")."""
     at = jnp.clip(positions, 0, params[ROTARY_TABLES[0]].shape[0] - 1)
     cos, sin = (params[name][at][None, :, None, :] for name in ROTARY_TABLES)
@@ -148,8 +148,8 @@ def forward_ragged(
 ) -> tuple[jax.Array, PagedKVCache]:
     """Run the flat batch tokens [N] (token n of sequence token_seqs[n] at position positions[n]; padding
     tokens have a sequence outside page_table [S, max_pages]) through the decoder, writing their keys and
-    values into their pages. `params` and `layers` are `serving_layout.serving_weights` (the head with its rotary
-    tables). Returns the final (normed) hidden states [S, hidden] of the tokens at logit_index [S] (each
+    values into their pages. `params` and `layers` are `serving_layout.serving_weights` (the head with its
+    rotary tables). Returns the final (normed) hidden states [S, hidden] of the tokens at logit_index [S] (each
     sequence's last token in the batch) and the updated cache. `attention` defaults to the CPU kernel where
     it runs, else `attention_reference`. The layers are unrolled: scanned over stacked weights, XLA:CPU ran
     a layer many times slower (docs/performance.md, "Ragged step")."""

@@ -54,8 +54,8 @@ def pack_matmul_weights(
 def serving_weights(params: Params, cfg: ModelConfig, positions: int) -> tuple[Params, list[Params]]:
     """`params` as the compiled steps read them: `head_params` and `layer_params`, matmul weights packed for
     the CPU matmul kernels where they run (`pack_matmul_weights`; they read each weight whole, so only when
-    every weight lies on one device), the embedding table kept as bits for `embed_rows`, and the rotary tables of `positions`
-    positions (`rotary_tables`), placed on every device the weights are on."""
+    every weight lies on one device), the embedding table kept as bits for `embed_rows`, and the rotary
+    tables of `positions` positions (`rotary_tables`), placed on every device the weights are on."""
     head, layers = head_params(params), layer_params(params, cfg)
     whole_weights = all(len(leaf.sharding.device_set) == 1 for leaf in jax.tree.leaves(params))
     if whole_weights:
