@@ -77,9 +77,7 @@ def load_model(
         cfg, params, tokenizer = load_hf_folder(resolved, np_dtype)
     else:
         raise ModelLoadError(f"cannot tell what {resolved} is; expected {SUPPORTED_FORMATS}")
-    if not keep_codes and any(
-        quant.is_quantized(w) for w in jax.tree.leaves(params, is_leaf=quant.is_quantized)
-    ):
+    if not keep_codes:  # dequantized to float32, then to the dtype asked for
         params = jax.tree.map(lambda a: a.astype(np_dtype, copy=False), quant.dequantize_params(params))
     log.info("loaded %s in %.1f s", resolved.name, time.perf_counter() - started)
     return cfg, params, tokenizer

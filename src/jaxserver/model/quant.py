@@ -246,7 +246,7 @@ def quantize_params(params: dict[str, Any], bits: int, group: int | None) -> dic
     def quantized(w: Any) -> Any:
         inputs = w.shape[-2]
         size = inputs if group is None else group
-        if is_quantized(w) or inputs % size or size % BLOCK:  # the last: left as it is, in float
+        if is_quantized(w) or inputs % size or size % BLOCK:  # codes already, or no whole groups: as it is
             return w
         return quantize(np.asarray(w, np.float32), bits, size)
 

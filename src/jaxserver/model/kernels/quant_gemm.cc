@@ -25,7 +25,6 @@
 // tokens alone or in a batch.
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 #include <vector>
 
